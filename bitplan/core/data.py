@@ -1,0 +1,155 @@
+"""Calibration / evaluation data: ``.npz`` or ``.safetensors`` holding ``inputs``
+(one positional input) or ``inputs.<name>`` (keyword inputs), and optional
+integer ``targets``. Never unpickled: npz is read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitplan.errors import DataError
+from bitplan.schemas import InputSpec
+
+POSITIONAL = ""
+
+
+@dataclass
+class Batch:
+    args: tuple
+    kwargs: dict
+    targets: torch.Tensor | None
+    size: int
+
+
+@dataclass
+class Dataset:
+    inputs: dict[str, torch.Tensor]  # POSITIONAL key for a single positional input
+    targets: torch.Tensor | None
+    source: str
+    sha256: str
+
+    def __len__(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
+        n = len(self) if limit is None else min(limit, len(self))
+        for start in range(0, n, batch_size):
+            end = min(start + batch_size, n)
+            yield self.slice(start, end)
+
+    def slice(self, start: int, end: int) -> Batch:
+        parts = {k: v[start:end] for k, v in self.inputs.items()}
+        args = (parts.pop(POSITIONAL),) if POSITIONAL in parts else ()
+        targets = None if self.targets is None else self.targets[start:end]
+        return Batch(args, parts, targets, end - start)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except ValueError as exc:
+            raise DataError(f"{path.name}: {exc}", "store plain numeric arrays (no Python objects)") from None
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise DataError(f"{path.name} is not a readable .npz file ({exc})", "write it with numpy.savez") from None
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise DataError(f"{path.name} is not a readable .safetensors file ({exc})") from None
+    raise DataError(f"{path.name}: unsupported data format '{suffix}'", "use .npz or .safetensors")
+
+
+def load_data(path: str | Path) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file '{path}' not found")
+    arrays = _read_arrays(path)
+    inputs: dict[str, torch.Tensor] = {}
+    targets = None
+    for key, arr in arrays.items():
+        if key == "inputs":
+            inputs[POSITIONAL] = torch.from_numpy(np.ascontiguousarray(arr))
+        elif key.startswith("inputs."):
+            inputs[key[len("inputs."):]] = torch.from_numpy(np.ascontiguousarray(arr))
+        elif key == "targets":
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(f"{path.name}: 'targets' has dtype {arr.dtype}", "targets must be integer class ids")
+            targets = torch.from_numpy(arr.astype(np.int64))
+        else:
+            raise DataError(
+                f"{path.name}: unexpected array '{key}'",
+                "expected 'inputs' or 'inputs.<name>' (keyword inputs), and optional integer 'targets'",
+            )
+    if not inputs:
+        raise DataError(f"{path.name} has no 'inputs' array", "save the model inputs as 'inputs' or 'inputs.<name>'")
+    if POSITIONAL in inputs and len(inputs) > 1:
+        raise DataError(f"{path.name} mixes 'inputs' with 'inputs.<name>'", "use one form")
+    sizes = {k or "inputs": v.shape[0] if v.dim() else 0 for k, v in inputs.items()}
+    if targets is not None:
+        sizes["targets"] = targets.shape[0] if targets.dim() else 0
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise DataError(f"{path.name}: arrays disagree on the number of samples {sizes}", "the first dimension is the sample")
+    return Dataset(inputs, targets, str(path), _sha256(path))
+
+
+_INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def conform(data: Dataset, spec: list[InputSpec]) -> Dataset:
+    """Check names, ranks, fixed dims and dtype kinds against the model; cast within a kind."""
+    expected = ", ".join(f"{s.name}: {_shape(s.shape)} {s.dtype}" for s in spec)
+    if POSITIONAL in data.inputs:
+        if len(spec) != 1:
+            raise DataError(
+                f"the model takes {len(spec)} inputs but the data has one positional 'inputs'",
+                f"save them as 'inputs.<name>' for: {expected}",
+            )
+        pairs = [(POSITIONAL, spec[0])]
+    else:
+        names = {s.name for s in spec}
+        unknown = set(data.inputs) - names
+        missing = names - set(data.inputs)
+        if unknown or missing:
+            raise DataError(
+                f"data inputs {sorted(data.inputs)} do not match the model's {sorted(names)}",
+                f"the model expects {expected}",
+            )
+        pairs = [(s.name, s) for s in spec]
+    out = dict(data.inputs)
+    for key, s in pairs:
+        tensor = out[key]
+        label = f"'inputs.{key}'" if key else "'inputs'"
+        if tensor.dim() != len(s.shape) or any(e is not None and e != g for e, g in zip(s.shape, tensor.shape)):
+            raise DataError(
+                f"{label} has shape {tuple(tensor.shape)} but the model expects {_shape(s.shape)} {s.dtype}",
+                "N is the number of samples; other dims must match",
+            )
+        want = getattr(torch, s.dtype)
+        if want.is_floating_point != tensor.is_floating_point() or (tensor.dtype == torch.bool) != (want == torch.bool):
+            raise DataError(f"{label} has dtype {str(tensor.dtype).removeprefix('torch.')} but the model expects {s.dtype}")
+        out[key] = tensor.to(want)
+    return Dataset(out, data.targets, data.source, data.sha256)
+
+
+def _shape(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"

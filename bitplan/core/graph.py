@@ -1,0 +1,136 @@
+"""Every model, whatever its file format, becomes one ``torch.fx.GraphModule``
+(the module form of a ``torch.export`` program). Each quantizable op in it
+(aten linear / conv1d / conv2d whose weight is a stored tensor) is routed
+through a :class:`LayerProbe`, which can fake-quantize the op's input
+activation, observe its range and count MACs. Weights are quantized by
+substituting tensors with ``torch.func.functional_call``, so the same graph
+serves full precision, any plan, and Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bitplan.core.quant import fake_quant_activation
+
+aten = torch.ops.aten
+
+_LAYER_OPS = {
+    aten.linear.default: "linear",
+    aten.conv1d.default: "conv1d",
+    aten.conv2d.default: "conv2d",
+    aten.conv1d.padding: "conv1d",
+    aten.conv2d.padding: "conv2d",
+    aten.convolution.default: None,  # kind from the weight's rank; transposed convs are skipped
+}
+
+
+class LayerProbe(nn.Module):
+    """Stands in for one quantizable op call inside the graph."""
+
+    def __init__(self, op, layer: str) -> None:
+        super().__init__()
+        self.op = op
+        self.layer = layer
+        self.a_bits = 16
+        self.act_range: tuple[float, float] | None = None
+        self.observe = False
+        self.count_macs = False
+        self.macs_total = 0
+
+    def forward(self, x, weight, *args, **kwargs):
+        if self.observe:
+            lo, hi = float(x.detach().min()), float(x.detach().max())
+            self.act_range = (lo, hi) if self.act_range is None else (min(lo, self.act_range[0]), max(hi, self.act_range[1]))
+        if self.a_bits < 16 and self.act_range is not None:
+            x = fake_quant_activation(x, *self.act_range, self.a_bits)
+        y = self.op(x, weight, *args, **kwargs)
+        if self.count_macs:
+            # per call: one MAC per output element per weight element feeding it
+            self.macs_total += y.numel() * weight[0].numel()
+        return y
+
+
+@dataclass
+class GraphLayer:
+    """A quantizable layer: its weight tensor's name in the graph and the probes that use it."""
+
+    name: str
+    kind: str
+    weight_key: str
+    probes: list[LayerProbe] = field(default_factory=list)
+
+
+def get_tensor(module: nn.Module, key: str) -> torch.Tensor:
+    return operator.attrgetter(key)(module)
+
+
+def instrument(gm: torch.fx.GraphModule) -> list[GraphLayer]:
+    """Route every quantizable op through a LayerProbe; return the layers in graph order."""
+    layers: dict[str, GraphLayer] = {}
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _LAYER_OPS or len(node.args) < 2:
+            continue
+        weight = node.args[1]
+        if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+            continue
+        tensor = get_tensor(gm, weight.target)
+        if not tensor.is_floating_point():
+            continue
+        kind = _LAYER_OPS[node.target]
+        if kind is None:
+            transposed = len(node.args) > 6 and bool(node.args[6])
+            if transposed or tensor.dim() not in (3, 4):
+                continue
+            kind = "conv1d" if tensor.dim() == 3 else "conv2d"
+        name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
+        probe = LayerProbe(node.target, name)
+        probe_name = f"bitplan_probe_{count}"
+        count += 1
+        gm.add_submodule(probe_name, probe)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(probe_name, node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        layer = layers.setdefault(name, GraphLayer(name, kind, weight.target))
+        layer.probes.append(probe)
+    gm.recompile()
+    return list(layers.values())
+
+
+def replace_sdpa_with_math(gm: torch.fx.GraphModule) -> int:
+    """Swap fused scaled-dot-product attention for its composite math form.
+
+    The fused CPU/GPU kernels have no double backward, so exact Hessian-vector
+    products fail on them; the math form is differentiable twice. Returns how
+    many nodes changed.
+    """
+    return _retarget(gm, aten.scaled_dot_product_attention.default, _sdpa_math)
+
+
+def restore_sdpa(gm: torch.fx.GraphModule) -> int:
+    """Undo :func:`replace_sdpa_with_math`."""
+    return _retarget(gm, _sdpa_math, aten.scaled_dot_product_attention.default)
+
+
+def _retarget(gm: torch.fx.GraphModule, old, new) -> int:
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is old:
+            node.target = new
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )[0]

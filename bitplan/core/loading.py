@@ -1,0 +1,237 @@
+"""Model input: a ``torch.export`` program (.pt2), a TorchScript archive, or
+``catalog:NAME``. Everything ends up as one instrumented GraphModule.
+
+Nothing that needs unpickling arbitrary objects is ever read: the file type is
+sniffed from its bytes first, a ``torch.save(model)`` pickle is refused unread,
+and a .pt2 whose manifest asks for pickled payloads is refused before
+``torch.export.load`` sees it (which also runs with weights-only loading forced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitplan.core.data import Batch, Dataset
+from bitplan.core.graph import GraphLayer, get_tensor, instrument
+from bitplan.errors import ModelFormatError, UnsafeModelError
+from bitplan.schemas import InputSpec, ModelInfo
+
+# Any torch.load reached through torch.export.load must not unpickle objects.
+os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+SEND_INSTEAD = (
+    "send a torch.export program (torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')) "
+    "or a TorchScript archive (torch.jit.save(torch.jit.script(model), 'model.ts'))"
+)
+
+
+@dataclass
+class LoadedModel:
+    gm: torch.fx.GraphModule
+    info: ModelInfo
+    inputs: list[InputSpec]
+    layers: list[GraphLayer]
+    positional: bool  # call with positional args (TorchScript) rather than keywords
+    example: Batch | None = None  # inputs stored in the archive, if any
+
+    def weight(self, layer: GraphLayer) -> torch.Tensor:
+        return get_tensor(self.gm, layer.weight_key)
+
+    def call(self, batch: Batch, overrides: dict[str, torch.Tensor] | None = None):
+        """Run the model on ``batch``, with some stored tensors replaced (e.g. by Q_b(W))."""
+        args, kwargs = batch.args, batch.kwargs
+        if self.positional and kwargs:
+            args, kwargs = tuple(kwargs[s.name] for s in self.inputs), {}
+        if overrides:
+            return torch.func.functional_call(self.gm, overrides, args, kwargs, strict=False)
+        return self.gm(*args, **kwargs)
+
+    def fixed_bytes(self) -> float:
+        """Bytes of every floating tensor that is not a quantizable layer's weight."""
+        quantized = {layer.weight_key for layer in self.layers}
+        seen: set[int] = set()
+        total = 0
+        for key, tensor in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
+            if key in quantized or not tensor.is_floating_point() or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+        return float(total)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sniff(path: Path) -> str:
+    """Return 'pt2' or 'torchscript', or raise without deserialising anything."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:1] == b"\x80":
+        raise UnsafeModelError(
+            f"{path.name} is a Python pickle; bitplan never unpickles uploads because that can run arbitrary code",
+            SEND_INSTEAD,
+        )
+    if head != b"PK\x03\x04":
+        raise ModelFormatError(f"{path.name} is neither a torch.export (.pt2) nor a TorchScript archive", SEND_INSTEAD)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelFormatError(f"{path.name} is truncated or corrupt ({exc})", "upload the complete file again") from None
+    if bad is not None:
+        raise ModelFormatError(f"{path.name} is corrupt (bad CRC in {bad})", "upload the complete file again")
+    if any(n.endswith("archive_format") for n in names) and any("/models/" in n for n in names):
+        return "pt2"
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        raise UnsafeModelError(
+            f"{path.name} is a torch.save() pickle archive; loading it would unpickle arbitrary Python objects",
+            SEND_INSTEAD,
+        )
+    raise ModelFormatError(f"{path.name} is a zip archive but not a model bitplan can read", SEND_INSTEAD)
+
+
+def _refuse_pickled_payloads(path: Path) -> None:
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith(".pt") and ("/data/weights/" in name or "/data/constants/" in name):
+                raise UnsafeModelError(f"{path.name} stores weights in the legacy pickled layout", "re-save it with torch.export.save")
+            if name.endswith("_config.json") and "/data/" in name:
+                config = json.loads(zf.read(name)).get("config", {})
+                for fqn, meta in config.items():
+                    pickled = meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_"))
+                    if pickled:
+                        raise UnsafeModelError(
+                            f"{path.name} stores '{fqn}' as a pickled object, which bitplan will not unpickle",
+                            "export a model whose weights and constants are plain tensors",
+                        )
+
+
+def _input_specs(gm: torch.fx.GraphModule) -> list[InputSpec]:
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ModelFormatError(f"model input '{node.name}' is not a tensor", "bitplan feeds tensors only")
+        shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
+        specs.append(InputSpec(name=node.target, dtype=str(val.dtype).removeprefix("torch."), shape=shape))
+    return specs
+
+
+def _finish(gm: torch.fx.GraphModule, info: ModelInfo, positional: bool, names: list[str] | None = None) -> LoadedModel:
+    # (an unlifted export module refuses .eval(); its graph already fixed the mode at export)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    inputs = _input_specs(gm)
+    if names is not None and len(names) == len(inputs):
+        inputs = [spec.model_copy(update={"name": n}) for spec, n in zip(inputs, names)]
+    layers = instrument(gm)
+    if not layers:
+        raise ModelFormatError(
+            f"{info.name} has no quantizable layer (Linear, Conv1d or Conv2d with stored weights)",
+            "bitplan plans bit widths for those layers only",
+        )
+    return LoadedModel(gm, info, inputs, layers, positional)
+
+
+def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
+    """Load ``ref`` (a file path or ``catalog:NAME``); TorchScript needs ``sample`` data."""
+    if ref.startswith("catalog:"):
+        from bitplan.catalog import get_entry
+
+        entry = get_entry(ref.removeprefix("catalog:"))
+        program = entry.export()
+        return _finish(program.module(), ModelInfo(sha256=entry.sha256(), format="catalog", name=ref), positional=False)
+
+    path = Path(ref)
+    if not path.is_file():
+        raise ModelFormatError(f"model file '{ref}' not found", "give a .pt2 or TorchScript file, or catalog:NAME")
+    kind = sniff(path)
+    info = ModelInfo(sha256=sha256_file(path), format=kind, name=path.name)
+    if kind == "pt2":
+        _refuse_pickled_payloads(path)
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # torch raises many types for a bad archive
+            raise ModelFormatError(f"{path.name} could not be read as a torch.export program ({exc})", SEND_INSTEAD) from None
+        loaded = _finish(program.module(), info, positional=False)
+        loaded.example = _example(program)
+        return loaded
+
+    try:
+        script = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelFormatError(f"{path.name} could not be read as TorchScript ({exc})", SEND_INSTEAD) from None
+    if sample is None:
+        raise ModelFormatError(
+            f"{path.name} is TorchScript, whose input shapes are not stored",
+            "pass --data FILE so bitplan can trace it with real inputs",
+        )
+    gm, names = _script_to_graph(script, sample, path.name)
+    return _finish(gm, info, positional=True, names=names)
+
+
+def _example(program) -> Batch | None:
+    example = getattr(program, "example_inputs", None)
+    if not example:
+        return None
+    args, kwargs = example
+    first = next(iter(list(args) + list(kwargs.values())), None)
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return None
+    return Batch(tuple(args), dict(kwargs), None, first.shape[0])
+
+
+@contextmanager
+def _quiet_torch_logs():
+    """TorchScript conversion logs internal notes (specialised dims, unused buffers) at WARNING."""
+    logger = logging.getLogger("torch._export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _script_to_graph(script, sample: Dataset, name: str) -> tuple[torch.fx.GraphModule, list[str]]:
+    from torch._export.converter import TS2EPConverter
+
+    names = [a.name for a in script.forward.schema.arguments[1:]]
+    batch = sample.slice(0, min(2, len(sample)))
+    if batch.kwargs:
+        missing = [n for n in names if n not in batch.kwargs]
+        if missing:
+            raise ModelFormatError(f"{name} takes inputs {names}; the data lacks {missing}", "name data arrays inputs.<name>")
+        args = tuple(batch.kwargs[n] for n in names)
+    else:
+        args = batch.args
+    try:
+        with warnings.catch_warnings(), _quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            program = TS2EPConverter(script, args).convert()
+    except Exception as exc:
+        raise ModelFormatError(
+            f"{name}: TorchScript could not be converted to a graph bitplan can analyse ({exc})",
+            "send a torch.export program (.pt2) instead",
+        ) from None
+    return program.module(), names

@@ -1,0 +1,200 @@
+"""``make_plan``: load -> layers -> sensitivity -> solve -> validate, the whole
+planning run behind ``bitplan plan`` (and, later, a service job)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from bitplan.core.data import Dataset, conform, load_data
+from bitplan.core.evaluate import Reference, calibrate_activations, check_targets, measure, measure_macs, set_activation_bits
+from bitplan.core.loading import LoadedModel, load_model
+from bitplan.core.quant import WeightBank
+from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
+from bitplan.costs import CostModel
+from bitplan.errors import BitplanError
+from bitplan.progress import ProgressFn, no_progress
+from bitplan.schemas import (
+    Cost, LayerInfo, Measured, PlanFile, PlanLayer, PlanRequest, SensitivityInfo, SensitivityTable, SolverInfo,
+)
+from solver import Layer, Option, Problem, get_solver
+
+
+@dataclass
+class Prepared:
+    """A loaded model with its data, layer table and cost model."""
+
+    model: LoadedModel
+    data: Dataset
+    eval_data: Dataset
+    layers: list[LayerInfo]
+    costs: CostModel
+    bank: WeightBank
+
+
+def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
+    if path is not None:
+        return load_data(path)
+    if model_ref.startswith("catalog:"):
+        from bitplan.catalog import get_entry
+
+        return get_entry(model_ref.removeprefix("catalog:")).dataset(split)
+    raise BitplanError("no calibration data given", "pass --data FILE (.npz or .safetensors with 'inputs' [and 'targets'])")
+
+
+def prepare(request: PlanRequest) -> Prepared:
+    data = resolve_data(request.model, request.data, "calib")
+    model = load_model(request.model, sample=data)
+    data = conform(data, model.inputs)
+    if request.eval_data is None and request.data is None and request.model.startswith("catalog:"):
+        eval_data = conform(resolve_data(request.model, None, "eval"), model.inputs)
+    elif request.eval_data is not None:
+        eval_data = conform(load_data(request.eval_data), model.inputs)
+    else:
+        eval_data = data
+    check_targets(model, data)
+    check_targets(model, eval_data)
+    macs = measure_macs(model, data.slice(0, min(len(data), 4)))
+    layers = [
+        LayerInfo(name=g.name, kind=g.kind, params=model.weight(g).numel(), out_channels=model.weight(g).shape[0],
+                  macs=macs[g.name])
+        for g in model.layers
+    ]
+    costs = CostModel(tuple(layers), model.fixed_bytes(), request.latency_table)
+    bank = WeightBank({g.weight_key: model.weight(g) for g in model.layers}, clip=request.clip)
+    return Prepared(model, data, eval_data, layers, costs, bank)
+
+
+def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest) -> Problem:
+    omega = table.omega()
+    limits = request.budget.limits()
+    if "latency_ms" in limits and request.latency_table is None:
+        raise BitplanError("a latency_ms budget needs a latency lookup table", "pass --latency-table FILE")
+    layers = tuple(
+        Layer(
+            name=info.name,
+            params=info.params,
+            options=tuple(
+                Option(w_bits=b, a_bits=request.a_bits, objective=omega[info.name][b],
+                       cost=prep.costs.option_cost(info, b, request.a_bits))
+                for b in request.w_bits
+            ),
+        )
+        for info in prep.layers
+    )
+    return Problem(layers=layers, budgets=limits, fixed_cost=prep.costs.fixed_cost(), pins=request.pins)
+
+
+def uniform_baseline(prep: Prepared, request: PlanRequest) -> int | None:
+    """The highest single bit width whose plan fits every budget."""
+    limits = request.budget.limits()
+    for bits in sorted(request.w_bits, reverse=True):
+        cost = prep.costs.plan_cost({info.name: (bits, request.a_bits) for info in prep.layers})
+        if all(getattr(cost, key) <= limit * (1 + 1e-9) for key, limit in limits.items()):
+            return bits
+    return None
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanFile:
+    torch.manual_seed(request.seed)
+    timer = Timer()
+    with timer.stage("load"):
+        progress("load", 0.0, request.model)
+        prep = prepare(request)
+        progress("load", 1.0, f"{len(prep.layers)} layers")
+    unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
+    if unknown:
+        raise BitplanError(f"--pin names unknown layer(s) {unknown}", "see the names with: bitplan inspect MODEL")
+    with timer.stage("sensitivity"):
+        ctx = SensitivityContext(prep.model, prep.data, list(request.w_bits), prep.bank, request.seed, progress)
+        table = run_sensitivity(request.sensitivity, request.sensitivity_params, ctx)
+    with timer.stage("solve"):
+        progress("solve", 0.0, request.solver)
+        problem = build_problem(prep, table, request)
+        solution = get_solver(request.solver)(problem, **request.solver_params)
+        progress("solve", 1.0, solution.status)
+    assignment = {name: (o.w_bits, o.a_bits) for name, o in solution.choices.items()}
+    measured = None
+    if request.validate_plan:
+        with timer.stage("validate"):
+            measured = validate(prep, request, assignment, progress)
+    omega = table.omega()
+    return PlanFile(
+        model=prep.model.info,
+        budget=request.budget.limits(),
+        w_bits_options=list(request.w_bits),
+        a_bits=request.a_bits,
+        pins=dict(request.pins),
+        seed=request.seed,
+        sensitivity=SensitivityInfo(method=table.method, params=table.params, seconds=table.seconds, notes=table.notes),
+        solver=SolverInfo(method=request.solver, status=solution.status, seconds=solution.seconds,
+                          objective=solution.objective, gap=solution.gap),
+        layers=[
+            PlanLayer(name=info.name, kind=info.kind, params=info.params, macs=info.macs,
+                      w_bits=assignment[info.name][0], a_bits=assignment[info.name][1],
+                      sensitivity=omega[info.name][assignment[info.name][0]])
+            for info in prep.layers
+        ],
+        cost=prep.costs.plan_cost(assignment),
+        measured=measured,
+        timings=timer.seconds,
+    )
+
+
+def overrides_for(prep: Prepared, assignment: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    return {g.weight_key: prep.bank.get(g.weight_key, assignment[g.name][0]) for g in prep.model.layers
+            if assignment[g.name][0] < 16}
+
+
+def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[int, int]],
+             progress: ProgressFn = no_progress) -> Measured:
+    """Measure full precision, the plan and the best uniform plan that fits, on the eval data."""
+    model = prep.model
+    if request.a_bits < 16:
+        progress("validate", 0.05, "calibrating activation ranges")
+        calibrate_activations(model, prep.data, request.batch_size)
+    ref = Reference.compute(model, prep.eval_data, request.batch_size)
+    fp = measure(model, ref)
+    progress("validate", 0.33, "plan")
+
+    def run(assign: dict[str, tuple[int, int]]):
+        set_activation_bits(model, {name: a for name, (_, a) in assign.items()})
+        try:
+            return measure(model, ref, overrides_for(prep, assign))
+        finally:
+            set_activation_bits(model, {})
+
+    plan = run(assignment)
+    progress("validate", 0.66, "uniform")
+    uniform_bits = uniform_baseline(prep, request)
+    uniform = uniform_cost = None
+    if uniform_bits is not None:
+        uni = {info.name: (uniform_bits, request.a_bits) for info in prep.layers}
+        uniform, uniform_cost = run(uni), prep.costs.plan_cost(uni)
+    progress("validate", 1.0, "done")
+    return Measured(
+        data=prep.eval_data.source,
+        samples=len(prep.eval_data),
+        loss_kind="cross_entropy" if prep.eval_data.targets is not None else "kl",
+        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=uniform_bits, uniform_cost=uniform_cost,
+    )
+
+
+def plan_cost_of(prep: Prepared, plan: PlanFile) -> Cost:
+    return prep.costs.plan_cost({layer.name: (layer.w_bits, layer.a_bits) for layer in plan.layers})

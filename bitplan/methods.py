@@ -1,0 +1,69 @@
+"""Registry of sensitivity methods (torch-free, so the API can list them).
+
+Each entry names its parameter model and the dotted path of its implementation,
+which is imported only when a worker or the CLI runs it. Adding a method is one
+implementation module plus one entry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bitplan.errors import BitplanError
+
+
+class HessianTraceParams(BaseModel):
+    """Hutchinson estimate of each layer's Hessian trace (HAWQ-V2/V3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_probes: int = Field(48, ge=2, le=10_000, description="most Rademacher probes")
+    min_probes: int = Field(8, ge=2, le=10_000, description="fewest probes before the stopping rule may fire")
+    probes_per_pass: int = Field(4, ge=1, le=256, description="probes sharing one forward/backward graph per batch")
+    tol: float = Field(0.1, gt=0, lt=10, description="stop when every layer's standard error <= tol x |mean trace|")
+    batch_size: int = Field(32, ge=1, le=4096, description="micro-batch: bounds the double-backward graph's memory")
+    max_samples: int = Field(256, ge=1, description="calibration samples used")
+    hvp: Literal["auto", "exact", "finite_difference"] = Field(
+        "auto", description="auto: exact double backward, else the math form of SDPA, else finite differences"
+    )
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    params: type[BaseModel]
+    impl: str  # "module:function", called as function(context, params) -> SensitivityTable
+
+    def load(self):
+        module, _, attr = self.impl.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+METHODS: dict[str, MethodInfo] = {
+    "hessian_trace": MethodInfo(
+        "hessian_trace",
+        "HAWQ-V2/V3: Omega = Tr(H)/n x ||Q_b(W) - W||^2, trace by Hutchinson with a standard-error stopping rule",
+        HessianTraceParams,
+        "bitplan.core.sensitivity.hessian_trace:hessian_trace",
+    ),
+}
+
+
+def get_method(name: str) -> MethodInfo:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise BitplanError(f"unknown sensitivity method '{name}'", "valid methods: " + ", ".join(METHODS)) from None
+
+
+def parse_params(info: MethodInfo, raw: dict) -> BaseModel:
+    try:
+        return info.params(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BitplanError(f"bad parameters for {info.name}: {problems}", f"see the fields of {info.params.__name__}") from None

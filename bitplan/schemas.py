@@ -1,0 +1,238 @@
+"""The shared contract: one pydantic model per concept.
+
+The CLI, the plan file and (later) the REST API and Celery payloads all use
+these models, so a field means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bitplan.errors import BudgetError
+
+PLAN_SCHEMA = "bitplan.plan/v1"
+SENSITIVITY_SCHEMA = "bitplan.sensitivity/v1"
+
+#: Bit widths a weight may take; 16 means "keep full precision" (counted as 16-bit).
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+#: Bit widths an activation may take; 16 means "keep full precision".
+ACT_BITS = (4, 8, 16)
+
+BUDGET_KEYS = {
+    "avg_weight_bits": "parameter-weighted mean weight bit width of the quantizable layers",
+    "size_bytes": "model size: packed weights at their bits + per-channel fp32 scales + every other tensor",
+    "bops": "bit operations per sample: sum over layers of MACs x w_bits x a_bits",
+    "latency_ms": "sum of per-layer latencies from the lookup table given with --latency-table",
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Budget(_Frozen):
+    """Upper bounds on plan costs; at least one must be set."""
+
+    avg_weight_bits: float | None = Field(None, gt=0, le=32)
+    size_bytes: float | None = Field(None, gt=0)
+    bops: float | None = Field(None, gt=0)
+    latency_ms: float | None = Field(None, gt=0)
+
+    def limits(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    @classmethod
+    def parse_items(cls, items: list[str]) -> "Budget":
+        """Build from CLI strings like ``avg_weight_bits=4.5`` or ``size_bytes=2e6``."""
+        values: dict[str, float] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise BudgetError(f"budget '{item}' is not KEY=VALUE", "e.g. --budget avg_weight_bits=4.5")
+            if key not in BUDGET_KEYS:
+                raise BudgetError(
+                    f"unknown budget key '{key}'",
+                    "valid keys: " + ", ".join(BUDGET_KEYS),
+                )
+            try:
+                value = float(raw.strip().upper().replace("MB", "e6").replace("KB", "e3"))
+            except ValueError:
+                raise BudgetError(f"budget {key}='{raw}' is not a number", f"e.g. --budget {key}=4.5") from None
+            if not value > 0 or value == float("inf"):
+                raise BudgetError(f"budget {key}={raw} must be a positive, finite number")
+            values[key] = value
+        if not values:
+            raise BudgetError("no budget given", "add e.g. --budget avg_weight_bits=4.5")
+        return cls(**values)
+
+
+class InputSpec(_Frozen):
+    """One model input as the model expects it; ``None`` in ``shape`` is a free (batch) dim."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+class LayerInfo(_Frozen):
+    """A quantizable layer, named by its qualified module path."""
+
+    name: str
+    kind: Literal["conv1d", "conv2d", "linear"]
+    params: int = Field(description="weight elements (the quantized tensor)")
+    out_channels: int = Field(description="output channels = per-channel scales stored")
+    macs: int | None = Field(None, description="multiply-accumulates per sample, measured on data")
+
+
+class ModelInfo(_Frozen):
+    sha256: str
+    format: Literal["pt2", "torchscript", "catalog"]
+    name: str
+
+
+class LayerAssignment(_Frozen):
+    name: str
+    w_bits: int
+    a_bits: int
+
+
+class SensitivityLayer(_Frozen):
+    name: str
+    stat: float = Field(description="the method's per-layer statistic (e.g. Hessian trace)")
+    omega: dict[int, float] = Field(description="predicted loss increase per weight bit width")
+    detail: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("omega", mode="before")
+    @classmethod
+    def _int_keys(cls, v):
+        return {int(k): float(x) for k, x in dict(v).items()}
+
+
+class SensitivityTable(_Frozen):
+    """Omega[layer][bits] on one scale: lower means safer to quantize."""
+
+    schema_: str = Field(SENSITIVITY_SCHEMA, alias="schema")
+    method: str
+    params: dict
+    seconds: float
+    layers: list[SensitivityLayer]
+    notes: list[str] = Field(default_factory=list)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def omega(self) -> dict[str, dict[int, float]]:
+        return {layer.name: dict(layer.omega) for layer in self.layers}
+
+
+class Cost(_Frozen):
+    size_bytes: float
+    avg_weight_bits: float
+    bops: float
+    latency_ms: float | None = None
+
+
+class Metrics(_Frozen):
+    loss: float
+    kl: float
+    top1_agreement: float
+    accuracy: float | None = None
+
+
+class Measured(_Frozen):
+    data: str = Field(description="which data the figures were measured on")
+    samples: int
+    loss_kind: Literal["cross_entropy", "kl"]
+    fp: Metrics
+    plan: Metrics
+    uniform: Metrics | None
+    uniform_w_bits: int | None
+    uniform_cost: Cost | None
+
+
+class PlanLayer(_Frozen):
+    name: str
+    kind: str
+    params: int
+    macs: int | None
+    w_bits: int
+    a_bits: int
+    sensitivity: float = Field(description="Omega at the chosen w_bits (predicted loss increase)")
+
+
+class SolverInfo(_Frozen):
+    method: str
+    status: str
+    seconds: float
+    objective: float
+    gap: float | None = None
+
+
+class SensitivityInfo(_Frozen):
+    method: str
+    params: dict
+    seconds: float
+    notes: list[str] = Field(default_factory=list)
+
+
+class PlanFile(BaseModel):
+    """What ``bitplan plan --out`` writes (schema ``bitplan.plan/v1``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: str = Field(PLAN_SCHEMA, alias="schema")
+    model: ModelInfo
+    budget: dict[str, float]
+    w_bits_options: list[int]
+    a_bits: int
+    pins: dict[str, int] = Field(default_factory=dict)
+    seed: int
+    sensitivity: SensitivityInfo
+    solver: SolverInfo
+    layers: list[PlanLayer]
+    cost: Cost
+    measured: Measured | None
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
+
+
+class PlanRequest(BaseModel):
+    """Everything ``bitplan plan`` (and later a job) needs: the one spec of a planning run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="a .pt2 / TorchScript path, or catalog:NAME")
+    data: str | None = Field(None, description="calibration .npz/.safetensors; a catalog model's own by default")
+    eval_data: str | None = Field(None, description="held-out data for the measured figures; default: the calibration data")
+    budget: Budget
+    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    a_bits: int = 16
+    pins: dict[str, int] = Field(default_factory=dict)
+    sensitivity: str = "hessian_trace"
+    sensitivity_params: dict = Field(default_factory=dict)
+    solver: str = "ilp"
+    solver_params: dict = Field(default_factory=dict)
+    clip: Literal["mse", "minmax"] = "mse"
+    latency_table: dict[str, dict[int, float]] | None = None
+    seed: int = 0
+    batch_size: int = Field(64, ge=1, description="evaluation batch size")
+    validate_plan: bool = True
+
+    @field_validator("w_bits")
+    @classmethod
+    def _check_w_bits(cls, v):
+        bad = [b for b in v if b not in WEIGHT_BITS]
+        if bad or not v:
+            raise ValueError(f"weight bits {bad or '[]'} not supported; choose from {list(WEIGHT_BITS)}")
+        return tuple(sorted(set(v)))
+
+    @field_validator("a_bits")
+    @classmethod
+    def _check_a_bits(cls, v):
+        if v not in ACT_BITS:
+            raise ValueError(f"activation bits {v} not supported; choose from {list(ACT_BITS)}")
+        return v

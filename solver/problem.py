@@ -1,0 +1,210 @@
+"""The search problem, independent of how the scores were made.
+
+Each layer picks exactly one option; an option carries its objective (e.g. the
+predicted loss increase Omega) and additive costs. Budgets are upper bounds on
+a cost total (plus the problem's fixed part) or on ``avg_weight_bits``, the
+parameter-weighted mean of the chosen w_bits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import product
+
+from bitplan.errors import BudgetError
+
+AVG_BITS = "avg_weight_bits"
+
+
+@dataclass(frozen=True)
+class Option:
+    w_bits: int
+    a_bits: int = 16
+    objective: float = 0.0
+    cost: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    params: int
+    options: tuple[Option, ...]
+
+
+@dataclass(frozen=True)
+class Solution:
+    choices: dict[str, Option]
+    objective: float
+    cost: dict[str, float]
+    status: str
+    seconds: float
+    gap: float | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    layers: tuple[Layer, ...]
+    budgets: Mapping[str, float]
+    fixed_cost: Mapping[str, float] = field(default_factory=dict)
+    pins: Mapping[str, int] = field(default_factory=dict)
+    ties: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [layer.name for layer in self.layers]
+        known = set(names)
+        if len(known) != len(names):
+            raise BudgetError("layer names must be unique")
+        for name, bits in self.pins.items():
+            if name not in known:
+                raise BudgetError(f"pin names unknown layer '{name}'", "layer names: " + ", ".join(names[:20]))
+            layer = self.layer(name)
+            if not any(o.w_bits == bits for o in layer.options):
+                have = sorted({o.w_bits for o in layer.options})
+                raise BudgetError(f"pin {name}={bits}: that layer has no {bits}-bit option", f"options are {have}")
+        for group in self.ties:
+            for name in group:
+                if name not in known:
+                    raise BudgetError(f"tie names unknown layer '{name}'")
+        cost_keys = {key for layer in self.layers for o in layer.options for key in o.cost}
+        for key in self.budgets:
+            if key != AVG_BITS and key not in cost_keys:
+                raise BudgetError(
+                    f"budget '{key}' has no cost in this problem",
+                    "costs present: " + ", ".join(sorted(cost_keys | {AVG_BITS})),
+                )
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def allowed(self, layer: Layer) -> tuple[Option, ...]:
+        """The options a layer may take once pins apply."""
+        pinned = self.pins.get(layer.name)
+        return layer.options if pinned is None else tuple(o for o in layer.options if o.w_bits == pinned)
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.params for layer in self.layers) or 1
+
+    def contribution(self, key: str, layer: Layer, option: Option) -> float:
+        """What ``option`` adds to budget ``key`` (avg bits as params x bits / total params)."""
+        if key == AVG_BITS:
+            return layer.params * option.w_bits / self.total_params
+        return option.cost.get(key, 0.0)
+
+    def value(self, key: str, choices: Mapping[str, Option]) -> float:
+        fixed = 0.0 if key == AVG_BITS else self.fixed_cost.get(key, 0.0)
+        return fixed + sum(self.contribution(key, layer, choices[layer.name]) for layer in self.layers)
+
+    def totals(self, choices: Mapping[str, Option]) -> dict[str, float]:
+        keys = {key for o in choices.values() for key in o.cost} | {AVG_BITS}
+        return {key: self.value(key, choices) for key in sorted(keys)}
+
+    def feasible(self, choices: Mapping[str, Option], tol: float = 1e-9) -> bool:
+        return all(self.value(k, choices) <= b * (1 + tol) + tol for k, b in self.budgets.items())
+
+    def minimum(self, key: str, use_pins: bool = True) -> float:
+        """Smallest achievable value of budget ``key`` alone (honouring ties, and pins if asked)."""
+        problem = self if use_pins else Problem(self.layers, {}, self.fixed_cost, {}, self.ties)
+        total = 0.0 if key == AVG_BITS else self.fixed_cost.get(key, 0.0)
+        for group in problem.groups():
+            layers = [problem.layer(n) for n in group]
+            common = set.intersection(*({o.w_bits for o in problem.allowed(lay)} for lay in layers))
+            best = min(
+                sum(min(problem.contribution(key, lay, o) for o in problem.allowed(lay) if o.w_bits == w) for lay in layers)
+                for w in common
+            ) if common else float("inf")
+            total += best
+        return total
+
+    def groups(self) -> list[list[str]]:
+        """Layers partitioned into tie groups (singletons for untied layers)."""
+        parent = {layer.name: layer.name for layer in self.layers}
+
+        def find(x: str) -> str:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for group in self.ties:
+            for a, b in zip(group, group[1:]):
+                parent[find(a)] = find(b)
+        out: dict[str, list[str]] = {}
+        for layer in self.layers:
+            out.setdefault(find(layer.name), []).append(layer.name)
+        return list(out.values())
+
+    def brute_force(self) -> tuple[float, dict[str, Option]] | None:
+        """Exhaustive optimum, for tests on tiny problems only."""
+        best: tuple[float, dict[str, Option]] | None = None
+        for combo in product(*(self.allowed(layer) for layer in self.layers)):
+            choices = {layer.name: o for layer, o in zip(self.layers, combo)}
+            if any(len({choices[n].w_bits for n in g}) > 1 for g in self.ties):
+                continue
+            if not self.feasible(choices):
+                continue
+            obj = sum(o.objective for o in combo)
+            if best is None or obj < best[0]:
+                best = (obj, choices)
+        return best
+
+    # --- JSON form -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "Problem":
+        try:
+            layers = tuple(
+                Layer(
+                    name=str(lay["name"]),
+                    params=int(lay.get("params", 1)),
+                    options=tuple(
+                        Option(
+                            w_bits=int(o["w_bits"]),
+                            a_bits=int(o.get("a_bits", 16)),
+                            objective=float(o.get("objective", 0.0)),
+                            cost={str(k): float(v) for k, v in o.get("cost", {}).items()},
+                        )
+                        for o in lay["options"]
+                    ),
+                )
+                for lay in raw["layers"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BudgetError(
+                f"problem JSON is malformed ({exc!r})",
+                'expected {"layers": [{"name", "options": [{"w_bits", "objective", "cost": {...}}]}], "budgets": {...}}',
+            ) from None
+        return cls(
+            layers=layers,
+            budgets={str(k): float(v) for k, v in raw.get("budgets", {}).items()},
+            fixed_cost={str(k): float(v) for k, v in raw.get("fixed_cost", {}).items()},
+            pins={str(k): int(v) for k, v in raw.get("pins", {}).items()},
+            ties=tuple(tuple(str(n) for n in g) for g in raw.get("ties", [])),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [
+                {
+                    "name": lay.name,
+                    "params": lay.params,
+                    "options": [
+                        {"w_bits": o.w_bits, "a_bits": o.a_bits, "objective": o.objective, "cost": dict(o.cost)}
+                        for o in lay.options
+                    ],
+                }
+                for lay in self.layers
+            ],
+            "budgets": dict(self.budgets),
+            "fixed_cost": dict(self.fixed_cost),
+            "pins": dict(self.pins),
+            "ties": [list(g) for g in self.ties],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
