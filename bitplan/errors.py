@@ -17,6 +17,9 @@ class BitplanError(Exception):
         self.message = message
         self.hint = hint
 
+    def __str__(self) -> str:
+        return self.one_line()
+
     def one_line(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 

@@ -27,6 +27,9 @@ class HessianTraceParams(BaseModel):
     tol: float = Field(0.1, gt=0, lt=10, description="stop when every layer's standard error <= tol x |mean trace|")
     batch_size: int = Field(32, ge=1, le=4096, description="micro-batch: bounds the double-backward graph's memory")
     max_samples: int = Field(256, ge=1, description="calibration samples used")
+    loss: Literal["task", "kl"] = Field(
+        "task", description="task: cross-entropy with targets, else KL to full precision; kl: always KL to full precision"
+    )
     hvp: Literal["auto", "exact", "finite_difference"] = Field(
         "auto", description="auto: exact double backward, else the math form of SDPA, else finite differences"
     )

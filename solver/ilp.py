@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import pulp
 
@@ -57,7 +58,7 @@ def solve_ilp(problem: Problem, time_limit: float | None = None, msg: bool = Fal
         allowed = set(map(id, problem.allowed(layer)))
         for oi, option in enumerate(layer.options):
             if id(option) in allowed:
-                x[li, oi] = pulp.LpVariable(f"x_{li}_{oi}", cat="Binary")
+                x[li, oi] = prob.add_variable(f"x_{li}_{oi}", cat="Binary")
         prob += pulp.lpSum(x[li, oi] for oi in range(len(layer.options)) if (li, oi) in x) == 1, f"one_{li}"
 
     prob += pulp.lpSum(
@@ -84,8 +85,11 @@ def solve_ilp(problem: Problem, time_limit: float | None = None, msg: bool = Fal
                 ]
                 prob += side[0] == side[1], f"tie_{gi}_{a}_{b}_{w}".replace(".", "_")
 
-    solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit)
-    prob.solve(solver)
+    with warnings.catch_warnings():  # PuLP 3 warns that its bundled CBC leaves in 4.0; we pin <4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # The bundled CBC 2.10.3's preprocessing can return a suboptimal plan marked "optimal" on
+        # these knapsack-like problems (tests/unit/test_solver.py found one); it stays off.
+        prob.solve(pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, options=["preprocess off"]))
     status = pulp.LpStatus[prob.status]
     if status == "Infeasible":
         raise explain_infeasible(problem)

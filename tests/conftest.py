@@ -1,0 +1,28 @@
+"""Shared fixtures: the digits reference model exported once per session in
+every format a user could send, with its calibration and held-out data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, "-m", "bitplan.cli", "catalog", "export", "digits_cnn", "--out", str(out)],
+                   check=True, capture_output=True)
+    return {
+        "pt2": out / "digits_cnn.pt2",
+        "ts": out / "digits_cnn.ts",
+        "calib": out / "digits_cnn_calib.npz",
+        "eval": out / "digits_cnn_eval.npz",
+    }
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitplan.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)

@@ -1,0 +1,154 @@
+"""``bitplan`` end to end as a user runs it: a subprocess, real files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.unit.test_loading import _Payload
+
+
+def _plan(digits_files, fmt: str, bits: float, out) -> dict:
+    result = run_cli("plan", str(digits_files[fmt]), "--data", str(digits_files["calib"]),
+                     "--eval-data", str(digits_files["eval"]), "--budget", f"avg_weight_bits={bits}", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "plan written to" in result.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def plans(digits_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plans")
+    return {(fmt, bits): _plan(digits_files, fmt, bits, out / f"{fmt}-{bits}.json")
+            for fmt in ("pt2", "ts") for bits in (3, 4)}
+
+
+def test_export_and_torchscript_give_identical_plans(plans):
+    for bits in (3, 4):
+        a, b = plans["pt2", bits], plans["ts", bits]
+        assert [(la["name"], la["w_bits"], la["a_bits"]) for la in a["layers"]] == \
+               [(la["name"], la["w_bits"], la["a_bits"]) for la in b["layers"]]
+        assert a["cost"] == b["cost"]
+        assert {a["model"]["format"], b["model"]["format"]} == {"pt2", "torchscript"}
+
+
+def test_budget_holds_when_recomputed_from_the_plan_layers(plans):
+    for (_, bits), plan in plans.items():
+        layers = plan["layers"]
+        avg = sum(la["params"] * la["w_bits"] for la in layers) / sum(la["params"] for la in layers)
+        assert avg <= bits + 1e-9
+        assert avg == pytest.approx(plan["cost"]["avg_weight_bits"])
+        assert plan["cost"]["bops"] == pytest.approx(sum(la["macs"] * la["w_bits"] * la["a_bits"] for la in layers))
+
+
+def test_plan_beats_uniform_precision_on_held_out_data(plans):
+    for bits in (3, 4):
+        measured = plans["pt2", bits]["measured"]
+        assert measured["samples"] == 597 and measured["loss_kind"] == "cross_entropy"
+        assert measured["uniform_w_bits"] == bits
+        assert measured["uniform_cost"]["size_bytes"] >= plans["pt2", bits]["cost"]["size_bytes"]
+        assert measured["plan"]["loss"] < measured["uniform"]["loss"]
+        assert measured["plan"]["kl"] < measured["uniform"]["kl"]
+
+
+def test_plan_file_has_the_v1_fields(plans):
+    plan = plans["pt2", 4]
+    assert plan["schema"] == "bitplan.plan/v1"
+    assert set(plan["model"]) == {"sha256", "format", "name"} and len(plan["model"]["sha256"]) == 64
+    assert plan["budget"] == {"avg_weight_bits": 4.0}
+    assert plan["sensitivity"]["method"] == "hessian_trace" and plan["sensitivity"]["seconds"] > 0
+    assert plan["solver"]["method"] == "ilp" and plan["solver"]["status"] == "optimal"
+    assert set(plan["layers"][0]) >= {"name", "kind", "params", "macs", "w_bits", "a_bits", "sensitivity"}
+    assert set(plan["cost"]) >= {"size_bytes", "avg_weight_bits", "bops"}
+    for key in ("fp", "plan", "uniform"):
+        assert set(plan["measured"][key]) == {"loss", "kl", "top1_agreement", "accuracy"}
+    assert plan["measured"]["fp"]["kl"] == 0 and plan["measured"]["fp"]["top1_agreement"] == 1
+    assert set(plan["timings"]) == {"load", "sensitivity", "solve", "validate"}
+
+
+def test_size_budget_activation_bits_and_pins(digits_files, tmp_path):
+    out = tmp_path / "p.json"
+    result = run_cli("plan", "catalog:digits_cnn", "--budget", "size_bytes=20000", "--budget", "bops=5e7",
+                     "--abits", "8", "--pin", "conv1=8", "--wbits", "2,4,8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(out.read_text())
+    assert plan["cost"]["size_bytes"] <= 20000 and plan["cost"]["bops"] <= 5e7
+    assert {la["a_bits"] for la in plan["layers"]} == {8}
+    assert plan["layers"][0]["name"] == "conv1" and plan["layers"][0]["w_bits"] == 8
+    assert {la["w_bits"] for la in plan["layers"]} <= {2, 4, 8}
+
+
+def test_inspect_lists_layers_with_macs(digits_files):
+    result = run_cli("inspect", str(digits_files["pt2"]), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert [la["name"] for la in info["layers"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert info["layers"][0]["macs"] == 16 * 8 * 8 * 9  # 16 channels x 8x8 outputs x 3x3x1 kernel
+    assert info["layers"][3]["macs"] == 256 * 64
+    text = run_cli("inspect", str(digits_files["ts"]), "--data", str(digits_files["calib"]))
+    assert text.returncode == 0 and "294,912" in text.stdout
+
+
+def _fails_cleanly(result, *phrases):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_malicious_pickle_exits_2_without_running_it(tmp_path, digits_files):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(pickle.dumps(_Payload(marker)))
+    _fails_cleanly(run_cli("plan", str(evil), "--data", str(digits_files["calib"]), "--budget", "avg_weight_bits=4"),
+                   "pickle", "torch.export")
+    assert not marker.exists()
+
+
+def test_truncated_model_exits_2(tmp_path, digits_files):
+    cut = tmp_path / "cut.pt2"
+    raw = digits_files["pt2"].read_bytes()
+    cut.write_bytes(raw[: len(raw) // 3])
+    _fails_cleanly(run_cli("plan", str(cut), "--data", str(digits_files["calib"]), "--budget", "avg_weight_bits=4"),
+                   "truncated or corrupt")
+
+
+def test_wrong_data_shape_exits_2(tmp_path, digits_files):
+    import numpy as np
+
+    np.savez(tmp_path / "bad.npz", inputs=np.zeros((5, 64), np.float32))
+    _fails_cleanly(run_cli("plan", str(digits_files["pt2"]), "--data", str(tmp_path / "bad.npz"),
+                           "--budget", "avg_weight_bits=4"), "(N, 1, 8, 8) float32")
+
+
+def test_unknown_budget_key_exits_2(digits_files):
+    _fails_cleanly(run_cli("plan", str(digits_files["pt2"]), "--data", str(digits_files["calib"]),
+                           "--budget", "avg_bits=4"), "unknown budget key 'avg_bits'", "avg_weight_bits")
+
+
+def test_infeasible_budget_exits_2_naming_the_smallest_value(digits_files):
+    _fails_cleanly(run_cli("plan", str(digits_files["pt2"]), "--data", str(digits_files["calib"]),
+                           "--budget", "avg_weight_bits=1.5"), "smallest achievable avg_weight_bits is 2")
+    _fails_cleanly(run_cli("plan", "catalog:digits_cnn", "--budget", "size_bytes=5000"),
+                   "smallest achievable size_bytes is")
+
+
+def test_solve_takes_a_problem_json_without_a_model(tmp_path):
+    problem = {
+        "layers": [{"name": f"l{i}", "params": 100, "options": [
+            {"w_bits": b, "objective": (i + 1) * 2.0 ** -b, "cost": {"size_bytes": 100 * b / 8}} for b in (2, 4, 8)]}
+            for i in range(4)],
+        "budgets": {"size_bytes": 200}, "pins": {"l0": 2}, "ties": [["l2", "l3"]],
+    }
+    (tmp_path / "problem.json").write_text(json.dumps(problem))
+    result = run_cli("solve", str(tmp_path / "problem.json"), "--out", str(tmp_path / "plan.json"))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    bits = {la["name"]: la["w_bits"] for la in plan["layers"]}
+    assert plan["status"] == "optimal" and bits["l0"] == 2 and bits["l2"] == bits["l3"]
+    assert plan["cost"]["size_bytes"] <= 200

