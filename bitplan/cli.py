@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bitplan.errors import BitplanError
+from bitplan.files import write_atomic
 
 EXIT_USER_ERROR = 2
 
@@ -85,17 +86,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.out:
-        _write_atomic(Path(args.out), plan.to_json() + "\n")
+        write_atomic(Path(args.out), plan.to_json() + "\n")
     print(_summary(plan))
     if args.out:
         print(f"plan written to {args.out}")
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _summary(plan) -> str:
@@ -190,7 +185,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     }
     text = json.dumps(out, indent=2)
     if args.out:
-        _write_atomic(Path(args.out), text + "\n")
+        write_atomic(Path(args.out), text + "\n")
     print(text if not args.out else f"{solution.status}: objective {solution.objective:.6g}; written to {args.out}")
     return 0
 

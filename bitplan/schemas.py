@@ -44,7 +44,7 @@ class Budget(_Frozen):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
     @classmethod
-    def parse_items(cls, items: list[str]) -> "Budget":
+    def parse_items(cls, items: list[str]) -> Budget:
         """Build from CLI strings like ``avg_weight_bits=4.5`` or ``size_bytes=2e6``."""
         values: dict[str, float] = {}
         for item in items:

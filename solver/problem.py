@@ -156,7 +156,7 @@ class Problem:
     # --- JSON form -----------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: Mapping) -> "Problem":
+    def from_dict(cls, raw: Mapping) -> Problem:
         try:
             layers = tuple(
                 Layer(

@@ -5,7 +5,6 @@ integer ``targets``. Never unpickled: npz is read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from bitplan.errors import DataError
+from bitplan.files import sha256_file
 from bitplan.schemas import InputSpec
 
 POSITIONAL = ""
@@ -49,14 +49,6 @@ class Dataset:
         args = (parts.pop(POSITIONAL),) if POSITIONAL in parts else ()
         targets = None if self.targets is None else self.targets[start:end]
         return Batch(args, parts, targets, end - start)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -109,7 +101,7 @@ def load_data(path: str | Path) -> Dataset:
         sizes["targets"] = targets.shape[0] if targets.dim() else 0
     if len(set(sizes.values())) != 1 or 0 in sizes.values():
         raise DataError(f"{path.name}: arrays disagree on the number of samples {sizes}", "the first dimension is the sample")
-    return Dataset(inputs, targets, str(path), _sha256(path))
+    return Dataset(inputs, targets, str(path), sha256_file(path))
 
 
 _INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)

@@ -77,7 +77,7 @@ class Reference:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, model: LoadedModel, data: Dataset, batch_size: int) -> "Reference":
+    def compute(cls, model: LoadedModel, data: Dataset, batch_size: int) -> Reference:
         logp = [F.log_softmax(flat(logits_of(model.call(b))), -1) for b in data.batches(batch_size)]
         return cls(data, batch_size, logp)
 

@@ -9,7 +9,6 @@ and a .pt2 whose manifest asks for pickled payloads is refused before
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import torch
 from bitplan.core.data import Batch, Dataset
 from bitplan.core.graph import GraphLayer, get_tensor, instrument
 from bitplan.errors import ModelFormatError, UnsafeModelError
+from bitplan.files import sha256_file
 from bitplan.schemas import InputSpec, ModelInfo
 
 # Any torch.load reached through torch.export.load must not unpickle objects.
@@ -69,14 +69,6 @@ class LoadedModel:
         return float(total)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sniff(path: Path) -> str:
     """Return 'pt2' or 'torchscript', or raise without deserialising anything."""
     with path.open("rb") as fh:
@@ -112,9 +104,14 @@ def _refuse_pickled_payloads(path: Path) -> None:
     with zipfile.ZipFile(path) as zf:
         for name in zf.namelist():
             if name.endswith(".pt") and ("/data/weights/" in name or "/data/constants/" in name):
-                raise UnsafeModelError(f"{path.name} stores weights in the legacy pickled layout", "re-save it with torch.export.save")
+                raise UnsafeModelError(f"{path.name} stores weights in the legacy pickled layout",
+                                       "re-save it with torch.export.save")
             if name.endswith("_config.json") and "/data/" in name:
-                config = json.loads(zf.read(name)).get("config", {})
+                try:
+                    config = json.loads(zf.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    raise ModelFormatError(f"{path.name}: {name} is not valid JSON",
+                                           "re-save it with torch.export.save") from None
                 for fqn, meta in config.items():
                     pickled = meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_"))
                     if pickled:

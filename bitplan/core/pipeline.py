@@ -18,7 +18,15 @@ from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import (
-    Cost, LayerInfo, Measured, PlanFile, PlanLayer, PlanRequest, SensitivityInfo, SensitivityTable, SolverInfo,
+    Cost,
+    LayerInfo,
+    Measured,
+    PlanFile,
+    PlanLayer,
+    PlanRequest,
+    SensitivityInfo,
+    SensitivityTable,
+    SolverInfo,
 )
 from solver import Layer, Option, Problem, get_solver
 

@@ -152,3 +152,18 @@ def test_solve_takes_a_problem_json_without_a_model(tmp_path):
     bits = {la["name"]: la["w_bits"] for la in plan["layers"]}
     assert plan["status"] == "optimal" and bits["l0"] == 2 and bits["l2"] == bits["l3"]
     assert plan["cost"]["size_bytes"] <= 200
+
+
+def test_latency_budget_uses_the_lookup_table(tmp_path):
+    names = ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    table = {n: {"2": 1.0, "4": 2.0, "8": 4.0} for n in names}
+    (tmp_path / "lat.json").write_text(json.dumps(table))
+    out = tmp_path / "p.json"
+    result = run_cli("plan", "catalog:digits_cnn", "--wbits", "2,4,8", "--budget", "latency_ms=12",
+                     "--latency-table", str(tmp_path / "lat.json"), "--no-validate", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(out.read_text())
+    assert plan["cost"]["latency_ms"] == sum(table[la["name"]][str(la["w_bits"])] for la in plan["layers"]) <= 12
+    assert plan["measured"] is None
+    missing = run_cli("plan", "catalog:digits_cnn", "--budget", "latency_ms=12", "--no-validate")
+    assert missing.returncode == 2 and "--latency-table" in missing.stderr

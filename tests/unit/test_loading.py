@@ -109,3 +109,27 @@ def test_layers_found_by_qualified_name_with_params(digits_files):
 def test_torchscript_needs_data_to_be_traced(digits_files):
     with pytest.raises(ModelFormatError, match="--data"):
         load_model(str(digits_files["ts"]))
+
+
+def test_conv1d_layers_and_their_macs(tmp_path):
+    from bitplan.core.data import POSITIONAL, Dataset
+    from bitplan.core.evaluate import measure_macs
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 8, 5, padding=2, groups=1)
+            self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.dw(torch.relu(self.conv(x))).mean(-1))
+
+    program = torch.export.export(Seq().eval(), (torch.randn(2, 3, 20),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "seq.pt2"))
+    model = load_model(str(tmp_path / "seq.pt2"))
+    assert [(g.name, g.kind) for g in model.layers] == [("conv", "conv1d"), ("dw", "conv1d"), ("head", "linear")]
+    data = Dataset({POSITIONAL: torch.randn(3, 3, 20)}, None, "t", "0")
+    macs = measure_macs(model, data.slice(0, 3))
+    assert macs == {"conv": 8 * 20 * 3 * 5, "dw": 8 * 20 * 3, "head": 8 * 4}
