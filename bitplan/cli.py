@@ -64,7 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         request = PlanRequest(
             model=args.model, data=args.data, eval_data=args.eval_data, budget=budget,
-            w_bits=tuple(_parse_bits(args.wbits)), a_bits=args.abits, pins=_parse_pins(args.pin),
+            w_bits=tuple(_parse_bits(args.wbits)), a_bits=tuple(_parse_bits(args.abits)), pins=_parse_pins(args.pin),
             sensitivity=args.sensitivity, sensitivity_params=_parse_params(args.param), solver=args.solver,
             clip=args.clip, seed=args.seed,
             latency_table=load_latency_table(args.latency_table) if args.latency_table else None,
@@ -164,6 +164,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from bitplan.methods import get_method, parse_params
+
+    info = get_method(args.method)
+    params = _parse_params(args.param)
+    parse_params(info, params)  # fail fast on bad parameters, before loading anything
+    bits = _parse_bits(args.wbits)
+    from bitplan.core.pipeline import prepare
+    from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
+    from bitplan.progress import StderrProgress
+    from bitplan.schemas import WEIGHT_BITS
+
+    bad = [b for b in bits if b not in WEIGHT_BITS]
+    if bad:
+        raise BitplanError(f"weight bits {bad} not supported", f"choose from {list(WEIGHT_BITS)}")
+    prep = prepare(args.model, args.data, clip=args.clip)
+    progress = StderrProgress(enabled=None if not args.progress else True)
+    try:
+        result = run_sensitivity(args.method, params, SensitivityContext(prep.model, prep.data, bits, prep.bank,
+                                                                          args.seed, progress))
+    finally:
+        progress.close()
+    text = result.model_dump_json(by_alias=True, indent=2)
+    if args.out:
+        write_atomic(Path(args.out), text + "\n")
+    width = max(len(layer.name) for layer in result.layers)
+    print(f"{result.method} on {prep.model.info.name}: {result.seconds:.2f}s")
+    print(f"  {'layer':<{width}}  {'stat':>10}  " + "  ".join(f"{'w' + str(b):>9}" for b in bits))
+    for layer in result.layers:
+        print(f"  {layer.name:<{width}}  {layer.stat:>10.4g}  " + "  ".join(f"{layer.omega[b]:>9.3g}" for b in bits))
+    for note in result.notes:
+        print(f"  note: {note}")
+    if args.out:
+        print(f"table written to {args.out}")
+    return 0
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
     from solver import Problem, get_solver
 
@@ -232,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="avg_weight_bits, size_bytes, bops or latency_ms; repeatable")
     p.add_argument("--wbits", default="2,3,4,5,6,8", help="allowed weight bit widths (16 = full precision)")
-    p.add_argument("--abits", type=int, default=16, help="activation bits for every layer: 4, 8 or 16 (= full precision)")
+    p.add_argument("--abits", default="16", help="activation bits: one value for every layer (4, 8 or 16 = full "
+                   "precision), or a list to choose from (needs --param activations=true)")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
     p.add_argument("--sensitivity", default="hessian_trace", help="sensitivity method")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
@@ -244,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
     p.add_argument("--out", help="write the plan file (JSON, schema bitplan.plan/v1)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sensitivity", help="score every layer's sensitivity to each bit width")
+    p.add_argument("model", help="model.pt2, model.ts or catalog:NAME")
+    p.add_argument("--data", help="calibration data (default for catalog models: their own)")
+    p.add_argument("--method", default="hessian_trace", help="hessian_trace, hessian_eigen, fisher, taylor, lrp, perturbation")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
+    p.add_argument("--wbits", default="2,3,4,5,6,8")
+    p.add_argument("--clip", default="mse", choices=["mse", "minmax"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", help="write the table (JSON)")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("inspect", help="list the quantizable layers with parameters and MACs")
     p.add_argument("model")
@@ -277,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitplan: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `bitplan ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,60 @@ class HessianTraceParams(BaseModel):
     hvp: Literal["auto", "exact", "finite_difference"] = Field(
         "auto", description="auto: exact double backward, else the math form of SDPA, else finite differences"
     )
+    activations: bool = Field(False, description="also score each layer's input activation (HAWQ-V2), for --abits choices")
+
+
+class HessianEigenParams(BaseModel):
+    """Top Hessian eigenvalue per layer by power iteration (HAWQ)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_iter: int = Field(20, ge=1, le=1000, description="power iterations at most")
+    tol: float = Field(1e-3, gt=0, lt=1, description="stop a layer when its eigenvalue changes by less than tol (relative)")
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_samples: int = Field(128, ge=1)
+    loss: Literal["task", "kl"] = "task"
+    hvp: Literal["auto", "exact", "finite_difference"] = "auto"
+
+
+class FisherParams(BaseModel):
+    """Diagonal Fisher information from per-sample gradients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_samples: int = Field(256, ge=1, description="samples (one backward pass each)")
+    labels: Literal["auto", "model"] = Field(
+        "auto", description="auto: the targets if given (empirical Fisher), else sampled from the model; model: always sampled"
+    )
+
+
+class TaylorParams(BaseModel):
+    """First-order Taylor term |g . dW| (needs targets)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_samples: int = Field(256, ge=1)
+
+
+class LRPParams(BaseModel):
+    """Layer-wise relevance propagation contribution scores (LRP-QViT), rules from zennit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    composite: Literal["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"] = "epsilon_plus"
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_samples: int = Field(256, ge=1)
+
+
+class PerturbationParams(BaseModel):
+    """Direct measurement: quantize one layer at a time (ZeroQ / AIMET)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_samples: int = Field(256, ge=1)
+    loss: Literal["task", "kl"] = "task"
 
 
 @dataclass(frozen=True)
@@ -53,6 +107,36 @@ METHODS: dict[str, MethodInfo] = {
         "HAWQ-V2/V3: Omega = Tr(H)/n x ||Q_b(W) - W||^2, trace by Hutchinson with a standard-error stopping rule",
         HessianTraceParams,
         "bitplan.core.sensitivity.hessian_trace:hessian_trace",
+    ),
+    "hessian_eigen": MethodInfo(
+        "hessian_eigen",
+        "HAWQ: Omega = lambda_max(H) x ||Q_b(W) - W||^2, top eigenvalue per layer by power iteration",
+        HessianEigenParams,
+        "bitplan.core.sensitivity.hessian_eigen:hessian_eigen",
+    ),
+    "fisher": MethodInfo(
+        "fisher",
+        "diagonal Fisher from per-sample gradients: Omega = sum F (.) (Q_b(W) - W)^2",
+        FisherParams,
+        "bitplan.core.sensitivity.first_order:fisher",
+    ),
+    "taylor": MethodInfo(
+        "taylor",
+        "first-order Taylor |g . (Q_b(W) - W)| with the mean gradient (needs targets)",
+        TaylorParams,
+        "bitplan.core.sensitivity.first_order:taylor",
+    ),
+    "lrp": MethodInfo(
+        "lrp",
+        "LRP-QViT: share of relevance through each layer (zennit rules) x relative quantization error",
+        LRPParams,
+        "bitplan.core.sensitivity.lrp:lrp",
+    ),
+    "perturbation": MethodInfo(
+        "perturbation",
+        "ZeroQ/AIMET: measured loss increase with one layer quantized at a time (costly, closest to the truth)",
+        PerturbationParams,
+        "bitplan.core.sensitivity.perturbation:perturbation",
     ),
 }
 

@@ -103,9 +103,10 @@ class SensitivityLayer(_Frozen):
     name: str
     stat: float = Field(description="the method's per-layer statistic (e.g. Hessian trace)")
     omega: dict[int, float] = Field(description="predicted loss increase per weight bit width")
+    omega_act: dict[int, float] = Field(default_factory=dict, description="the same per activation bit width, if measured")
     detail: dict[str, float] = Field(default_factory=dict)
 
-    @field_validator("omega", mode="before")
+    @field_validator("omega", "omega_act", mode="before")
     @classmethod
     def _int_keys(cls, v):
         return {int(k): float(x) for k, x in dict(v).items()}
@@ -149,6 +150,7 @@ class Measured(_Frozen):
     plan: Metrics
     uniform: Metrics | None
     uniform_w_bits: int | None
+    uniform_a_bits: int | None = None
     uniform_cost: Cost | None
 
 
@@ -159,7 +161,7 @@ class PlanLayer(_Frozen):
     macs: int | None
     w_bits: int
     a_bits: int
-    sensitivity: float = Field(description="Omega at the chosen w_bits (predicted loss increase)")
+    sensitivity: float = Field(description="Omega of the chosen option (predicted loss increase)")
 
 
 class SolverInfo(_Frozen):
@@ -186,7 +188,7 @@ class PlanFile(BaseModel):
     model: ModelInfo
     budget: dict[str, float]
     w_bits_options: list[int]
-    a_bits: int
+    a_bits_options: list[int]
     pins: dict[str, int] = Field(default_factory=dict)
     seed: int
     sensitivity: SensitivityInfo
@@ -210,7 +212,7 @@ class PlanRequest(BaseModel):
     eval_data: str | None = Field(None, description="held-out data for the measured figures; default: the calibration data")
     budget: Budget
     w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-    a_bits: int = 16
+    a_bits: tuple[int, ...] = (16,)
     pins: dict[str, int] = Field(default_factory=dict)
     sensitivity: str = "hessian_trace"
     sensitivity_params: dict = Field(default_factory=dict)
@@ -230,9 +232,11 @@ class PlanRequest(BaseModel):
             raise ValueError(f"weight bits {bad or '[]'} not supported; choose from {list(WEIGHT_BITS)}")
         return tuple(sorted(set(v)))
 
-    @field_validator("a_bits")
+    @field_validator("a_bits", mode="before")
     @classmethod
     def _check_a_bits(cls, v):
-        if v not in ACT_BITS:
-            raise ValueError(f"activation bits {v} not supported; choose from {list(ACT_BITS)}")
-        return v
+        v = (v,) if isinstance(v, int) else tuple(v)
+        bad = [b for b in v if b not in ACT_BITS]
+        if bad or not v:
+            raise ValueError(f"activation bits {bad or '[]'} not supported; choose from {list(ACT_BITS)}")
+        return tuple(sorted(set(v)))

@@ -41,18 +41,52 @@ class LayerProbe(nn.Module):
         self.observe = False
         self.count_macs = False
         self.macs_total = 0
+        self.inputs: list[torch.Tensor] | None = None  # when a list: every call's input is kept
+        self.outputs: list[torch.Tensor] | None = None  # when a list: every call's output is kept
+        self.as_module: nn.Module | None = None  # when set: run this real nn.Linear/Conv instead (for LRP rules)
 
     def forward(self, x, weight, *args, **kwargs):
+        if self.inputs is not None:
+            if x.grad_fn is None and x.is_floating_point() and torch.is_grad_enabled():
+                x = x.detach().requires_grad_(True)  # so gradients w.r.t. this activation exist
+            self.inputs.append(x)
         if self.observe:
             lo, hi = float(x.detach().min()), float(x.detach().max())
             self.act_range = (lo, hi) if self.act_range is None else (min(lo, self.act_range[0]), max(hi, self.act_range[1]))
         if self.a_bits < 16 and self.act_range is not None:
             x = fake_quant_activation(x, *self.act_range, self.a_bits)
-        y = self.op(x, weight, *args, **kwargs)
+        if self.as_module is not None:
+            y = self.as_module(x)
+        else:
+            y = self.op(x, weight, *args, **kwargs)
+        if self.outputs is not None:
+            self.outputs.append(y)
         if self.count_macs:
             # per call: one MAC per output element per weight element feeding it
             self.macs_total += y.numel() * weight[0].numel()
         return y
+
+
+def module_for(op, weight: torch.Tensor, args: tuple, kwargs: dict) -> nn.Module:
+    """A real nn.Linear / nn.Conv1d / nn.Conv2d computing ``op(x, weight, *args)``, sharing its tensors."""
+    bias = args[0] if args else kwargs.get("bias")
+    if op is aten.linear.default:
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        names = ["stride", "padding", "dilation", "groups"]
+        if op is aten.convolution.default:  # (bias, stride, padding, dilation, transposed, output_padding, groups)
+            values = dict(zip(names[:3], args[1:4])) | {"groups": args[6] if len(args) > 6 else 1}
+        else:
+            values = dict(zip(names, args[1:])) | {k: v for k, v in kwargs.items() if k in names}
+        conv = nn.Conv1d if weight.dim() == 3 else nn.Conv2d
+        module = conv(weight.shape[1] * int(values.get("groups", 1)), weight.shape[0], tuple(weight.shape[2:]),
+                      bias=bias is not None, **{k: v for k, v in values.items() if k != "groups"},
+                      groups=int(values.get("groups", 1)))
+    with torch.no_grad():
+        module.weight = nn.Parameter(weight.detach().clone())
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone())
+    return module
 
 
 @dataclass

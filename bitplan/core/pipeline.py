@@ -53,14 +53,16 @@ def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
     raise BitplanError("no calibration data given", "pass --data FILE (.npz or .safetensors with 'inputs' [and 'targets'])")
 
 
-def prepare(request: PlanRequest) -> Prepared:
-    data = resolve_data(request.model, request.data, "calib")
-    model = load_model(request.model, sample=data)
+def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
+            latency_table: dict | None = None, clip: str = "mse") -> Prepared:
+    """Load the model and its data, check them against each other, measure the layer table."""
+    data = resolve_data(model_ref, data_path, "calib")
+    model = load_model(model_ref, sample=data)
     data = conform(data, model.inputs)
-    if request.eval_data is None and request.data is None and request.model.startswith("catalog:"):
-        eval_data = conform(resolve_data(request.model, None, "eval"), model.inputs)
-    elif request.eval_data is not None:
-        eval_data = conform(load_data(request.eval_data), model.inputs)
+    if eval_path is None and data_path is None and model_ref.startswith("catalog:"):
+        eval_data = conform(resolve_data(model_ref, None, "eval"), model.inputs)
+    elif eval_path is not None:
+        eval_data = conform(load_data(eval_path), model.inputs)
     else:
         eval_data = data
     check_targets(model, data)
@@ -71,8 +73,8 @@ def prepare(request: PlanRequest) -> Prepared:
                   macs=macs[g.name])
         for g in model.layers
     ]
-    costs = CostModel(tuple(layers), model.fixed_bytes(), request.latency_table)
-    bank = WeightBank({g.weight_key: model.weight(g) for g in model.layers}, clip=request.clip)
+    costs = CostModel(tuple(layers), model.fixed_bytes(), latency_table)
+    bank = WeightBank({g.weight_key: model.weight(g) for g in model.layers}, clip=clip)
     return Prepared(model, data, eval_data, layers, costs, bank)
 
 
@@ -81,14 +83,20 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
     limits = request.budget.limits()
     if "latency_ms" in limits and request.latency_table is None:
         raise BitplanError("a latency_ms budget needs a latency lookup table", "pass --latency-table FILE")
+    choose_a = len(request.a_bits) > 1
+    if choose_a and not all(layer.omega_act for layer in table.layers):
+        raise BitplanError(f"choosing activation bits from {list(request.a_bits)} needs activation sensitivity",
+                           "use --sensitivity hessian_trace --param activations=true, or give one --abits value")
+    omega_act = {layer.name: layer.omega_act for layer in table.layers}
     layers = tuple(
         Layer(
             name=info.name,
             params=info.params,
             options=tuple(
-                Option(w_bits=b, a_bits=request.a_bits, objective=omega[info.name][b],
-                       cost=prep.costs.option_cost(info, b, request.a_bits))
-                for b in request.w_bits
+                Option(w_bits=b, a_bits=a,
+                       objective=omega[info.name][b] + (omega_act[info.name][a] if choose_a else 0.0),
+                       cost=prep.costs.option_cost(info, b, a))
+                for b in request.w_bits for a in request.a_bits
             ),
         )
         for info in prep.layers
@@ -96,13 +104,14 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
     return Problem(layers=layers, budgets=limits, fixed_cost=prep.costs.fixed_cost(), pins=request.pins)
 
 
-def uniform_baseline(prep: Prepared, request: PlanRequest) -> int | None:
-    """The highest single bit width whose plan fits every budget."""
+def uniform_baseline(prep: Prepared, request: PlanRequest) -> tuple[int, int] | None:
+    """The highest single (w_bits, a_bits) whose plan fits every budget."""
     limits = request.budget.limits()
     for bits in sorted(request.w_bits, reverse=True):
-        cost = prep.costs.plan_cost({info.name: (bits, request.a_bits) for info in prep.layers})
-        if all(getattr(cost, key) <= limit * (1 + 1e-9) for key, limit in limits.items()):
-            return bits
+        for a_bits in sorted(request.a_bits, reverse=True):
+            cost = prep.costs.plan_cost({info.name: (bits, a_bits) for info in prep.layers})
+            if all(getattr(cost, key) <= limit * (1 + 1e-9) for key, limit in limits.items()):
+                return bits, a_bits
     return None
 
 
@@ -124,7 +133,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanF
     timer = Timer()
     with timer.stage("load"):
         progress("load", 0.0, request.model)
-        prep = prepare(request)
+        prep = prepare(request.model, request.data, request.eval_data, request.latency_table, request.clip)
         progress("load", 1.0, f"{len(prep.layers)} layers")
     unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
     if unknown:
@@ -147,7 +156,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanF
         model=prep.model.info,
         budget=request.budget.limits(),
         w_bits_options=list(request.w_bits),
-        a_bits=request.a_bits,
+        a_bits_options=list(request.a_bits),
         pins=dict(request.pins),
         seed=request.seed,
         sensitivity=SensitivityInfo(method=table.method, params=table.params, seconds=table.seconds, notes=table.notes),
@@ -156,7 +165,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanF
         layers=[
             PlanLayer(name=info.name, kind=info.kind, params=info.params, macs=info.macs,
                       w_bits=assignment[info.name][0], a_bits=assignment[info.name][1],
-                      sensitivity=omega[info.name][assignment[info.name][0]])
+                      sensitivity=solution.choices[info.name].objective)
             for info in prep.layers
         ],
         cost=prep.costs.plan_cost(assignment),
@@ -174,7 +183,7 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
              progress: ProgressFn = no_progress) -> Measured:
     """Measure full precision, the plan and the best uniform plan that fits, on the eval data."""
     model = prep.model
-    if request.a_bits < 16:
+    if min(request.a_bits) < 16:
         progress("validate", 0.05, "calibrating activation ranges")
         calibrate_activations(model, prep.data, request.batch_size)
     ref = Reference.compute(model, prep.eval_data, request.batch_size)
@@ -190,17 +199,19 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
 
     plan = run(assignment)
     progress("validate", 0.66, "uniform")
-    uniform_bits = uniform_baseline(prep, request)
-    uniform = uniform_cost = None
-    if uniform_bits is not None:
-        uni = {info.name: (uniform_bits, request.a_bits) for info in prep.layers}
+    uniform_pair = uniform_baseline(prep, request)
+    uniform = uniform_cost = uniform_bits = None
+    if uniform_pair is not None:
+        uniform_bits = uniform_pair[0]
+        uni = {info.name: uniform_pair for info in prep.layers}
         uniform, uniform_cost = run(uni), prep.costs.plan_cost(uni)
     progress("validate", 1.0, "done")
     return Measured(
         data=prep.eval_data.source,
         samples=len(prep.eval_data),
         loss_kind="cross_entropy" if prep.eval_data.targets is not None else "kl",
-        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=uniform_bits, uniform_cost=uniform_cost,
+        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=uniform_bits,
+        uniform_a_bits=uniform_pair[1] if uniform_pair else None, uniform_cost=uniform_cost,
     )
 
 

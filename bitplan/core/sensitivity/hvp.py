@@ -1,0 +1,151 @@
+"""Hessian-vector products of the calibration loss with respect to the
+quantizable weights, for every second-order method.
+
+Products are exact (double backward) when the model allows it. Fused
+scaled-dot-product attention has no double backward; it is swapped for its math
+form (the same function) while the oracle is open. Any other op without a second
+derivative falls back to central finite differences of gradients. ``notes``
+says which happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bitplan.core.data import Batch
+from bitplan.core.graph import replace_sdpa_with_math, restore_sdpa
+from bitplan.core.sensitivity import SensitivityContext
+from bitplan.core.sensitivity.common import loss_of
+from bitplan.errors import BitplanError
+
+FD_REL_STEP = 1e-3
+
+MODE_NOTES = {
+    "exact": "Hessian-vector products: exact (double backward)",
+    "exact_sdpa_math": "Hessian-vector products: exact, with scaled_dot_product_attention in its math form",
+    "finite_difference": "Hessian-vector products: central finite differences of gradients",
+}
+
+
+class NoDoubleBackward(Exception):
+    pass
+
+
+def is_missing_derivative(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return ("derivative for" in text and "not implemented" in text) or "double backward" in text.lower()
+
+
+def has_sdpa(gm) -> bool:
+    return any(n.op == "call_function" and n.target is torch.ops.aten.scaled_dot_product_attention.default
+               for n in gm.graph.nodes)
+
+
+class HessianOracle(contextlib.AbstractContextManager):
+    """H v for the mean loss over ``batches``; use as a context manager (restores the graph)."""
+
+    def __init__(self, ctx: SensitivityContext, batches: list[Batch], refs: list, weights: dict[str, torch.Tensor],
+                 requested: str = "auto") -> None:
+        self.ctx, self.batches, self.refs, self.weights = ctx, batches, refs, weights
+        self.requested = requested
+        self.mode = "finite_difference" if requested == "finite_difference" else "exact"
+        self.fallbacks: list[str] = []
+        self.n_samples = sum(b.size for b in batches)
+        self._stack = contextlib.ExitStack()
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    @property
+    def notes(self) -> list[str]:
+        return [MODE_NOTES[self.mode], *self.fallbacks]
+
+    # --- public products -------------------------------------------------------------------------
+
+    def joint(self, probes: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """(H v) restricted to every weight, for probes v spanning all weights."""
+        return self._retry(lambda: self._accumulate(probes, block=False))
+
+    def blocks(self, requests: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """H_kk v for each (weight key k, v): the diagonal block of one layer times v."""
+        probes = [{key: v} for key, v in requests]
+        out = self._retry(lambda: self._accumulate(probes, block=True))
+        return [o[key] for o, (key, _) in zip(out, requests)]
+
+    # --- machinery -------------------------------------------------------------------------------
+
+    def _retry(self, compute):
+        while True:
+            try:
+                return compute()
+            except NoDoubleBackward as exc:
+                self._fall_back(str(exc))
+
+    def _fall_back(self, reason: str) -> None:
+        gm = self.ctx.model.gm
+        if self.mode == "exact" and has_sdpa(gm):
+            count = replace_sdpa_with_math(gm)
+            self._stack.callback(restore_sdpa, gm)
+            self.mode = "exact_sdpa_math"
+            self.fallbacks.append(f"double backward failed ({reason}); {count} scaled_dot_product_attention "
+                                  "node(s) computed in their math form while tracing the Hessian")
+            return
+        if self.requested == "exact":
+            raise BitplanError(f"exact Hessian-vector products are impossible for this model: {reason}",
+                               "use hvp=auto or hvp=finite_difference")
+        self.mode = "finite_difference"
+        self.fallbacks.append(f"double backward failed ({reason}); fell back to finite differences")
+
+    def _accumulate(self, probes, block: bool):
+        total = [{k: torch.zeros_like(self.weights[k]) for k in p} if block else
+                 {k: torch.zeros_like(w) for k, w in self.weights.items()} for p in probes]
+        for batch, ref in zip(self.batches, self.refs):
+            part = self._fd(batch, ref, probes, block) if self.mode == "finite_difference" \
+                else self._exact(batch, ref, probes, block)
+            for acc, hv in zip(total, part):
+                for k in acc:
+                    acc[k] += hv[k] * (batch.size / self.n_samples)
+        return total
+
+    def _exact(self, batch, ref, probes, block):
+        params = {k: w.clone().requires_grad_(True) for k, w in self.weights.items()}
+        keys = list(params)
+        loss = loss_of(self.ctx, batch, ref, params)
+        try:
+            grads = dict(zip(keys, torch.autograd.grad(loss, [params[k] for k in keys], create_graph=True,
+                                                       allow_unused=True)))
+            out = []
+            for v in probes:
+                live = [k for k in v if grads[k] is not None and grads[k].requires_grad]
+                hv = torch.autograd.grad([grads[k] for k in live], [params[k] for k in live],
+                                         grad_outputs=[v[k] for k in live], retain_graph=True, allow_unused=True) \
+                    if live else []
+                row = {k: torch.zeros_like(self.weights[k]) for k in (v if block else keys)}
+                for k, h in zip(live, hv):
+                    if h is not None and k in row:
+                        row[k] = h.detach()
+                out.append(row)
+            return out
+        except RuntimeError as exc:
+            if is_missing_derivative(exc):
+                raise NoDoubleBackward(str(exc).splitlines()[0]) from None
+            raise
+
+    def _grad(self, batch, ref, weights) -> dict[str, torch.Tensor]:
+        leaves = {k: w.detach().requires_grad_(True) for k, w in weights.items()}
+        loss = loss_of(self.ctx, batch, ref, leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
+
+    def _fd(self, batch, ref, probes, block):
+        """(g(w + e.v) - g(w - e.v)) / 2e per weight, with a step e_k relative to each weight's scale."""
+        steps = {k: FD_REL_STEP * float(w.pow(2).mean().sqrt().clamp_min(1e-8)) for k, w in self.weights.items()}
+        out = []
+        for v in probes:
+            plus = self._grad(batch, ref, {k: w + steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
+            minus = self._grad(batch, ref, {k: w - steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
+            keys = v if block else self.weights
+            out.append({k: (plus[k] - minus[k]) / (2 * steps[k]) for k in keys})
+        return out
