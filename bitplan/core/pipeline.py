@@ -151,7 +151,6 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanF
     if request.validate_plan:
         with timer.stage("validate"):
             measured = validate(prep, request, assignment, progress)
-    omega = table.omega()
     return PlanFile(
         model=prep.model.info,
         budget=request.budget.limits(),

@@ -19,11 +19,11 @@ import math
 import torch
 
 from bitplan.core.evaluate import calibrate_activations
+from bitplan.core.graph import replace_sdpa_with_math, restore_sdpa
 from bitplan.core.quant import fake_quant_activation
 from bitplan.core.sensitivity import SensitivityContext
 from bitplan.core.sensitivity.common import Clock, calibration_batches, loss_name, loss_of, reference_logp, table, weights_of
 from bitplan.core.sensitivity.hvp import HessianOracle, NoDoubleBackward, has_sdpa, is_missing_derivative
-from bitplan.core.graph import replace_sdpa_with_math, restore_sdpa
 from bitplan.methods import HessianTraceParams
 from bitplan.schemas import ACT_BITS, SensitivityTable
 

@@ -11,19 +11,60 @@ by the layer's relative quantization error ||Q_b(W) - W||^2 / ||W||^2.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 
 from bitplan.core.evaluate import flat, logits_of
 from bitplan.core.graph import module_for
 from bitplan.core.sensitivity import SensitivityContext
 from bitplan.core.sensitivity.common import Clock, calibration_batches, table, weights_of
+from bitplan.errors import BitplanError
 from bitplan.methods import LRPParams
 from bitplan.schemas import SensitivityTable
 
 
-def _composite(name: str):
-    from zennit import composites
+def _zennit_composites():
+    """Import zennit's composites.
 
+    zennit's package ``__init__`` imports torchvision's ResNet blocks for an optional
+    canonizer that bitplan never uses, and torchvision from PyPI cannot be installed beside
+    every torch build (it drags in its own torch). Where it is missing or broken, a
+    placeholder module stands in for the duration of the import only.
+    """
+    if "zennit.composites" in sys.modules:
+        return sys.modules["zennit.composites"]
+    try:
+        import torchvision.models.resnet  # noqa: F401
+        stubs = {}
+    except Exception:
+        resnet = types.ModuleType("torchvision.models.resnet")
+        resnet.Bottleneck = type("Bottleneck", (torch.nn.Module,), {})
+        resnet.BasicBlock = type("BasicBlock", (torch.nn.Module,), {})
+        models = types.ModuleType("torchvision.models")
+        models.resnet = resnet
+        package = types.ModuleType("torchvision")
+        package.models = models
+        stubs = {"torchvision": package, "torchvision.models": models, "torchvision.models.resnet": resnet}
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        from zennit import composites
+    except ImportError as exc:
+        raise BitplanError(f"the lrp method needs the package zennit ({exc})",
+                           "install it with: pip install --no-deps zennit==0.5.1 pillow") from None
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return composites
+
+
+def _composite(name: str):
+    composites = _zennit_composites()
     return {"epsilon_plus": composites.EpsilonPlus, "epsilon_plus_flat": composites.EpsilonPlusFlat,
             "epsilon_alpha2_beta1": composites.EpsilonAlpha2Beta1}[name]()
 
