@@ -242,7 +242,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(entry.export(), str(out / f"{entry.name}.pt2"))
     calib = entry.dataset("calib")
-    script = torch.jit.script(entry.build()) if entry.name == "digits_cnn" else None
+    script = torch.jit.script(entry.build()) if entry.name.startswith("digits") else None
     if script is not None:
         torch.jit.save(script, str(out / f"{entry.name}.ts"))
     for split in ("calib", "eval"):

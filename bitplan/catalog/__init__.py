@@ -36,10 +36,10 @@ class CatalogEntry:
 def _entries() -> dict[str, CatalogEntry]:
     from bitplan.catalog import digits, minilm
 
-    return {e.name: e for e in (digits.ENTRY, minilm.ENTRY)}
+    return {e.name: e for e in (digits.ENTRY, digits.RESNET_ENTRY, minilm.ENTRY)}
 
 
-CATALOG_NAMES = ("digits_cnn", "minilm")
+CATALOG_NAMES = ("digits_cnn", "digits_resnet", "minilm")
 
 
 def get_entry(name: str) -> CatalogEntry:

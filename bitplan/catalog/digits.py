@@ -1,6 +1,7 @@
-"""``catalog:digits_cnn`` — a small CNN with BatchNorm trained on scikit-learn's
-bundled 8x8 digits. The trained weights ship as ``digits_cnn.safetensors``;
-``python -m bitplan.catalog.digits`` retrains them deterministically.
+"""``catalog:digits_cnn`` — a small CNN with BatchNorm — and ``catalog:digits_resnet`` —
+a small CNN with residual connections — trained on scikit-learn's bundled 8x8
+digits. The trained weights ship as ``NAME.safetensors``;
+``python -m bitplan.catalog.digits [NAME]`` retrains them deterministically.
 
 Split (fixed permutation, seed 0): 1,200 training images, of which the first
 256 are the calibration set, and 597 held-out images for evaluation.
@@ -19,7 +20,6 @@ from torch import nn
 from bitplan.catalog import CatalogEntry
 from bitplan.core.data import POSITIONAL, Dataset
 
-WEIGHTS = Path(__file__).with_name("digits_cnn.safetensors")
 N_TRAIN, N_CALIB = 1200, 256
 
 
@@ -40,6 +40,40 @@ class DigitsCNN(nn.Module):
         x = torch.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
         x = torch.max_pool2d(torch.relu(self.bn3(self.conv3(x))), 2)
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class Block(nn.Module):
+    """conv-bn-relu-conv-bn plus the identity, then relu (a ResNet basic block)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class DigitsResNet(nn.Module):
+    """A small CNN with residual connections: stem, two basic blocks, a strided conv, one more block, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.block1 = Block(16)
+        self.block2 = Block(16)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.bn_down = nn.BatchNorm2d(32)
+        self.block3 = Block(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(torch.relu(self.bn(self.stem(x)))))
+        x = self.block3(torch.relu(self.bn_down(self.down(x))))
+        return self.fc(x.mean((2, 3)))
 
 
 @lru_cache(maxsize=1)
@@ -63,20 +97,27 @@ def split(name: str) -> Dataset:
     return Dataset({POSITIONAL: torch.from_numpy(xs.copy())}, torch.from_numpy(ys.copy()), f"catalog:digits_cnn/{name}", digest)
 
 
-def build() -> DigitsCNN:
+ARCHITECTURES = {"digits_cnn": DigitsCNN, "digits_resnet": DigitsResNet}
+
+
+def weights_path(name: str) -> Path:
+    return Path(__file__).with_name(f"{name}.safetensors")
+
+
+def build(name: str = "digits_cnn") -> nn.Module:
     from safetensors.torch import load_file
 
-    model = DigitsCNN()
-    model.load_state_dict(load_file(str(WEIGHTS)))
+    model = ARCHITECTURES[name]()
+    model.load_state_dict(load_file(str(weights_path(name))))
     return model.eval()
 
 
-def train(epochs: int = 40, seed: int = 0) -> DigitsCNN:
+def train(name: str = "digits_cnn", epochs: int = 40, seed: int = 0) -> nn.Module:
     """Deterministic training run that produced the shipped weights."""
     torch.manual_seed(seed)
     data = split("train")
     x, y = data.inputs[POSITIONAL], data.targets
-    model = DigitsCNN()
+    model = ARCHITECTURES[name]()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -88,26 +129,30 @@ def train(epochs: int = 40, seed: int = 0) -> DigitsCNN:
     return model.eval()
 
 
-def _fingerprint() -> bytes:
-    return WEIGHTS.read_bytes()
+def _entry(name: str, summary: str) -> CatalogEntry:
+    return CatalogEntry(
+        name=name,
+        summary=summary,
+        build=lambda: build(name),
+        dataset=split,
+        dynamic=lambda: ({0: torch.export.Dim("batch")},),
+        fingerprint=lambda: weights_path(name).read_bytes(),
+    )
 
 
-ENTRY = CatalogEntry(
-    name="digits_cnn",
-    summary="3-conv + 2-linear CNN with BatchNorm on scikit-learn digits (8x8, 10 classes)",
-    build=build,
-    dataset=split,
-    dynamic=lambda: ({0: torch.export.Dim("batch")},),
-    fingerprint=_fingerprint,
-)
+ENTRY = _entry("digits_cnn", "3-conv + 2-linear CNN with BatchNorm on scikit-learn digits (8x8, 10 classes)")
+RESNET_ENTRY = _entry("digits_resnet", "residual CNN (stem, 3 basic blocks, strided conv, linear head) on the same digits")
 
 
 if __name__ == "__main__":
+    import sys
+
     from safetensors.torch import save_file
 
-    trained = train()
-    evaluation = split("eval")
-    with torch.no_grad():
-        acc = (trained(evaluation.inputs[POSITIONAL]).argmax(1) == evaluation.targets).float().mean().item()
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(WEIGHTS))
-    print(f"saved {WEIGHTS} (held-out accuracy {acc:.4f})")
+    for arch in sys.argv[1:] or list(ARCHITECTURES):
+        trained = train(arch)
+        evaluation = split("eval")
+        with torch.no_grad():
+            acc = (trained(evaluation.inputs[POSITIONAL]).argmax(1) == evaluation.targets).float().mean().item()
+        save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(weights_path(arch)))
+        print(f"saved {weights_path(arch)} (held-out accuracy {acc:.4f})")

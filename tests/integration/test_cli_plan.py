@@ -167,3 +167,13 @@ def test_latency_budget_uses_the_lookup_table(tmp_path):
     assert plan["measured"] is None
     missing = run_cli("plan", "catalog:digits_cnn", "--budget", "latency_ms=12", "--no-validate")
     assert missing.returncode == 2 and "--latency-table" in missing.stderr
+
+
+def test_residual_cnn_from_the_catalog(tmp_path):
+    out = tmp_path / "p.json"
+    result = run_cli("plan", "catalog:digits_resnet", "--budget", "avg_weight_bits=3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(out.read_text())
+    assert [la["name"] for la in plan["layers"]][:3] == ["stem", "block1.conv1", "block1.conv2"]
+    assert len(plan["layers"]) == 9 and plan["cost"]["avg_weight_bits"] <= 3 + 1e-9
+    assert plan["measured"]["fp"]["accuracy"] == pytest.approx(0.9933, abs=1e-3)

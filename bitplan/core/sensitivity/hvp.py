@@ -53,6 +53,7 @@ class HessianOracle(contextlib.AbstractContextManager):
         self.mode = "finite_difference" if requested == "finite_difference" else "exact"
         self.fallbacks: list[str] = []
         self.n_samples = sum(b.size for b in batches)
+        self.batched: bool | None = None  # whether vmapped (is_grads_batched) products work on this model
         self._stack = contextlib.ExitStack()
 
     def __exit__(self, *exc) -> None:
@@ -116,6 +117,10 @@ class HessianOracle(contextlib.AbstractContextManager):
         try:
             grads = dict(zip(keys, torch.autograd.grad(loss, [params[k] for k in keys], create_graph=True,
                                                        allow_unused=True)))
+            if not block and len(probes) > 1 and self.batched is not False:
+                out = self._batched(grads, params, probes, keys)
+                if out is not None:
+                    return out
             out = []
             for v in probes:
                 live = [k for k in v if grads[k] is not None and grads[k].requires_grad]
@@ -132,6 +137,26 @@ class HessianOracle(contextlib.AbstractContextManager):
             if is_missing_derivative(exc):
                 raise NoDoubleBackward(str(exc).splitlines()[0]) from None
             raise
+
+    def _batched(self, grads, params, probes, keys):
+        """All probes' products in one vmapped backward pass; None where vmap cannot run the graph."""
+        live = [k for k in keys if grads[k] is not None and grads[k].requires_grad]
+        try:
+            hv = torch.autograd.grad([grads[k] for k in live], [params[k] for k in live],
+                                     grad_outputs=[torch.stack([v[k] for v in probes]) for k in live],
+                                     retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError as exc:
+            if is_missing_derivative(exc):
+                raise
+            self.batched = False
+            return None
+        self.batched = True
+        out = [{k: torch.zeros_like(self.weights[k]) for k in keys} for _ in probes]
+        for k, h in zip(live, hv):
+            if h is not None:
+                for i, row in enumerate(out):
+                    row[k] = h[i].detach()
+        return out
 
     def _grad(self, batch, ref, weights) -> dict[str, torch.Tensor]:
         leaves = {k: w.detach().requires_grad_(True) for k, w in weights.items()}
