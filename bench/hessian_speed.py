@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--models", default="digits_cnn,digits_resnet,minilm")
     parser.add_argument("--probes", type=int, default=64)
     args = parser.parse_args()
-    print("| model | data | probes | PyHessian s | ours s | ratio ours/PyHessian | PyHessian trace (± SE) | ours (sum of layers) |")
+    print("| model | data | probes | PyHessian s | ours s | ratio ours/PyHessian | PyHessian trace (± SE) "
+          "| ours (sum of layers) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
         prep = prepare(f"catalog:{name}", None)

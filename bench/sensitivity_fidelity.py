@@ -8,7 +8,7 @@ rank). Each method's Omega(layer, bits) is compared with both by Spearman and
 Kendall rank correlation over all pairs; the method's time is printed beside.
 
     python bench/sensitivity_fidelity.py                      # digits_cnn, digits_resnet, minilm
-    python bench/sensitivity_fidelity.py --models digits_cnn --methods fisher,lrp
+    python bench/sensitivity_fidelity.py --models digits_cnn --methods fisher,lrp,hessian_trace:loss=kl
 """
 
 from __future__ import annotations
@@ -61,18 +61,21 @@ def main() -> None:
         truth, truth_kl = measured_damage(prep, bits)
         truth_seconds = time.perf_counter() - start
         pairs = sorted(truth)
-        for method in args.methods.split(","):
+        for spec in args.methods.split(","):
+            method, _, extra = spec.partition(":")  # e.g. hessian_trace:loss=kl
+            params = dict(PARAMS.get(name, {}).get(method, {}))
+            params.update(dict(item.split("=", 1) for item in extra.split(";") if item))
             ctx = SensitivityContext(prep.model, prep.data, bits, prep.bank, args.seed)
-            table = run_sensitivity(method, PARAMS.get(name, {}).get(method, {}), ctx)
+            table = run_sensitivity(method, params, ctx)
             omega = table.omega()
             predicted = [omega[layer][b] for layer, b in pairs]
-            row = {"model": name, "method": method, "seconds": table.seconds, "pairs": len(pairs)}
+            row = {"model": name, "method": spec, "seconds": table.seconds, "pairs": len(pairs)}
             for label, target in (("loss", truth), ("kl", truth_kl)):
                 actual = [target[p] for p in pairs]
                 row[f"spearman_{label}"] = spearmanr(predicted, actual).statistic
                 row[f"kendall_{label}"] = kendalltau(predicted, actual).statistic
             rows.append(row)
-            print(f"| {name} | {method} | {row['spearman_loss']:.3f} | {row['kendall_loss']:.3f} | "
+            print(f"| {name} | {spec} | {row['spearman_loss']:.3f} | {row['kendall_loss']:.3f} | "
                   f"{row['spearman_kl']:.3f} | {row['kendall_kl']:.3f} | {table.seconds:.1f} |", flush=True)
         print(f"| {name} | (truth: {len(pairs)} single-layer evaluations on {len(prep.eval_data)} held-out samples) "
               f"| | | | | {truth_seconds:.1f} |", flush=True)

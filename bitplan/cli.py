@@ -66,6 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             model=args.model, data=args.data, eval_data=args.eval_data, budget=budget,
             w_bits=tuple(_parse_bits(args.wbits)), a_bits=tuple(_parse_bits(args.abits)), pins=_parse_pins(args.pin),
             sensitivity=args.sensitivity, sensitivity_params=_parse_params(args.param), solver=args.solver,
+            solver_params=_parse_params(args.solver_param),
             clip=args.clip, seed=args.seed,
             latency_table=load_latency_table(args.latency_table) if args.latency_table else None,
             validate_plan=not args.no_validate,
@@ -104,6 +105,8 @@ def _summary(plan) -> str:
     c = plan.cost
     lines.append(f"cost: avg_weight_bits {c.avg_weight_bits:.3f}, size {c.size_bytes / 1e3:.1f} kB, "
                  f"bops {c.bops:.4g}" + (f", latency {c.latency_ms:.3g} ms" if c.latency_ms is not None else ""))
+    if plan.frontier:
+        lines.append(f"frontier: {len(plan.frontier)} non-dominated plans (in the plan file)")
     lines.append(f"sensitivity {plan.sensitivity.method} {plan.sensitivity.seconds:.2f}s; "
                  f"solver {plan.solver.method} {plan.solver.status} {plan.solver.seconds:.2f}s")
     for note in plan.sensitivity.notes:
@@ -211,7 +214,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise BitplanError(f"problem file '{args.problem}' is not JSON ({exc})") from None
     problem = Problem.from_dict(raw)
-    solution = get_solver(args.solver)(problem)
+    solution = get_solver(args.solver)(problem, **_parse_params(args.solver_param))
     out = {
         "status": solution.status,
         "objective": solution.objective,
@@ -219,6 +222,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         "seconds": solution.seconds,
         "layers": [{"name": n, "w_bits": o.w_bits, "a_bits": o.a_bits, "objective": o.objective}
                    for n, o in solution.choices.items()],
+        "gap": solution.gap,
+        "frontier": solution.frontier,
     }
     text = json.dumps(out, indent=2)
     if args.out:
@@ -274,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
     p.add_argument("--sensitivity", default="hessian_trace", help="sensitivity method")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
-    p.add_argument("--solver", default="ilp", help="solver")
+    p.add_argument("--solver", default="ilp", help="ilp, pareto, evolutionary, greedy or uniform")
+    p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="solver parameter, e.g. time_limit=10 (evolutionary: trials=100, measured=false)")
     p.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="weight clipping")
     p.add_argument("--latency-table", help="JSON {layer: {bits: ms}} for a latency_ms budget")
     p.add_argument("--seed", type=int, default=0)
@@ -303,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="solve a problem JSON (your own scores and costs) without a model")
     p.add_argument("problem")
-    p.add_argument("--solver", default="ilp")
+    p.add_argument("--solver", default="ilp", help="ilp, pareto, evolutionary, greedy or uniform")
+    p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out")
     p.set_defaults(func=cmd_solve)
 

@@ -196,6 +196,7 @@ class PlanFile(BaseModel):
     layers: list[PlanLayer]
     cost: Cost
     measured: Measured | None
+    frontier: list[dict] | None = Field(None, description="non-dominated plans around the chosen one, if the solver gives them")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
 
     def to_json(self) -> str:

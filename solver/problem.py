@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import product
 
 from bitplan.errors import BudgetError
@@ -41,6 +42,9 @@ class Solution:
     status: str
     seconds: float
     gap: float | None = None
+    #: Plans along objective vs one cost (solvers that trace a frontier fill it): each point is
+    #: ``{"cost": {key: total, ...}, "objective": float, "w_bits": {layer: bits}}``, cost ascending.
+    frontier: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,20 +79,46 @@ class Problem:
                     "costs present: " + ", ".join(sorted(cost_keys | {AVG_BITS})),
                 )
 
+    @cached_property
+    def _by_name(self) -> dict[str, Layer]:
+        return {layer.name: layer for layer in self.layers}
+
     def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        return self._by_name[name]
 
     def allowed(self, layer: Layer) -> tuple[Option, ...]:
         """The options a layer may take once pins apply."""
         pinned = self.pins.get(layer.name)
         return layer.options if pinned is None else tuple(o for o in layer.options if o.w_bits == pinned)
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return sum(layer.params for layer in self.layers) or 1
+
+    def limit(self, key: str) -> float:
+        """What the layers together may spend of budget ``key`` (the budget less the fixed part)."""
+        return self.budgets[key] - (0.0 if key == AVG_BITS else self.fixed_cost.get(key, 0.0))
+
+    @cached_property
+    def tied(self) -> frozenset[str]:
+        return frozenset(name for group in self.groups() if len(group) > 1 for name in group)
+
+    def candidates(self, layer: Layer) -> tuple[Option, ...]:
+        """Allowed options that no other allowed option beats: an option goes when another has an
+        objective and every budgeted contribution no larger (the first of exact equals stays).
+        A tied layer compares only options of equal w_bits, so the tie still sees every width."""
+        keys = list(self.budgets)
+        allowed = self.allowed(layer)
+        scored = sorted(
+            ((o.objective, *(self.contribution(k, layer, o) for k in keys)), i, o) for i, o in enumerate(allowed)
+        )
+        tied = layer.name in self.tied
+        kept: list[tuple[tuple[float, ...], int, Option]] = []
+        for vector, i, option in scored:
+            if not any((not tied or o.w_bits == option.w_bits) and all(a <= b for a, b in zip(v, vector))
+                       for v, _, o in kept):
+                kept.append((vector, i, option))
+        return tuple(o for _, _, o in sorted(kept, key=lambda item: item[1]))
 
     def contribution(self, key: str, layer: Layer, option: Option) -> float:
         """What ``option`` adds to budget ``key`` (avg bits as params x bits / total params)."""

