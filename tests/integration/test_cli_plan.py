@@ -180,7 +180,8 @@ def test_residual_cnn_from_the_catalog(tmp_path):
 
 
 @pytest.mark.parametrize("solver,params", [
-    ("ilp", ["backend=highs"]), ("pareto", ["cost_key=size_bytes"]), ("evolutionary", ["trials=30"]), ("greedy", []), ("uniform", []),
+    ("ilp", ["backend=highs"]), ("pareto", ["cost_key=size_bytes"]), ("evolutionary", ["trials=30"]),
+    ("greedy", []), ("uniform", []),
 ])
 def test_every_solver_plans_the_reference_cnn(solver, params, tmp_path):
     out = tmp_path / "p.json"
