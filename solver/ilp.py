@@ -80,10 +80,20 @@ def solve_ilp(
     backend: str = "cbc",
     reduce: bool = True,
 ) -> Solution:
-    """Optimal plan; with ``time_limit`` (seconds) the best plan found, status "time_limit", and its gap."""
+    """Optimal plan; with ``time_limit`` (seconds) the best plan found, status "time_limit", and its gap.
+
+    With ``problem.max_objective`` set, the plan minimises ``problem.minimize`` instead, subject to the
+    predicted loss increase (the summed objective) staying within that bound.
+    """
     start = time.perf_counter()
     if backend not in BACKENDS:
         raise BitplanError(f"unknown ilp backend '{backend}'", "valid backends: " + ", ".join(BACKENDS))
+    if problem.max_objective is not None:
+        swapped, back = problem.swapped()
+        inner = solve_ilp(swapped, time_limit, msg, backend, reduce)
+        choices = {name: back[id(o)] for name, o in inner.choices.items()}
+        return Solution(choices=choices, objective=_objective(choices), cost=problem.totals(choices),
+                        status=inner.status, seconds=time.perf_counter() - start, gap=inner.gap)
     check_budgets(problem)
     options = {layer.name: problem.candidates(layer) for layer in problem.layers}
     incumbent, bound = None, None

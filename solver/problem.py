@@ -54,6 +54,10 @@ class Problem:
     fixed_cost: Mapping[str, float] = field(default_factory=dict)
     pins: Mapping[str, int] = field(default_factory=dict)
     ties: tuple[tuple[str, ...], ...] = ()
+    #: "Smallest plan whose predicted loss increase <= epsilon": when set, the solver minimises the
+    #: total of ``minimize`` (a cost key or avg_weight_bits) subject to sum(objective) <= this bound.
+    max_objective: float | None = None
+    minimize: str = "size_bytes"
 
     def __post_init__(self) -> None:
         names = [layer.name for layer in self.layers]
@@ -215,6 +219,8 @@ class Problem:
             fixed_cost={str(k): float(v) for k, v in raw.get("fixed_cost", {}).items()},
             pins={str(k): int(v) for k, v in raw.get("pins", {}).items()},
             ties=tuple(tuple(str(n) for n in g) for g in raw.get("ties", [])),
+            max_objective=None if raw.get("max_objective") is None else float(raw["max_objective"]),
+            minimize=str(raw.get("minimize", "size_bytes")),
         )
 
     def to_dict(self) -> dict:
@@ -234,7 +240,29 @@ class Problem:
             "fixed_cost": dict(self.fixed_cost),
             "pins": dict(self.pins),
             "ties": [list(g) for g in self.ties],
+            **({"max_objective": self.max_objective, "minimize": self.minimize} if self.max_objective is not None else {}),
         }
+
+    def swapped(self) -> tuple["Problem", dict[int, Option]]:
+        """The accuracy-bounded form as an ordinary problem: objective := the cost to minimise,
+        and the predicted loss becomes a budgeted cost ``objective`` <= max_objective.
+        Returns it with a map from each new option's id to the original option."""
+        assert self.max_objective is not None
+        keys = {key for layer in self.layers for o in layer.options for key in o.cost} | {AVG_BITS}
+        if self.minimize not in keys:
+            raise BudgetError(f"cannot minimise '{self.minimize}': no such cost", "costs: " + ", ".join(sorted(keys)))
+        back: dict[int, Option] = {}
+        layers = []
+        for layer in self.layers:
+            options = []
+            for o in layer.options:
+                new = Option(w_bits=o.w_bits, a_bits=o.a_bits, objective=self.contribution(self.minimize, layer, o),
+                             cost={**o.cost, "objective": o.objective})
+                back[id(new)] = o
+                options.append(new)
+            layers.append(Layer(layer.name, layer.params, tuple(options)))
+        budgets = {**self.budgets, "objective": self.max_objective}
+        return Problem(tuple(layers), budgets, self.fixed_cost, self.pins, self.ties), back
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -89,3 +89,28 @@ def test_fixed_cost_counts_against_size_budget():
     shifted = Problem(base.layers, {"size_bytes": minimum + 5}, fixed_cost={"size_bytes": 10.0})
     with pytest.raises(InfeasibleError):
         solve_ilp(shifted)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), eps_frac=st.floats(0.0, 1.0))
+def test_smallest_plan_within_a_loss_bound_matches_brute_force(seed, eps_frac):
+    from itertools import product
+
+    base = _problem(seed, n=5, avg=None)
+    lowest = sum(min(o.objective for o in lay.options) for lay in base.layers)
+    highest = sum(max(o.objective for o in lay.options) for lay in base.layers)
+    eps = lowest + eps_frac * (highest - lowest)
+    problem = Problem(base.layers, {}, max_objective=eps, minimize="size_bytes")
+    best = min(sum(o.cost["size_bytes"] for o in combo)
+               for combo in product(*(lay.options for lay in base.layers))
+               if sum(o.objective for o in combo) <= eps * (1 + 1e-9) + 1e-12)
+    solution = solve_ilp(problem)
+    assert solution.objective <= eps * (1 + 1e-6) + 1e-12
+    assert solution.cost["size_bytes"] == pytest.approx(best)
+
+
+def test_loss_bound_below_reach_names_the_smallest_predicted_loss():
+    base = _problem(0, avg=None)
+    lowest = sum(min(o.objective for o in lay.options) for lay in base.layers)
+    with pytest.raises(InfeasibleError, match="smallest achievable objective"):
+        solve_ilp(Problem(base.layers, {}, max_objective=lowest / 2))
