@@ -243,7 +243,7 @@ class Problem:
             **({"max_objective": self.max_objective, "minimize": self.minimize} if self.max_objective is not None else {}),
         }
 
-    def swapped(self) -> tuple["Problem", dict[int, Option]]:
+    def swapped(self) -> tuple[Problem, dict[int, Option]]:
         """The accuracy-bounded form as an ordinary problem: objective := the cost to minimise,
         and the predicted loss becomes a budgeted cost ``objective`` <= max_objective.
         Returns it with a map from each new option's id to the original option."""
