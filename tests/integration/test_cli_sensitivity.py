@@ -76,3 +76,9 @@ def test_every_method_runs_on_minilm(method, params, tmp_path):
     assert len(table["layers"]) == 37
     if method in ("hessian_trace", "hessian_eigen"):
         assert any("math form" in n for n in table["notes"])
+    plan_out = tmp_path / "p.json"
+    abits = ["--abits", "8,16"] if method == "hessian_trace" else []
+    planned = run_cli("plan", "catalog:minilm", "--sensitivity", method, *args, "--wbits", "2,4,8", *abits,
+                      "--budget", "avg_weight_bits=4", "--no-validate", "--out", str(plan_out))
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(plan_out.read_text())["sensitivity"]["method"] == method
