@@ -18,7 +18,6 @@ from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import (
-    Cost,
     LayerInfo,
     Measured,
     PlanFile,
@@ -218,9 +217,6 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
         uniform_a_bits=uniform_pair[1] if uniform_pair else None, uniform_cost=uniform_cost,
     )
 
-
-def plan_cost_of(prep: Prepared, plan: PlanFile) -> Cost:
-    return prep.costs.plan_cost({layer.name: (layer.w_bits, layer.a_bits) for layer in plan.layers})
 
 
 def measured_evaluator(prep: Prepared, request: PlanRequest, limit: int = 256):
