@@ -42,7 +42,6 @@ class LayerProbe(nn.Module):
         self.count_macs = False
         self.macs_total = 0
         self.inputs: list[torch.Tensor] | None = None  # when a list: every call's input is kept
-        self.outputs: list[torch.Tensor] | None = None  # when a list: every call's output is kept
         self.as_module: nn.Module | None = None  # when set: run this real nn.Linear/Conv instead (for LRP rules)
 
     def forward(self, x, weight, *args, **kwargs):
@@ -59,8 +58,6 @@ class LayerProbe(nn.Module):
             y = self.as_module(x)
         else:
             y = self.op(x, weight, *args, **kwargs)
-        if self.outputs is not None:
-            self.outputs.append(y)
         if self.count_macs:
             # per call: one MAC per output element per weight element feeding it
             self.macs_total += y.numel() * weight[0].numel()
@@ -68,7 +65,7 @@ class LayerProbe(nn.Module):
 
 
 def module_for(op, weight: torch.Tensor, args: tuple, kwargs: dict) -> nn.Module:
-    """A real nn.Linear / nn.Conv1d / nn.Conv2d computing ``op(x, weight, *args)``, sharing its tensors."""
+    """A real nn.Linear / nn.Conv1d / nn.Conv2d computing ``op(x, weight, *args)``, with copies of its tensors."""
     bias = args[0] if args else kwargs.get("bias")
     if op is aten.linear.default:
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
