@@ -209,6 +209,7 @@ class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="a .pt2 / TorchScript path, or catalog:NAME")
+    model_name: str | None = Field(None, description="the name the plan shows (default: the file name)")
     data: str | None = Field(None, description="calibration .npz/.safetensors; a catalog model's own by default")
     eval_data: str | None = Field(None, description="held-out data for the measured figures; default: the calibration data")
     budget: Budget

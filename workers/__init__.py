@@ -1,2 +1,6 @@
-"""Celery tasks that run ``bitplan.core`` (sensitivity -> solve -> validate) for the
-service. Arrives with the service issue; the CLI runs the same pipeline in-process."""
+"""Celery tasks that run a job (sensitivity -> solve -> validate) for the service.
+
+``workers.app`` holds the Celery app (configured from ``bitplan.settings``),
+``workers.tasks`` the task entry points, ``workers.jobs`` the work itself. Torch is
+imported only inside the work, so the API process can enqueue without it.
+"""

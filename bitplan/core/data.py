@@ -51,8 +51,22 @@ class Dataset:
         return Batch(args, parts, targets, end - start)
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+def _data_format(path: Path) -> str:
+    """``.npz`` or ``.safetensors`` by suffix, else by content (the service stores uploads under their sha256)."""
     suffix = path.suffix.lower()
+    if suffix in (".npz", ".safetensors") or not path.is_file():
+        return suffix
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return ".npz"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return ".safetensors"
+    return suffix
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    suffix = _data_format(path)
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:

@@ -4,6 +4,7 @@ planning run behind ``bitplan plan`` (and, later, a service job)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -53,10 +54,15 @@ def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
 
 
 def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
-            latency_table: dict | None = None, clip: str = "mse") -> Prepared:
-    """Load the model and its data, check them against each other, measure the layer table."""
+            latency_table: dict | None = None, clip: str = "mse", model_name: str | None = None) -> Prepared:
+    """Load the model and its data, check them against each other, measure the layer table.
+
+    ``model_name`` replaces the file name in the plan (the service stores uploads under their sha256).
+    """
     data = resolve_data(model_ref, data_path, "calib")
     model = load_model(model_ref, sample=data)
+    if model_name:
+        model.info = model.info.model_copy(update={"name": model_name})
     data = conform(data, model.inputs)
     if eval_path is None and data_path is None and model_ref.startswith("catalog:"):
         eval_data = conform(resolve_data(model_ref, None, "eval"), model.inputs)
@@ -127,19 +133,29 @@ class Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
-def make_plan(request: PlanRequest, progress: ProgressFn = no_progress) -> PlanFile:
+#: How a caller may supply the sensitivity table (the service looks in its cache first).
+SensitivitySource = Callable[[Prepared, SensitivityContext], SensitivityTable]
+
+
+def compute_sensitivity(prep: Prepared, ctx: SensitivityContext, request: PlanRequest) -> SensitivityTable:
+    return run_sensitivity(request.sensitivity, request.sensitivity_params, ctx)
+
+
+def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
+              sensitivity: SensitivitySource | None = None) -> PlanFile:
     torch.manual_seed(request.seed)
     timer = Timer()
     with timer.stage("load"):
-        progress("load", 0.0, request.model)
-        prep = prepare(request.model, request.data, request.eval_data, request.latency_table, request.clip)
+        progress("load", 0.0, request.model_name or request.model)
+        prep = prepare(request.model, request.data, request.eval_data, request.latency_table, request.clip,
+                       request.model_name)
         progress("load", 1.0, f"{len(prep.layers)} layers")
     unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
     if unknown:
         raise BitplanError(f"--pin names unknown layer(s) {unknown}", "see the names with: bitplan inspect MODEL")
     with timer.stage("sensitivity"):
         ctx = SensitivityContext(prep.model, prep.data, list(request.w_bits), prep.bank, request.seed, progress)
-        table = run_sensitivity(request.sensitivity, request.sensitivity_params, ctx)
+        table = sensitivity(prep, ctx) if sensitivity else compute_sensitivity(prep, ctx, request)
     with timer.stage("solve"):
         progress("solve", 0.0, request.solver)
         problem = build_problem(prep, table, request)

@@ -1,0 +1,143 @@
+"""``bitplan serve``, ``bitplan worker`` and ``bitplan keys``: run the service.
+
+Flags override the environment variables of ``bitplan.settings`` (and are written
+back to the environment, so child processes, e.g. the upload reader, agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bitplan.errors import BitplanError
+from bitplan.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    for flag, var in (("data_dir", "BITPLAN_DATA_DIR"), ("database", "BITPLAN_DATABASE_URL"),
+                      ("broker", "BITPLAN_BROKER_URL"), ("result_backend", "BITPLAN_RESULT_BACKEND")):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[var] = str(value)
+    return load_settings()
+
+
+def _database(settings: Settings):
+    from storage import Database, Unavailable
+
+    db = Database(settings.database_url)
+    try:
+        db.migrate()
+    except Unavailable as exc:
+        raise BitplanError(str(exc), "check BITPLAN_DATABASE_URL and that the database server runs") from None
+    except Exception as exc:
+        if "could not connect" in str(exc).lower() or "connection" in type(exc).__name__.lower():
+            raise BitplanError(f"cannot reach the database: {str(exc).splitlines()[0]}",
+                               "check BITPLAN_DATABASE_URL and that the database server runs") from None
+        raise
+    return db
+
+
+def ensure_local_key(settings: Settings, db) -> str | None:
+    """Embedded default: on first start, make team 'local' a key, keep it in DATA_DIR/local-key, return it."""
+    if db.has_keys():
+        return None
+    key = db.create_key("local")
+    path = settings.local_key_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(args)
+    db = _database(settings)
+    key = ensure_local_key(settings, db)
+    worker = False if args.no_worker else None
+    app = create_app(settings, worker=worker)
+    mode = "embedded (in-process worker, SQLite)" if settings.embedded and not args.no_worker else "distributed"
+    print(f"bitplan {mode}: http://{args.host}:{args.port}  (API docs at /docs; data in {settings.data_dir})",
+          file=sys.stderr)
+    if key:
+        print(f"created API key for team 'local' (saved in {settings.local_key_file}):\n{key}", file=sys.stderr)
+    elif settings.local_key_file.is_file():
+        print(f"API key of team 'local': {settings.local_key_file}", file=sys.stderr)
+    sys.stderr.flush()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.embedded:
+        raise BitplanError("a separate worker needs a broker server; the memory:// broker only works inside `bitplan serve`",
+                           "start one with --broker redis://HOST:6379/0 (and the API with the same --broker)")
+    _database(settings)
+    from workers.app import app, configure
+
+    configure(settings)
+    argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
+            "--pool=" + ("solo" if args.concurrency == 1 else "prefork"), "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    db = _database(settings)
+    if args.action == "create":
+        if not args.team.strip():
+            raise BitplanError("team name is empty", "e.g. bitplan keys create --team vision")
+        print(db.create_key(args.team.strip()))
+        return 0
+    if not db.revoke_key(args.key):
+        raise BitplanError("no such key", "give the full key as printed by `bitplan keys create`")
+    print("revoked", file=sys.stderr)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="uploads and the SQLite file (env BITPLAN_DATA_DIR; default ./bitplan-data)")
+    p.add_argument("--database", help="SQLAlchemy URL (env BITPLAN_DATABASE_URL; default SQLite in the data dir)")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="run the REST API (with an in-process worker unless --broker is a server)")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--broker", help="Celery broker, e.g. redis://127.0.0.1:6379/0 (env BITPLAN_BROKER_URL; "
+                   "default memory://, in-process)")
+    p.add_argument("--result-backend", help="Celery result backend (default: the broker if redis)")
+    p.add_argument("--no-worker", action="store_true", help="do not run a worker in this process")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker for a server started with --broker")
+    _common(p)
+    p.add_argument("--broker", help="Celery broker URL (env BITPLAN_BROKER_URL)")
+    p.add_argument("--result-backend")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (processes)")
+    p.add_argument("--hostname", help="worker name, e.g. w1@%%h")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("keys", help="create or revoke API keys")
+    ksub = p.add_subparsers(dest="action", required=True)
+    c = ksub.add_parser("create", help="create a key for a team (the team is created if new); prints only the key")
+    c.add_argument("--team", required=True)
+    _common(c)
+    r = ksub.add_parser("revoke", help="revoke a key")
+    r.add_argument("key")
+    _common(r)
+    p.set_defaults(func=cmd_keys)

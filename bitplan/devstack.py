@@ -1,0 +1,187 @@
+"""A local deployment for tests and benchmarks: the API and N workers as real
+processes on a fresh PostgreSQL database and a Redis database of their own
+(or the embedded default: one ``bitplan serve`` with SQLite and no Redis).
+
+    with DevStack(workers=2) as stack:
+        key = stack.create_key("vision")
+        httpx.get(stack.url + "/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PG_ADMIN_URL = os.environ.get("BITPLAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BITPLAN_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DevStack:
+    def __init__(self, workers: int = 2, embedded: bool = False, redis_db: int | None = None,
+                 workdir: str | Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+        self.n_workers = 0 if embedded else workers
+        self.embedded = embedded
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="bitplan-stack-"))
+        self.data_dir = self.workdir / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.redis_db = redis_db if redis_db is not None else 8 + secrets.randbelow(7)
+        self.pg_db = f"bitplan_test_{secrets.token_hex(4)}"
+        self.extra_env = extra_env or {}
+        self.api: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._logs: list = []
+
+    # --- environment ------------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        if self.embedded:
+            return f"sqlite:///{self.data_dir / 'bitplan.db'}"
+        return PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{self.pg_db}"
+
+    @property
+    def broker_url(self) -> str:
+        return "memory://" if self.embedded else f"{REDIS_URL}/{self.redis_db}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(BITPLAN_DATA_DIR=str(self.data_dir), BITPLAN_DATABASE_URL=self.database_url,
+                   BITPLAN_BROKER_URL=self.broker_url, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.pop("BITPLAN_RESULT_BACKEND", None)
+        env.update(self.extra_env)
+        return env
+
+    def _bitplan(self, *args: str, log: str, **kw) -> subprocess.Popen:
+        out = open(self.workdir / log, "ab")  # noqa: SIM115 (closed in stop())
+        self._logs.append(out)
+        return subprocess.Popen([sys.executable, "-m", "bitplan.cli", *args], env=self.env(), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir, **kw)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> DevStack:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.embedded:
+            self._create_database()
+            self._flush_redis()
+        self.start_api()
+        for _ in range(self.n_workers):
+            self.start_worker()
+        return self
+
+    def start_api(self) -> None:
+        args = ["serve", "--port", str(self.port)]
+        if not self.embedded:
+            args.append("--no-worker")
+        self.api = self._bitplan(*args, log="api.log")
+        self.wait_ready()
+
+    def start_worker(self, name: str | None = None) -> subprocess.Popen:
+        name = name or f"w{len(self.workers) + 1}"
+        proc = self._bitplan("worker", f"--hostname={name}@%h", "--loglevel=INFO", log=f"{name}.log")
+        self.workers.append(proc)
+        self._wait_log(f"{name}.log", "ready.", proc)
+        return proc
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.api is not None and self.api.poll() is not None:
+                raise RuntimeError(f"the API exited ({self.api.returncode}):\n{self.log('api.log')}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the API was not ready within {timeout} s:\n{self.log('api.log')}")
+
+    def _wait_log(self, name: str, marker: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.log(name):
+                return
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.log(name)}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} not ready within {timeout} s:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        path = self.workdir / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def create_key(self, team: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "bitplan.cli", "keys", "create", "--team", team], env=self.env(),
+                             capture_output=True, text=True, check=True, timeout=120)
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.api]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.workers, self.api]:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for f in self._logs:
+            f.close()
+        if not self.embedded:
+            self._drop_database()
+
+    def __enter__(self) -> DevStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- services ---------------------------------------------------------------------------------
+
+    def _admin(self):
+        import psycopg
+
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10)
+
+    def _create_database(self) -> None:
+        try:
+            with self._admin() as conn:
+                conn.execute(f'CREATE DATABASE "{self.pg_db}"')
+        except Exception as exc:
+            raise RuntimeError(f"PostgreSQL at {PG_ADMIN_URL} is needed for the service tests: {exc}") from exc
+
+    def _drop_database(self) -> None:
+        try:
+            with self._admin() as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+        except Exception:  # the server may be down in a fault test; the name is random anyway
+            pass
+
+    def _flush_redis(self) -> None:
+        import redis
+
+        try:
+            redis.Redis.from_url(self.broker_url, socket_timeout=5).flushdb()
+        except Exception as exc:
+            raise RuntimeError(f"Redis at {REDIS_URL} is needed for the service tests: {exc}") from exc

@@ -1,0 +1,57 @@
+"""One place for configuration: environment variables read by the CLI, the API
+server and the workers alike (so ``bitplan submit`` and ``bitplan serve`` agree).
+
+| variable               | default                                   | used by            |
+|------------------------|-------------------------------------------|--------------------|
+| BITPLAN_DATA_DIR       | ./bitplan-data                            | server, workers    |
+| BITPLAN_DATABASE_URL   | sqlite:///$BITPLAN_DATA_DIR/bitplan.db    | server, workers    |
+| BITPLAN_BROKER_URL     | memory:// (in-process; `bitplan serve`)   | server, workers    |
+| BITPLAN_RESULT_BACKEND | the broker URL if redis, else in-process  | server, workers    |
+| BITPLAN_MAX_UPLOAD_MB  | 512                                       | server             |
+| BITPLAN_URL            | http://127.0.0.1:8000                     | client verbs       |
+| BITPLAN_API_KEY        | $BITPLAN_DATA_DIR/local-key if present    | client verbs       |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    result_backend: str
+    max_upload_bytes: int
+    url: str
+    api_key: str | None
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker lives in this process (no Redis): the API runs its own worker."""
+        return self.broker_url.startswith("memory://")
+
+    @property
+    def local_key_file(self) -> Path:
+        return self.data_dir / "local-key"
+
+
+def load_settings(**overrides) -> Settings:
+    env = os.environ
+    data_dir = Path(overrides.get("data_dir") or env.get("BITPLAN_DATA_DIR") or "bitplan-data").resolve()
+    database_url = overrides.get("database_url") or env.get("BITPLAN_DATABASE_URL") or f"sqlite:///{data_dir / 'bitplan.db'}"
+    broker_url = overrides.get("broker_url") or env.get("BITPLAN_BROKER_URL") or "memory://"
+    result_backend = overrides.get("result_backend") or env.get("BITPLAN_RESULT_BACKEND") or (
+        broker_url if broker_url.startswith(("redis://", "rediss://")) else "cache+memory://"
+    )
+    max_mb = float(overrides.get("max_upload_mb") or env.get("BITPLAN_MAX_UPLOAD_MB") or 512)
+    url = (overrides.get("url") or env.get("BITPLAN_URL") or "http://127.0.0.1:8000").rstrip("/")
+    key = overrides.get("api_key") or env.get("BITPLAN_API_KEY")
+    if key is None:
+        local = data_dir / "local-key"
+        if local.is_file():
+            key = local.read_text().strip() or None
+    return Settings(data_dir, database_url, broker_url, result_backend, int(max_mb * 1e6), url, key)

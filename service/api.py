@@ -1,0 +1,292 @@
+"""``/v1``: uploads, jobs, plans, the method registry. Contract: docs/api.md."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import ApiError
+from service.jobspec import JobCreate, check_against_model, check_methods
+from service.uploads import describe
+from storage import BlobStore, Database, TooLarge
+from storage.models import JOB_STATES, TERMINAL_STATES, DatasetFile, Job, ModelFile, Team, utcnow
+from storage.views import dataset_dict, job_dict, model_dict
+
+router = APIRouter(prefix="/v1")
+
+
+def db_of(request: Request) -> Database:
+    return request.app.state.db
+
+
+def blobs_of(request: Request) -> BlobStore:
+    return request.app.state.blobs
+
+
+def current_team(request: Request, authorization: Annotated[str | None, Header()] = None) -> Team:
+    if not authorization:
+        raise ApiError(401, "no API key given", "send the header 'Authorization: Bearer <key>' "
+                       "(create a key with: bitplan keys create --team NAME)")
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "the Authorization header is not 'Bearer <key>'", "send 'Authorization: Bearer <key>'")
+    team = db_of(request).team_for_key(key.strip())
+    if team is None:
+        raise ApiError(401, "this API key is not valid (unknown or revoked)", "create one with: bitplan keys create --team NAME")
+    return team
+
+
+TeamDep = Annotated[Team, Depends(current_team)]
+
+
+def session(request: Request):
+    with db_of(request).session() as s:
+        yield s
+
+
+SessionDep = Annotated[Session, Depends(session)]
+
+
+def owned(s: Session, cls, row_id: str, team: Team, what: str):
+    """The team's own row, else 404 (never 403: another team's ids must not be confirmed)."""
+    row = s.get(cls, row_id)
+    if row is None or row.team_id != team.id:
+        raise ApiError(404, f"no {what} '{row_id}' for this team", f"list yours with GET /v1/{what}s")
+    return row
+
+
+# --- uploads ----------------------------------------------------------------------------------------------
+
+
+def _stage(request: Request, file: UploadFile):
+    settings = request.app.state.settings
+    try:
+        return blobs_of(request).stage(file.file, settings.max_upload_bytes)
+    except TooLarge as exc:
+        raise ApiError(413, str(exc), "split the data, or ask the operator to raise BITPLAN_MAX_UPLOAD_MB") from None
+
+
+def _file_name(file: UploadFile, default: str) -> str:
+    name = (file.filename or default).replace("\\", "/").rsplit("/", 1)[-1][:200]
+    return name or default
+
+
+@router.post("/models", status_code=201, summary="Upload a model (.pt2 torch.export archive or TorchScript)")
+def upload_model(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()],
+                 dataset_id: Annotated[str | None, Form(description="data to trace a TorchScript model with")] = None):
+    db = db_of(request)
+    staged = _stage(request, file)
+    try:
+        with db.session() as s:
+            existing = s.scalar(select(ModelFile).where(ModelFile.team_id == team.id, ModelFile.sha256 == staged.sha256))
+            if existing is not None:
+                response.status_code = 200
+                return model_dict(existing)
+            data_path = None
+            if dataset_id:
+                data_path = blobs_of(request).path(owned(s, DatasetFile, dataset_id, team, "dataset").sha256)
+        name = _file_name(file, "model.pt2")
+        desc = describe("model", staged.tmp, name, data_path)
+        staged.commit()
+        staged = None
+        row = ModelFile(team_id=team.id, sha256=desc["sha256"], name=name, format=desc["format"],
+                        size_bytes=desc["size_bytes"],
+                        description={k: desc.get(k) for k in ("inputs", "layers", "other_bytes")})
+        return _insert_unique(db, row, ModelFile, team, response, model_dict)
+    finally:
+        if staged is not None:
+            staged.discard()
+
+
+@router.post("/datasets", status_code=201, summary="Upload calibration or evaluation data (.npz or .safetensors)")
+def upload_dataset(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()]):
+    db = db_of(request)
+    staged = _stage(request, file)
+    try:
+        with db.session() as s:
+            existing = s.scalar(select(DatasetFile).where(DatasetFile.team_id == team.id,
+                                                          DatasetFile.sha256 == staged.sha256))
+            if existing is not None:
+                response.status_code = 200
+                return dataset_dict(existing)
+        name = _file_name(file, "data.npz")
+        desc = describe("data", staged.tmp, name)
+        staged.commit()
+        staged = None
+        row = DatasetFile(team_id=team.id, sha256=desc["sha256"], name=name, size_bytes=desc["size_bytes"],
+                          description={k: desc.get(k) for k in ("samples", "has_targets", "inputs")})
+        return _insert_unique(db, row, DatasetFile, team, response, dataset_dict)
+    finally:
+        if staged is not None:
+            staged.discard()
+
+
+def _insert_unique(db: Database, row, cls, team: Team, response: Response, view):
+    """Insert; if the same team uploaded the same bytes concurrently, answer that row instead."""
+    try:
+        with db.session() as s:
+            s.add(row)
+            s.flush()
+            return view(row)
+    except IntegrityError:
+        with db.session() as s:
+            existing = s.scalar(select(cls).where(cls.team_id == team.id, cls.sha256 == row.sha256))
+            response.status_code = 200
+            return view(existing)
+
+
+@router.get("/models", summary="The team's models")
+def list_models(team: TeamDep, s: SessionDep):
+    rows = s.scalars(select(ModelFile).where(ModelFile.team_id == team.id).order_by(ModelFile.created_at.desc())).all()
+    return {"items": [model_dict(r) for r in rows]}
+
+
+@router.get("/models/{model_id}", summary="One model with its layer table")
+def get_model(model_id: str, team: TeamDep, s: SessionDep):
+    return model_dict(owned(s, ModelFile, model_id, team, "model"))
+
+
+@router.get("/datasets", summary="The team's datasets")
+def list_datasets(team: TeamDep, s: SessionDep):
+    rows = s.scalars(select(DatasetFile).where(DatasetFile.team_id == team.id).order_by(DatasetFile.created_at.desc())).all()
+    return {"items": [dataset_dict(r) for r in rows]}
+
+
+@router.get("/datasets/{dataset_id}", summary="One dataset")
+def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep):
+    return dataset_dict(owned(s, DatasetFile, dataset_id, team, "dataset"))
+
+
+# --- jobs -------------------------------------------------------------------------------------------------
+
+
+@router.post("/jobs", status_code=202, summary="Submit a planning job")
+def submit_job(request: Request, body: JobCreate, team: TeamDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+    db = db_of(request)
+    normalised = check_methods(body)
+    with db.session() as s:
+        if idempotency_key:
+            earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+            if earlier is not None:
+                return _accepted(earlier, replay=True)
+        model = owned(s, ModelFile, body.model_id, team, "model")
+        check_against_model(body, model.description)
+        dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset").id
+        eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
+        job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
+                  idempotency_key=idempotency_key, callback_url=body.callback_url)
+        s.add(job)
+        try:
+            s.flush()
+        except IntegrityError:  # the same Idempotency-Key raced us
+            s.rollback()
+            earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+            return _accepted(earlier, replay=True)
+    request.app.state.enqueue(job.id)
+    return _accepted(job)
+
+
+def _accepted(job: Job, replay: bool = False) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if replay:
+        headers["Idempotent-Replay"] = "true"
+    return JSONResponse(job_dict(job), status_code=202, headers=headers)
+
+
+@router.get("/jobs", summary="The team's jobs, newest first")
+def list_jobs(request: Request, team: TeamDep, s: SessionDep,
+              state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+              model_id: Annotated[str | None, Query(max_length=64)] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 20, offset: Annotated[int, Query(ge=0)] = 0):
+    where = [Job.team_id == team.id]
+    if state:
+        where.append(Job.state == state)
+    if model_id:
+        where.append(Job.model_id == model_id)
+    total = s.scalar(select(func.count()).select_from(Job).where(*where))
+    rows = s.scalars(select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    nxt = None
+    if offset + limit < total:
+        query = f"limit={limit}&offset={offset + limit}" + (f"&state={state}" if state else "") + (
+            f"&model_id={model_id}" if model_id else "")
+        nxt = f"/v1/jobs?{query}"
+    return {"items": [job_dict(r) for r in rows], "total": total, "limit": limit, "offset": offset, "next": nxt}
+
+
+@router.get("/jobs/{job_id}", summary="A job's state, stage and progress")
+def get_job(job_id: str, team: TeamDep, s: SessionDep):
+    return job_dict(owned(s, Job, job_id, team, "job"))
+
+
+def _plan_of(job: Job) -> dict:
+    if job.state != "succeeded" or job.plan is None:
+        why = f"job {job.id} is {job.state}" + (f": {job.error_message}" if job.error_message else "")
+        hint = "poll GET /v1/jobs/{id} until state is succeeded" if job.state in ("queued", "running") else (
+            job.error_hint or "submit the job again")
+        raise ApiError(409, f"no plan: {why}", hint)
+    return job.plan
+
+
+@router.get("/jobs/{job_id}/plan", summary="The plan file (schema bitplan.plan/v1), or ?format=csv")
+def get_plan(job_id: str, team: TeamDep, s: SessionDep, format: Literal["json", "csv"] = "json"):  # noqa: A002
+    plan = _plan_of(owned(s, Job, job_id, team, "job"))
+    if format == "json":
+        return plan
+    out = io.StringIO()
+    cols = ["name", "kind", "params", "macs", "w_bits", "a_bits", "sensitivity"]
+    writer = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for layer in plan["layers"]:
+        writer.writerow(layer)
+    return PlainTextResponse(out.getvalue(), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{job_id}-plan.csv"'})
+
+
+@router.get("/jobs/{job_id}/frontier", summary="The Pareto frontier around the plan")
+def get_frontier(job_id: str, team: TeamDep, s: SessionDep):
+    plan = _plan_of(owned(s, Job, job_id, team, "job"))
+    return {"budget": plan["budget"], "chosen": {**plan["cost"], "objective": plan["solver"]["objective"]},
+            "points": plan.get("frontier") or []}
+
+
+@router.delete("/jobs/{job_id}", status_code=202, summary="Cancel queued or running work")
+def cancel_job(request: Request, job_id: str, team: TeamDep):
+    with db_of(request).session() as s:
+        job = owned(s, Job, job_id, team, "job")
+        s.refresh(job, with_for_update=True)
+        if job.state in TERMINAL_STATES:
+            raise ApiError(409, f"job {job.id} already {job.state}", "only queued or running jobs can be cancelled")
+        job.state, job.finished_at = "cancelled", utcnow()
+        job.error_message, job.error_hint = "cancelled by the user", None
+    request.app.state.revoke(job_id)
+    return job_dict(job)
+
+
+# --- registry ---------------------------------------------------------------------------------------------
+
+
+@router.get("/methods", summary="Registered sensitivity methods and solvers, with their parameters")
+def methods():
+    from bitplan.methods import METHODS
+    from solver import SOLVERS, solver_params
+
+    return {
+        "sensitivity": [{"name": m.name, "summary": m.summary, "params": m.params.model_json_schema(),
+                         "defaults": m.params().model_dump(mode="json"), "shardable": m.shardable}
+                        for m in METHODS.values()],
+        "solvers": [{"name": name, "summary": summary, "defaults": _jsonable(solver_params(name))}
+                    for name, (_, summary) in SOLVERS.items()],
+        "job_states": list(JOB_STATES),
+    }
+
+
+def _jsonable(params: dict) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v) for k, v in params.items()}

@@ -1,0 +1,92 @@
+"""``create_app()``: the FastAPI application, wired to storage and the job queue.
+
+Migrations run on start. With the embedded default (``memory://`` broker) the
+process also runs a worker thread, so ``bitplan serve`` alone is a working service.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from bitplan import __version__
+from bitplan.settings import Settings, load_settings
+from service import errors
+from service.api import router
+from storage import BlobStore, Database, Unavailable
+
+log = logging.getLogger("bitplan.service")
+
+
+def create_app(settings: Settings | None = None, worker: bool | None = None) -> FastAPI:
+    """``worker``: run an in-process worker (default: only with the embedded memory broker)."""
+    settings = settings or load_settings()
+    run_worker = settings.embedded if worker is None else worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.db.migrate()
+        if run_worker:
+            from workers.app import start_in_process_worker
+
+            start_in_process_worker()
+            log.info("in-process worker started (broker %s)", settings.broker_url)
+        yield
+
+    app = FastAPI(
+        title="bitplan", version=__version__, lifespan=lifespan,
+        description="Mixed-precision bit-allocation search: upload a model and calibration data, submit a budget, "
+                    "get the per-layer bit-width plan with its Pareto frontier and measured quality. "
+                    "Authenticate with `Authorization: Bearer <key>`.",
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings.database_url)
+    app.state.blobs = BlobStore(settings.data_dir)
+
+    from workers.app import app as celery_app
+    from workers.app import configure
+
+    configure(settings)
+    from workers.tasks import enqueue
+
+    app.state.enqueue = enqueue
+
+    def revoke(job_id: str) -> None:
+        try:
+            celery_app.control.revoke(job_id)
+        except Exception as exc:  # the job row already says cancelled; the worker checks it before running
+            log.warning("could not broadcast revoke of %s: %s", job_id, exc)
+
+    app.state.revoke = revoke
+    errors.install(app)
+    app.include_router(router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    def healthz():
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["health"], summary="Database and broker reachable")
+    def readyz():
+        checks = {}
+        try:
+            app.state.db.ping()
+            checks["database"] = "ok"
+        except Unavailable as exc:
+            checks["database"] = str(exc)
+        try:
+            with celery_app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = f"unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/", include_in_schema=False)
+    def root():
+        return RedirectResponse("/docs")
+
+    return app

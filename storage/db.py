@@ -1,0 +1,122 @@
+"""Engine, sessions and migrations for ``BITPLAN_DATABASE_URL`` (SQLite by
+default, PostgreSQL in production and in the tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import ApiKey, Team, utcnow
+
+KEY_PREFIX = "bp_"
+
+
+class Unavailable(RuntimeError):
+    """The database cannot be reached (the API answers 503)."""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_timeout=10)
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        session = self.sessions()
+        try:
+            yield session
+            session.commit()
+        except (OperationalError, InterfaceError) as exc:
+            session.rollback()
+            raise Unavailable(f"database unavailable: {str(exc).splitlines()[0]}") from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"database unavailable: {str(exc).splitlines()[0]}") from exc
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe to call on every start)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # an API and workers starting together migrate once
+                conn.execute(text("SELECT pg_advisory_xact_lock(7201)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # --- teams and keys -------------------------------------------------------------------------
+
+    def create_key(self, team_name: str) -> str:
+        """Create the team if new and a key for it; return the key (only its hash is stored)."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.session() as s:
+            team = s.scalar(select(Team).where(Team.name == team_name))
+            if team is None:
+                team = Team(name=team_name)
+                s.add(team)
+                s.flush()
+            s.add(ApiKey(team_id=team.id, key_sha256=hash_key(key), prefix=key[:10]))
+        return key
+
+    def team_for_key(self, key: str) -> Team | None:
+        with self.session() as s:
+            row = s.execute(
+                select(Team).join(ApiKey, ApiKey.team_id == Team.id)
+                .where(ApiKey.key_sha256 == hash_key(key), ApiKey.revoked_at.is_(None))
+            ).scalar_one_or_none()
+            return row
+
+    def has_keys(self) -> bool:
+        with self.session() as s:
+            return s.scalar(select(ApiKey.id).limit(1)) is not None
+
+    def revoke_key(self, key: str) -> bool:
+        with self.session() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_sha256 == hash_key(key)))
+            if row is None:
+                return False
+            row.revoked_at = utcnow()
+            return True
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the worker's progress writes
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

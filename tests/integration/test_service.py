@@ -1,0 +1,239 @@
+"""The service as deployed: the API, two Celery worker processes, real Redis and a
+fresh PostgreSQL database (bitplan.devstack). Two teams work at once and never
+see each other's work; cancel, cache reuse, sharding over two workers, callbacks,
+the client CLI."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from bitplan.devstack import DevStack
+from bitplan.schemas import PlanFile
+from tests.conftest import run_cli
+
+FAST = {"method": "hessian_trace", "params": {"max_probes": 8, "min_probes": 4, "max_samples": 64}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with DevStack(workers=2, workdir=tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
+class Team:
+    def __init__(self, stack: DevStack, name: str) -> None:
+        self.name = name
+        self.key = stack.create_key(name)
+        self.http = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=120)
+
+    def upload(self, kind: str, path) -> httpx.Response:
+        with open(path, "rb") as f:
+            return self.http.post(f"/v1/{kind}", files={"file": (path.name, f)})
+
+    def submit(self, **body) -> httpx.Response:
+        return self.http.post("/v1/jobs", json=body)
+
+    def wait(self, job_id: str, timeout: float = 300, until=("succeeded", "failed", "cancelled")) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in until:
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} not {until} after {timeout} s: {job}")
+
+
+@pytest.fixture(scope="module")
+def teams(stack, digits_files):
+    a, b = Team(stack, "vision"), Team(stack, "speech")
+    for t in (a, b):
+        t.model = t.upload("models", digits_files["pt2"]).json()
+        t.data = t.upload("datasets", digits_files["calib"]).json()
+    return a, b
+
+
+def test_upload_is_content_addressed_and_describes_the_model(teams, digits_files):
+    a, b = teams
+    again = a.upload("models", digits_files["pt2"])
+    assert again.status_code == 200 and again.json()["id"] == a.model["id"]
+    assert [layer["name"] for layer in a.model["layers"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert all(layer["macs"] > 0 for layer in a.model["layers"])
+    assert a.model["sha256"] == b.model["sha256"] and a.model["id"] != b.model["id"]  # same bytes, each team's own row
+    assert a.data["samples"] == 256 and a.data["has_targets"]
+
+
+def test_two_teams_at_once_and_isolated_both_ways(teams):
+    a, b = teams
+    with ThreadPoolExecutor(2) as pool:
+        subs = list(pool.map(lambda t: t.submit(model_id=t.model["id"], dataset_id=t.data["id"],
+                                                budgets={"avg_weight_bits": 4}, w_bits=[2, 3, 4, 8],
+                                                sensitivity=FAST, solver={"method": "ilp"}), (a, b)))
+    for r in subs:
+        assert r.status_code == 202, r.text
+        assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+        assert r.json()["state"] == "queued"
+    jobs = {t.name: r.json()["id"] for t, r in zip((a, b), subs)}
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda t: t.wait(jobs[t.name]), (a, b)))
+    for job in done:
+        assert job["state"] == "succeeded", job
+        assert job["started_at"] and job["finished_at"] and job["progress"] == 1.0
+    for me, other in ((a, b), (b, a)):
+        plan = PlanFile.model_validate(me.http.get(f"/v1/jobs/{jobs[me.name]}/plan").json())
+        assert plan.cost.avg_weight_bits <= 4 + 1e-9 and plan.measured is not None
+        mine = {j["id"] for j in me.http.get("/v1/jobs").json()["items"]}
+        assert jobs[me.name] in mine and jobs[other.name] not in mine
+        for path in (f"/v1/jobs/{jobs[other.name]}", f"/v1/jobs/{jobs[other.name]}/plan",
+                     f"/v1/jobs/{jobs[other.name]}/frontier", f"/v1/models/{other.model['id']}",
+                     f"/v1/datasets/{other.data['id']}"):
+            r = me.http.get(path)
+            assert r.status_code == 404, (path, r.text)
+            assert r.json()["error"]["code"] == "not_found"
+        assert me.http.delete(f"/v1/jobs/{jobs[other.name]}").status_code == 404
+        r = me.submit(model_id=other.model["id"], budgets={"avg_weight_bits": 4})
+        assert r.status_code == 404 and "model" in r.json()["error"]["message"]
+        r = me.submit(model_id=me.model["id"], dataset_id=other.data["id"], budgets={"avg_weight_bits": 4})
+        assert r.status_code == 404
+    csv = a.http.get(f"/v1/jobs/{jobs['vision']}/plan", params={"format": "csv"})
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert csv.text.splitlines()[0] == "name,kind,params,macs,w_bits,a_bits,sensitivity" and len(csv.text.splitlines()) == 6
+
+
+def test_cache_reuse_skips_the_sensitivity_work(teams):
+    a, _ = teams
+    body = {"model_id": a.model["id"], "dataset_id": a.data["id"], "w_bits": [2, 3, 4, 8],
+            "sensitivity": {"method": "fisher", "params": {"max_samples": 128}}}
+    first = a.wait(a.submit(**body, budgets={"avg_weight_bits": 4}).json()["id"])
+    second = a.wait(a.submit(**body, budgets={"avg_weight_bits": 3}, solver={"method": "greedy"}).json()["id"])
+    assert first["state"] == second["state"] == "succeeded"
+    assert first["cache_hit"] is False and second["cache_hit"] is True
+    p1 = a.http.get(f"/v1/jobs/{first['id']}/plan").json()
+    p2 = a.http.get(f"/v1/jobs/{second['id']}/plan").json()
+    assert p2["sensitivity"] == p1["sensitivity"]  # the very same table: same seconds, same notes
+    assert p2["timings"]["sensitivity"] < 0.2 * p1["timings"]["sensitivity"] + 0.05
+    assert p2["cost"]["avg_weight_bits"] <= 3 + 1e-9
+
+
+def test_sharded_over_two_workers_gives_the_same_plan(teams):
+    a, _ = teams
+    body = {"model_id": a.model["id"], "dataset_id": a.data["id"], "budgets": {"avg_weight_bits": 3.5},
+            "w_bits": [2, 3, 4, 8], "reuse_sensitivity": False,
+            "sensitivity": {"method": "perturbation", "params": {"max_samples": 128}}}
+    split = a.wait(a.submit(**body, shards=2).json()["id"])
+    whole = a.wait(a.submit(**body, shards=1).json()["id"])
+    assert split["state"] == whole["state"] == "succeeded", (split, whole)
+    ps = a.http.get(f"/v1/jobs/{split['id']}/plan").json()
+    pw = a.http.get(f"/v1/jobs/{whole['id']}/plan").json()
+    assert [(x["name"], x["w_bits"]) for x in ps["layers"]] == [(x["name"], x["w_bits"]) for x in pw["layers"]]
+    assert [x["sensitivity"] for x in ps["layers"]] == [x["sensitivity"] for x in pw["layers"]]
+    note = next(n for n in ps["sensitivity"]["notes"] if n.startswith("computed in 2 shards"))
+    assert len(note.split("worker(s) ")[1].split(", ")) == 2, note  # both worker processes took a shard
+
+
+def test_cancel_running_and_queued_jobs(teams):
+    a, _ = teams
+    slow = {"model_id": a.model["id"], "dataset_id": a.data["id"], "budgets": {"avg_weight_bits": 4},
+            "reuse_sensitivity": False,
+            "sensitivity": {"method": "hessian_trace", "params": {"max_probes": 10000, "min_probes": 10000, "tol": 1e-6,
+                                                                  "probes_per_pass": 1}}}
+    running = [a.submit(**slow).json()["id"] for _ in range(2)]  # two workers: both start
+    queued = a.submit(**slow).json()["id"]
+    for job_id in running:
+        a.wait(job_id, until=("running",), timeout=120)
+    assert a.http.get(f"/v1/jobs/{queued}").json()["state"] == "queued"
+    for job_id in [queued, *running]:
+        r = a.http.delete(f"/v1/jobs/{job_id}")
+        assert r.status_code == 202 and r.json()["state"] == "cancelled"
+    assert a.http.delete(f"/v1/jobs/{queued}").status_code == 409
+    # the workers drop the cancelled work and are free again: a short job runs to the end
+    quick = a.submit(model_id=a.model["id"], dataset_id=a.data["id"], budgets={"avg_weight_bits": 4},
+                     sensitivity={"method": "fisher", "params": {"max_samples": 64}}).json()["id"]
+    assert a.wait(quick, timeout=240)["state"] == "succeeded"
+    for job_id in [queued, *running]:
+        job = a.http.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "cancelled" and job["error"]["message"] == "cancelled by the user"
+
+
+def test_errors_say_what_to_do(stack, teams):
+    a, _ = teams
+    assert httpx.get(stack.url + "/v1/jobs").status_code == 401
+    bad = httpx.get(stack.url + "/v1/jobs", headers={"Authorization": "Bearer bp_nope"})
+    assert bad.status_code == 401 and "keys create" in bad.json()["error"]["hint"]
+    r = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 4}, sensitivity={"method": "hessian"})
+    assert r.status_code == 422 and "hessian_trace" in r.json()["error"]["hint"] and "fisher" in r.json()["error"]["hint"]
+    r = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 4}, solver={"method": "annealing"})
+    assert r.status_code == 422 and "ilp" in r.json()["error"]["hint"]
+    r = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 1.5}, w_bits=[2, 4])
+    assert r.status_code == 422 and r.json()["error"]["code"] == "infeasible"
+    assert r.json()["error"]["minimums"] == {"avg_weight_bits": 2.0}
+    r = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": -1})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["loc"].startswith("budgets")
+    r = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 4}, pins={"conv9": 8})
+    assert r.status_code == 422 and "conv9" in r.json()["error"]["message"]
+    r = a.http.post("/v1/models", files={"file": ("evil.pt", b"\x80\x04\x95" + b"\x00" * 64)})
+    assert r.status_code == 422 and r.json()["error"]["message"]
+    methods = httpx.get(stack.url + "/v1/methods").json()
+    assert {m["name"] for m in methods["sensitivity"]} >= {"hessian_trace", "perturbation", "lrp"}
+    assert {m["name"] for m in methods["solvers"]} >= {"ilp", "pareto", "greedy"}
+
+
+def test_callback_and_pagination(teams):
+    a, _ = teams
+    got: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        job = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 4}, callback_url=url,
+                       sensitivity={"method": "fisher", "params": {"max_samples": 32}}).json()
+        assert job["dataset_id"] == "synthetic"
+        done = a.wait(job["id"])
+        assert done["state"] == "succeeded", done
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert got and got[0]["id"] == job["id"] and got[0]["state"] == "succeeded"
+    finally:
+        server.shutdown()
+    page = a.http.get("/v1/jobs", params={"limit": 2}).json()
+    assert len(page["items"]) == 2 and page["total"] > 2 and page["next"]
+    rest = a.http.get(page["next"]).json()
+    assert rest["offset"] == 2 and not {j["id"] for j in rest["items"]} & {j["id"] for j in page["items"]}
+    assert all(j["state"] == "succeeded" for j in a.http.get("/v1/jobs", params={"state": "succeeded"}).json()["items"])
+
+
+def test_cli_client_verbs(stack, teams, digits_files, tmp_path):
+    a, _ = teams
+    auth = ["--url", stack.url, "--key", a.key]
+    sub = run_cli("submit", str(digits_files["pt2"]), "--data", str(digits_files["calib"]), "--budget", "avg_weight_bits=3",
+                  "--wbits", "2,3,4,8", "--sensitivity", "fisher", "--param", "max_samples=64", *auth)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip()
+    assert job_id.startswith("j_")
+    out = tmp_path / "plan.json"
+    waited = run_cli("wait", job_id, "--out", str(out), *auth)
+    assert waited.returncode == 0, waited.stderr
+    assert PlanFile.model_validate_json(out.read_text()).cost.avg_weight_bits <= 3 + 1e-9
+    status = run_cli("status", job_id, *auth)
+    assert status.returncode == 0 and "succeeded" in status.stdout
+    csv = run_cli("fetch", job_id, "--format", "csv", *auth)
+    assert csv.stdout.startswith("name,kind,params")
+    denied = run_cli("status", job_id, "--url", stack.url, "--key", "bp_wrong")
+    assert denied.returncode == 2 and "not valid" in denied.stderr

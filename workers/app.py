@@ -1,0 +1,65 @@
+"""The Celery app shared by the API (which enqueues) and the workers (which run).
+
+Jobs are acknowledged late and redelivered if a worker dies, so a job step must be
+safe to run twice (``workers.jobs`` checks the job's state before working).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+from celery import Celery
+
+from bitplan.settings import Settings, load_settings
+
+app = Celery("bitplan", include=["workers.tasks"])
+_settings: Settings | None = None
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """Point the app at the broker and result backend of ``settings`` (default: the environment)."""
+    global _settings
+    _settings = settings or load_settings()
+    app.conf.update(
+        broker_url=_settings.broker_url,
+        result_backend=_settings.result_backend,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 6 * 3600},
+        result_expires=24 * 3600,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    runtime.cache_clear()
+    return app
+
+
+def settings() -> Settings:
+    return _settings if _settings is not None else configure() and _settings  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=1)
+def runtime():
+    """The database and blob store of the configured settings (one per process)."""
+    from storage import BlobStore, Database
+
+    s = settings()
+    return Database(s.database_url), BlobStore(s.data_dir)
+
+
+def start_in_process_worker(concurrency: int = 1) -> threading.Thread:
+    """Run a worker in a thread of this process (the embedded default: memory broker, no Redis)."""
+    worker = app.WorkController(
+        app=app, concurrency=concurrency, pool_cls="solo" if concurrency == 1 else "threads",
+        hostname="embedded@localhost", loglevel="WARNING", without_heartbeat=True, without_mingle=True,
+        without_gossip=True,
+    )
+    thread = threading.Thread(target=worker.start, name="bitplan-worker", daemon=True)
+    thread.start()
+    return thread
