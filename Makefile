@@ -1,4 +1,4 @@
-# Two entry points (see README): `make demo` and `make test`. Both set up .venv first,
+# Two entry points (see README): `make serve` and `make test` (`make demo` plans two models from the CLI). Both set up .venv first,
 # and skip that step when nothing changed (the stamp names pyproject.toml's hash).
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-$(shell sha256sum pyproject.toml Makefile | sha256sum |
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-fast clean
+.PHONY: install serve demo test test-fast clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps "zennit==0.5.1"
 	rm -f $(VENV)/.stamp-*
 	touch $@
+
+# The service with the embedded default: SQLite and an in-process worker, no Redis or PostgreSQL.
+# BITPLAN_* variables (README, "Configuration") switch it to a distributed deployment.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: install
+	$(BIN)/bitplan serve --host $(HOST) --port $(PORT)
 
 demo: install
 	$(BIN)/bitplan plan catalog:digits_cnn --budget avg_weight_bits=3 --out plan-digits.json
