@@ -1,4 +1,5 @@
-"""``bitplan`` command line: plan, inspect, solve, catalog.
+"""``bitplan`` command line: plan, inspect, solve, catalog; and, against a running server
+(``bitplan/client.py``): submit, status, wait, fetch, cancel.
 
 Every user error ends with one line ``bitplan: error: ...`` and exit code 2;
 tracebacks are for bugs.
@@ -10,11 +11,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from bitplan.errors import BitplanError
 from bitplan.files import write_atomic
+
+if TYPE_CHECKING:
+    from bitplan.client import Client
 
 EXIT_USER_ERROR = 2
 
@@ -127,42 +132,24 @@ def _summary(plan) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bitplan.core.data import conform
-    from bitplan.core.evaluate import measure_macs
-    from bitplan.core.loading import load_model
-    from bitplan.core.pipeline import resolve_data
+    from bitplan.core.describe import describe_model
 
-    data = None
-    if args.data or args.model.startswith("catalog:"):
-        data = resolve_data(args.model, args.data, "calib")
-    model = load_model(args.model, sample=data)
-    batch = None
-    if data is not None:
-        data = conform(data, model.inputs)
-        batch = data.slice(0, min(4, len(data)))
-    elif model.example is not None:
-        batch = model.example
-    macs = measure_macs(model, batch) if batch is not None else {}
-    rows = [
-        {"name": g.name, "kind": g.kind, "params": model.weight(g).numel(), "out_channels": model.weight(g).shape[0],
-         "macs": macs.get(g.name)}
-        for g in model.layers
-    ]
+    desc = describe_model(args.model, args.data)
     if args.json:
-        print(json.dumps({"model": model.info.model_dump(), "inputs": [s.model_dump() for s in model.inputs],
-                          "layers": rows, "other_bytes": model.fixed_bytes()}, indent=2))
+        print(json.dumps(desc, indent=2))
         return 0
-    print(f"{model.info.name} ({model.info.format}), sha256 {model.info.sha256[:16]}…")
-    print("inputs: " + ", ".join(f"{s.name} {tuple('N' if d is None else d for d in s.shape)} {s.dtype}"
-                                 for s in model.inputs))
+    rows = desc["layers"]
+    print(f"{desc['name']} ({desc['format']}), sha256 {desc['sha256'][:16]}…")
+    print("inputs: " + ", ".join(f"{s['name']} {tuple('N' if d is None else d for d in s['shape'])} {s['dtype']}"
+                                 for s in desc["inputs"]))
     width = max(len(r["name"]) for r in rows)
     print(f"{'layer':<{width}}  kind     {'params':>10} {'out_ch':>7} {'MACs/sample':>13}")
     for r in rows:
         mac = "?" if r["macs"] is None else f"{r['macs']:,}"
         print(f"{r['name']:<{width}}  {r['kind']:<7} {r['params']:>10,} {r['out_channels']:>7} {mac:>13}")
     total = sum(r["params"] for r in rows)
-    print(f"{len(rows)} quantizable layers, {total:,} weights; other tensors {model.fixed_bytes() / 1e3:.1f} kB")
-    if not macs:
+    print(f"{len(rows)} quantizable layers, {total:,} weights; other tensors {desc['other_bytes'] / 1e3:.1f} kB")
+    if all(r["macs"] is None for r in rows):
         print("(MACs need inputs: pass --data FILE)")
     return 0
 
@@ -260,6 +247,157 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- client verbs: talk to a running `bitplan serve` over HTTP (bitplan/client.py) -----------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """The one place the client verbs build a Client (tests replace it): --url/--key over BITPLAN_URL/BITPLAN_API_KEY."""
+    from bitplan.client import Client
+    from bitplan.settings import load_settings
+
+    settings = load_settings(url=args.url, api_key=args.key)
+    return Client(settings.url, settings.api_key)
+
+
+def _dataset_ref(client: Client, value: str | None) -> str | None:
+    """--data/--eval-data: ``synthetic``, an already uploaded ``d_...`` id, or a file uploaded now."""
+    if value is None or value == "synthetic" or (value.startswith("d_") and not Path(value).exists()):
+        return value
+    return client.upload_dataset(value)["id"]
+
+
+def _model_ref(client: Client, value: str, dataset_id: str) -> str:
+    """MODEL: an already uploaded ``m_...`` id or a file uploaded now (TorchScript gets the data to trace it with)."""
+    if value.startswith("catalog:"):
+        name = value.removeprefix("catalog:")
+        raise BitplanError(f"the server does not know catalog models by name ('{value}')",
+                           f"export it first: bitplan catalog export {name} --out DIR, then submit DIR/{name}.pt2")
+    if value.startswith("m_") and not Path(value).exists():
+        return value
+    trace_with = dataset_id if dataset_id != "synthetic" and Path(value).suffix != ".pt2" else None
+    return client.upload_model(value, dataset_id=trace_with)["id"]
+
+
+def _method_field(name: str | None, params: list[str], default: str) -> dict | None:
+    """{"method", "params"} when the user chose a method or parameters; None leaves the server's default."""
+    if name is None and not params:
+        return None
+    return {"method": name or default, "params": _parse_params(params)}
+
+
+def _job_fields(args: argparse.Namespace) -> dict:
+    """The optional POST /v1/jobs keys from the flags; parsed before any upload so a typo fails fast."""
+    from bitplan.costs import load_latency_table
+
+    return {
+        "w_bits": _parse_bits(args.wbits) if args.wbits else None,
+        "a_bits": _parse_bits(args.abits) if args.abits else None,
+        "pins": _parse_pins(args.pin) or None,
+        "sensitivity": _method_field(args.sensitivity, args.param, "hessian_trace"),
+        "solver": _method_field(args.solver, args.solver_param, "ilp"),
+        "clip": args.clip,
+        "seed": args.seed,
+        "validate": False if args.no_validate else None,
+        "shards": args.shards,
+        "callback_url": args.callback_url,
+        "latency_table": load_latency_table(args.latency_table) if args.latency_table else None,
+    }
+
+
+def _job_line(job: dict) -> str:
+    """``JOB state stage progress%`` (what a script can `read`), plus the error of a failed job."""
+    line = f"{job['id']} {job.get('state')} {job.get('stage')} {float(job.get('progress') or 0.0) * 100:.0f}%"
+    error = job.get("error")
+    if job.get("state") == "failed" and isinstance(error, dict):
+        line += ": " + BitplanError(error.get("message") or "failed", error.get("hint")).one_line()
+    return line
+
+
+def _report_end(client: Client, job: dict, out: str | None) -> int:
+    """After a wait: the plan summary (and --out) on success; the reason and exit 1 otherwise."""
+    from bitplan.schemas import PlanFile
+
+    if job.get("state") == "failed":
+        error = job.get("error") or {}
+        reason = BitplanError(error.get("message") or "no reason given", error.get("hint")).one_line()
+        print(f"bitplan: job {job['id']} failed: {reason}", file=sys.stderr)
+        return 1
+    if job.get("state") != "succeeded":
+        print(f"bitplan: job {job['id']} was {job.get('state')}", file=sys.stderr)
+        return 1
+    data = client.plan(job["id"])
+    if out:
+        write_atomic(Path(out), json.dumps(data, indent=2) + "\n")
+    try:
+        plan = PlanFile.model_validate(data)
+    except ValidationError as exc:
+        raise BitplanError(f"the server's plan is not a bitplan.plan/v1 this client reads: {_validation_message(exc)}",
+                           "upgrade bitplan on this machine" + (f"; the plan JSON is in {out}" if out else "")) from None
+    print(_summary(plan))
+    if out:
+        print(f"plan written to {out}")
+    return 0
+
+
+def _wait_and_report(client: Client, job_id: str, args: argparse.Namespace) -> int:
+    from bitplan.progress import StderrProgress
+
+    progress = StderrProgress(enabled=None if not args.progress else True)
+    try:
+        job = client.wait(job_id, progress=progress, timeout=args.timeout)
+    finally:
+        progress.close()
+    return _report_end(client, job, args.out)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from bitplan.schemas import Budget
+
+    budgets = Budget.parse_items(args.budget).limits()
+    fields = _job_fields(args)
+    with _client(args) as client:
+        dataset_id = _dataset_ref(client, args.data) or "synthetic"
+        eval_dataset_id = _dataset_ref(client, args.eval_data)
+        model_id = _model_ref(client, args.model, dataset_id)
+        job = client.submit(model_id, budgets, dataset_id, eval_dataset_id=eval_dataset_id,
+                            idempotency_key=args.idempotency_key, **fields)
+        if not args.wait:
+            print(job["id"])  # alone on stdout: JOB=$(bitplan submit ...)
+            return 0
+        print(f"submitted job {job['id']}", file=sys.stderr)
+        return _wait_and_report(client, job["id"], args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job)
+    print(json.dumps(job, indent=2) if args.json else _job_line(job))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _wait_and_report(client, args.job, args)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        plan = client.plan(args.job, format=args.format)
+    text = plan if isinstance(plan, str) else json.dumps(plan, indent=2) + "\n"
+    if args.out:
+        write_atomic(Path(args.out), text)
+        print(f"plan written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(_job_line(client.cancel(args.job)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bitplan import __version__
 
@@ -322,6 +460,62 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name")
     e.add_argument("--out", default=".")
     p.set_defaults(func=cmd_catalog)
+
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", help="bitplan server (default: $BITPLAN_URL, else http://127.0.0.1:8000)")
+    conn.add_argument("--key", help="API key (default: $BITPLAN_API_KEY, else the local key of `bitplan serve`)")
+
+    p = sub.add_parser("submit", parents=[conn], help="upload a model (and data) to the server and start a planning job")
+    p.add_argument("model", help="model.pt2 or TorchScript file to upload, or the id (m_...) of an uploaded model")
+    p.add_argument("--data", default="synthetic", help="calibration .npz/.safetensors to upload, a dataset id (d_...), "
+                   "or 'synthetic' (the default: random inputs shaped like the model's)")
+    p.add_argument("--eval-data", help="held-out data (file or d_... id) for the measured figures")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="avg_weight_bits, size_bytes, bops or latency_ms; repeatable")
+    p.add_argument("--wbits", help="allowed weight bit widths, e.g. 2,3,4,8 (default: the server's)")
+    p.add_argument("--abits", help="activation bit widths, e.g. 16")
+    p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
+    p.add_argument("--sensitivity", help="sensitivity method (default: hessian_trace)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
+    p.add_argument("--solver", help="ilp, pareto, evolutionary, greedy or uniform (default: ilp)")
+    p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE", help="solver parameter")
+    p.add_argument("--clip", choices=["mse", "minmax"], help="weight clipping (default: mse)")
+    p.add_argument("--latency-table", help="JSON {layer: {bits: ms}} for a latency_ms budget")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-validate", action="store_true", help="skip measuring the plan")
+    p.add_argument("--shards", type=int, help="split a shardable sensitivity method over this many workers")
+    p.add_argument("--callback-url", help="the server POSTs the job JSON here when the job ends")
+    p.add_argument("--idempotency-key", help="a retried submit with the same key returns the first job")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print the plan summary (like `bitplan wait`)")
+    p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
+    p.add_argument("--progress", action="store_true", help="with --wait: draw progress bars even when stderr is not a terminal")
+    p.add_argument("--out", help="with --wait: write the plan file (JSON)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", parents=[conn], help="one line per job: JOB state stage progress%%")
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true", help="print the whole job JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("wait", parents=[conn], help="wait for a job to end and print its plan summary (exit 1 if it failed)")
+    p.add_argument("job")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds (the job keeps running)")
+    p.add_argument("--out", help="write the plan file (JSON)")
+    p.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("fetch", parents=[conn], help="download a finished job's plan (JSON or one CSV row per layer)")
+    p.add_argument("job")
+    p.add_argument("--format", default="json", choices=["json", "csv"])
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("cancel", parents=[conn], help="cancel a queued or running job")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_cancel)
+    from bitplan.cli_service import add_commands
+
+    add_commands(sub)
     return parser
 
 
