@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bitplan.errors import BitplanError
+from bitplan.schemas import SensitivityLayer, SensitivityTable
 
 
 class HessianTraceParams(BaseModel):
@@ -95,6 +96,9 @@ class MethodInfo:
     summary: str
     params: type[BaseModel]
     impl: str  # "module:function", called as function(context, params) -> SensitivityTable
+    # True when a layer's scores do not depend on which other layers are scored, so the layers can be
+    # split over workers (SensitivityContext.only) and the shards merged into exactly the one-run table.
+    shardable: bool = False
 
     def load(self):
         module, _, attr = self.impl.partition(":")
@@ -113,6 +117,7 @@ METHODS: dict[str, MethodInfo] = {
         "HAWQ: Omega = lambda_max(H) x ||Q_b(W) - W||^2, top eigenvalue per layer by power iteration",
         HessianEigenParams,
         "bitplan.core.sensitivity.hessian_eigen:hessian_eigen",
+        shardable=True,  # each layer iterates alone, from a start vector drawn from (seed, layer index)
     ),
     "fisher": MethodInfo(
         "fisher",
@@ -137,6 +142,7 @@ METHODS: dict[str, MethodInfo] = {
         "ZeroQ/AIMET: measured loss increase with one layer quantized at a time (costly, closest to the truth)",
         PerturbationParams,
         "bitplan.core.sensitivity.perturbation:perturbation",
+        shardable=True,  # each layer's loss increase is measured with that layer alone quantized
     ),
 }
 
@@ -154,3 +160,60 @@ def parse_params(info: MethodInfo, raw: dict) -> BaseModel:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise BitplanError(f"bad parameters for {info.name}: {problems}", f"see the fields of {info.params.__name__}") from None
+
+
+def shardable_methods() -> list[str]:
+    return [name for name, info in METHODS.items() if info.shardable]
+
+
+def shard_layers(names: list[str], shards: int) -> list[list[str]]:
+    """Split ``names`` into at most ``shards`` contiguous blocks whose sizes differ by at most one.
+
+    Contiguous, so each shard's table is already in model order; never an empty block, because a
+    worker with nothing to score would still pay for loading the model.
+    """
+    if shards < 1:
+        raise BitplanError(f"shards must be at least 1, not {shards}")
+    count = min(shards, len(names))
+    size, extra = divmod(len(names), count) if count else (0, 0)
+    blocks, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        blocks.append(list(names[start:end]))
+        start = end
+    return blocks
+
+
+def merge_shards(tables: list[SensitivityTable], order: list[str]) -> SensitivityTable:
+    """Join the tables of layer shards into the table one run over every layer would have given.
+
+    Layers come out in ``order`` (the model's); seconds add up (the work done, not the wall time);
+    notes are kept once each, in order of first appearance. Shards must come from one run: the same
+    method and parameters, and every layer of ``order`` scored exactly once.
+    """
+    if not tables:
+        raise BitplanError("no sensitivity shards to merge")
+    first = tables[0]
+    for t in tables[1:]:
+        if t.method != first.method or t.params != first.params:
+            raise BitplanError(f"sensitivity shards disagree: {first.method} {first.params} vs {t.method} {t.params}",
+                               "merge only the shards of one run")
+    if len(set(order)) != len(order):
+        raise BitplanError("the layer order given to merge_shards names a layer twice")
+    by_name: dict[str, SensitivityLayer] = {}
+    for t in tables:
+        for layer in t.layers:
+            if layer.name in by_name:
+                raise BitplanError(f"layer '{layer.name}' is scored by more than one sensitivity shard",
+                                   "split the layers with shard_layers")
+            by_name[layer.name] = layer
+    missing = [name for name in order if name not in by_name]
+    if missing:
+        raise BitplanError(f"no sensitivity shard scored the layer(s) {missing}", "every layer must be in exactly one shard")
+    unknown = sorted(set(by_name) - set(order))
+    if unknown:
+        raise BitplanError(f"sensitivity shards scored layer(s) {unknown} that are not in the model's order",
+                           "merge with the model's own layer names")
+    notes = list(dict.fromkeys(note for t in tables for note in t.notes))
+    return SensitivityTable(method=first.method, params=first.params, seconds=sum(t.seconds for t in tables),
+                            layers=[by_name[name] for name in order], notes=notes)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitplan.core.data import Dataset
+from bitplan.core.graph import GraphLayer
 from bitplan.core.loading import LoadedModel
 from bitplan.core.quant import WeightBank
-from bitplan.methods import get_method, parse_params
+from bitplan.errors import BitplanError
+from bitplan.methods import get_method, parse_params, shardable_methods
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import SensitivityTable
 
@@ -21,8 +23,29 @@ class SensitivityContext:
     bank: WeightBank
     seed: int = 0
     progress: ProgressFn = no_progress
+    only: frozenset[str] | None = None  # layer names to score (one shard of the work); None = every layer
+
+    def scored_layers(self) -> list[GraphLayer]:
+        """The layers this run scores, in model order."""
+        return [g for g in self.model.layers if self.only is None or g.name in self.only]
 
 
 def run_sensitivity(name: str, params: dict, ctx: SensitivityContext) -> SensitivityTable:
     info = get_method(name)
-    return info.load()(ctx, parse_params(info, params))
+    parsed = parse_params(info, params)
+    if ctx.only is not None:
+        _check_shard(info.name, info.shardable, ctx)
+    return info.load()(ctx, parsed)
+
+
+def _check_shard(method: str, shardable: bool, ctx: SensitivityContext) -> None:
+    """Refuse a layer subset that would not reproduce the one-run scores, or names no layer of the model."""
+    if not shardable:
+        raise BitplanError(f"{method} scores all layers jointly, so it cannot score a subset of them",
+                           "methods that can be split by layer: " + ", ".join(shardable_methods()))
+    names = [g.name for g in ctx.model.layers]
+    unknown = sorted(ctx.only - set(names))
+    if unknown:
+        raise BitplanError(f"layer(s) {unknown} are not in the model", "layers: " + ", ".join(names))
+    if not ctx.only:
+        raise BitplanError("the layer subset to score is empty", "give at least one layer, or None for all")

@@ -51,10 +51,11 @@ class Clock:
 def table(method: str, params, ctx: SensitivityContext, clock: Clock, stats: dict[str, float],
           omega: dict[str, dict[int, float]], notes: list[str], detail: dict[str, dict[str, float]] | None = None,
           omega_act: dict[str, dict[int, float]] | None = None) -> SensitivityTable:
+    """The method's table over the layers it scored (every layer, or the shard in ``ctx.only``), in model order."""
     layers = [
         SensitivityLayer(name=g.name, stat=stats[g.name], omega=omega[g.name],
                          omega_act=(omega_act or {}).get(g.name, {}), detail=(detail or {}).get(g.name, {}))
-        for g in ctx.model.layers
+        for g in ctx.scored_layers()
     ]
     return SensitivityTable(method=method, params=params.model_dump() | {"seed": ctx.seed}, seconds=clock.seconds(),
                             layers=layers, notes=notes)

@@ -75,6 +75,19 @@ class HessianOracle(contextlib.AbstractContextManager):
         out = self._retry(lambda: self._accumulate(probes, block=True))
         return [o[key] for o, (key, _) in zip(out, requests)]
 
+    def settle(self, keys: list[str]) -> None:
+        """Fall back now exactly as block products over ``keys`` would, at the cost of one batch.
+
+        A block product meets an op without a second derivative only when the op lies on that
+        layer's path, so a subset of the layers could stay exact where a run over all of them fell
+        back; settling on every layer first makes a layer shard compute the way the full run does.
+        """
+        if not self.batches:
+            return
+        probes = [{k: torch.ones_like(self.weights[k])} for k in keys]
+        batch, ref = self.batches[0], self.refs[0]
+        self._retry(lambda: None if self.mode == "finite_difference" else self._exact(batch, ref, probes, block=True))
+
     # --- machinery -------------------------------------------------------------------------------
 
     def _retry(self, compute):

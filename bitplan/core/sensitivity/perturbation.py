@@ -24,7 +24,7 @@ def perturbation(ctx: SensitivityContext, params: PerturbationParams) -> Sensiti
         return sum(float(loss_of(ctx, b, r, overrides)) * b.size for b, r in zip(batches, refs)) / n
 
     base = loss()
-    layers = ctx.model.layers
+    layers = ctx.scored_layers()  # each layer is measured alone, so a shard's scores equal the one-run ones
     bits = [b for b in ctx.w_bits if b < 16]
     stats, omega = {}, {}
     done, total = 0, len(layers) * max(len(bits), 1)
