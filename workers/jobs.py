@@ -197,6 +197,8 @@ def run_job(job_id: str, table: SensitivityTable | None = None, dispatch_shards=
             return "sharded"
 
         def sensitivity(prep, ctx):
+            if table is None and spec.shards > 1:
+                ctx.progress("sensitivity", 0.0, f"shards={spec.shards} run as one: this deployment has one worker")
             if table is not None:
                 ctx.progress("sensitivity", 1.0, "reused a cached table" if hit is not None else "merged shards")
                 return table

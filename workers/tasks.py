@@ -16,7 +16,10 @@ from workers.app import app
 def run_job(job_id: str) -> str:
     from workers import jobs
 
-    return jobs.run_job(job_id, dispatch_shards=_dispatch_shards)
+    # The embedded default has one in-process worker: shards would only queue behind each other there.
+    from workers.app import settings
+
+    return jobs.run_job(job_id, dispatch_shards=None if settings().embedded else _dispatch_shards)
 
 
 @app.task(name="bitplan.sensitivity_shard")

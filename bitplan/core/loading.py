@@ -167,7 +167,8 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
     if kind == "pt2":
         _refuse_pickled_payloads(path)
         try:
-            program = torch.export.load(str(path))
+            with open(path, "rb") as f:  # a file object: the service stores uploads without a suffix
+                program = torch.export.load(f)
         except Exception as exc:  # torch raises many types for a bad archive
             raise ModelFormatError(f"{path.name} could not be read as a torch.export program ({exc})", SEND_INSTEAD) from None
         loaded = _finish(program.module(), info, positional=False)
