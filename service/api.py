@@ -93,7 +93,13 @@ def upload_model(request: Request, response: Response, team: TeamDep, file: Anno
             if dataset_id:
                 data_path = blobs_of(request).path(owned(s, DatasetFile, dataset_id, team, "dataset").sha256)
         name = _file_name(file, "model.pt2")
-        desc = describe("model", staged.tmp, name, data_path)
+        try:
+            desc = describe("model", staged.tmp, name, data_path)
+        except ApiError as exc:
+            if "TorchScript" in exc.message and data_path is None:
+                exc.hint = ("upload calibration data first (POST /v1/datasets) and send its id in the form field "
+                            "dataset_id with the model, or send a torch.export (.pt2) archive")
+            raise
         staged.commit()
         staged = None
         row = ModelFile(team_id=team.id, sha256=desc["sha256"], name=name, format=desc["format"],

@@ -62,6 +62,16 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
 
     app.state.revoke = revoke
     errors.install(app)
+
+    @app.middleware("http")
+    async def refuse_oversized_uploads(request, call_next):
+        """Answer 413 from the declared length, before the body is read and spooled to disk."""
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and int(length) > settings.max_upload_bytes + (1 << 20):
+            return errors.error_response(413, "too_large", f"upload is larger than the limit of "
+                                         f"{settings.max_upload_bytes / 1e6:g} MB",
+                                         "split the data, or ask the operator to raise BITPLAN_MAX_UPLOAD_MB")
+        return await call_next(request)
     app.include_router(router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
