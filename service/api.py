@@ -148,10 +148,14 @@ def _insert_unique(db: Database, row, cls, team: Team, response: Response, view)
             return view(existing)
 
 
+def _listing(s: Session, cls, team: Team, view) -> dict:
+    rows = s.scalars(select(cls).where(cls.team_id == team.id).order_by(cls.created_at.desc())).all()
+    return {"items": [view(r) for r in rows]}
+
+
 @router.get("/models", summary="The team's models")
 def list_models(team: TeamDep, s: SessionDep):
-    rows = s.scalars(select(ModelFile).where(ModelFile.team_id == team.id).order_by(ModelFile.created_at.desc())).all()
-    return {"items": [model_dict(r) for r in rows]}
+    return _listing(s, ModelFile, team, model_dict)
 
 
 @router.get("/models/{model_id}", summary="One model with its layer table")
@@ -161,8 +165,7 @@ def get_model(model_id: str, team: TeamDep, s: SessionDep):
 
 @router.get("/datasets", summary="The team's datasets")
 def list_datasets(team: TeamDep, s: SessionDep):
-    rows = s.scalars(select(DatasetFile).where(DatasetFile.team_id == team.id).order_by(DatasetFile.created_at.desc())).all()
-    return {"items": [dataset_dict(r) for r in rows]}
+    return _listing(s, DatasetFile, team, dataset_dict)
 
 
 @router.get("/datasets/{dataset_id}", summary="One dataset")

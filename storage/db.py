@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.models import ApiKey, Team, utcnow
 
 KEY_PREFIX = "bp_"
+KEY_CACHE_S = 5.0
 
 
 class Unavailable(RuntimeError):
@@ -41,6 +43,7 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._key_cache: dict[str, tuple[Team | None, float]] = {}
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -94,6 +97,20 @@ class Database:
         return key
 
     def team_for_key(self, key: str) -> Team | None:
+        """The key's team. Answers are cached for KEY_CACHE_S seconds (a poll costs one query, not two);
+        a revoked key therefore stops working within that time in processes that saw it before."""
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._key_cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        team = self._lookup_key(key)
+        if len(self._key_cache) > 10_000:
+            self._key_cache.clear()
+        self._key_cache[digest] = (team, now + KEY_CACHE_S)
+        return team
+
+    def _lookup_key(self, key: str) -> Team | None:
         with self.session() as s:
             row = s.execute(
                 select(Team).join(ApiKey, ApiKey.team_id == Team.id)
@@ -111,7 +128,8 @@ class Database:
             if row is None:
                 return False
             row.revoked_at = utcnow()
-            return True
+        self._key_cache.pop(hash_key(key), None)
+        return True
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

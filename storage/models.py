@@ -44,33 +44,33 @@ class ApiKey(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
-class ModelFile(Base):
+class _Upload:
+    """Columns every uploaded file has: its team, content hash, name as uploaded, size, and what reading it found."""
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelFile(_Upload, Base):
     """An uploaded model, one row per (team, content): a re-upload finds the same row."""
 
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("team_id", "sha256", name="uq_models_team_sha256"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("m"))
-    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    name: Mapped[str] = mapped_column(String(300))
     format: Mapped[str] = mapped_column(String(20))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[dict] = mapped_column(JSON, doc="inputs, layers and other_bytes as measured on upload")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class DatasetFile(Base):
+class DatasetFile(_Upload, Base):
     __tablename__ = "datasets"
     __table_args__ = (UniqueConstraint("team_id", "sha256", name="uq_datasets_team_sha256"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("d"))
-    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    name: Mapped[str] = mapped_column(String(300))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[dict] = mapped_column(JSON, doc="samples, inputs and has_targets")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
