@@ -9,14 +9,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError
-from service.jobspec import JobCreate, check_against_model, check_methods
-from service.uploads import describe
-from storage import BlobStore, Database, TooLarge
-from storage.models import JOB_STATES, TERMINAL_STATES, DatasetFile, Job, ModelFile, Team, utcnow
+from service.jobspec import JobCreate
+from service.operations import cancel_job, create_job, owned, store_upload
+from storage import Database
+from storage.models import JOB_STATES, DatasetFile, Job, ModelFile, Team
 from storage.views import dataset_dict, job_dict, model_dict
 
 router = APIRouter(prefix="/v1")
@@ -24,10 +23,6 @@ router = APIRouter(prefix="/v1")
 
 def db_of(request: Request) -> Database:
     return request.app.state.db
-
-
-def blobs_of(request: Request) -> BlobStore:
-    return request.app.state.blobs
 
 
 def current_team(request: Request, authorization: Annotated[str | None, Header()] = None) -> Team:
@@ -54,98 +49,22 @@ def session(request: Request):
 SessionDep = Annotated[Session, Depends(session)]
 
 
-def owned(s: Session, cls, row_id: str, team: Team, what: str):
-    """The team's own row, else 404 (never 403: another team's ids must not be confirmed)."""
-    row = s.get(cls, row_id)
-    if row is None or row.team_id != team.id:
-        raise ApiError(404, f"no {what} '{row_id}' for this team", f"list yours with GET /v1/{what}s")
-    return row
-
-
 # --- uploads ----------------------------------------------------------------------------------------------
-
-
-def _stage(request: Request, file: UploadFile):
-    settings = request.app.state.settings
-    try:
-        return blobs_of(request).stage(file.file, settings.max_upload_bytes)
-    except TooLarge as exc:
-        raise ApiError(413, str(exc), "split the data, or ask the operator to raise BITPLAN_MAX_UPLOAD_MB") from None
-
-
-def _file_name(file: UploadFile, default: str) -> str:
-    name = (file.filename or default).replace("\\", "/").rsplit("/", 1)[-1][:200]
-    return name or default
 
 
 @router.post("/models", status_code=201, summary="Upload a model (.pt2 torch.export archive or TorchScript)")
 def upload_model(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()],
                  dataset_id: Annotated[str | None, Form(description="data to trace a TorchScript model with")] = None):
-    db = db_of(request)
-    staged = _stage(request, file)
-    try:
-        with db.session() as s:
-            existing = s.scalar(select(ModelFile).where(ModelFile.team_id == team.id, ModelFile.sha256 == staged.sha256))
-            if existing is not None:
-                response.status_code = 200
-                return model_dict(existing)
-            data_path = None
-            if dataset_id:
-                data_path = blobs_of(request).path(owned(s, DatasetFile, dataset_id, team, "dataset").sha256)
-        name = _file_name(file, "model.pt2")
-        try:
-            desc = describe("model", staged.tmp, name, data_path)
-        except ApiError as exc:
-            if "TorchScript" in exc.message and data_path is None:
-                exc.hint = ("upload calibration data first (POST /v1/datasets) and send its id in the form field "
-                            "dataset_id with the model, or send a torch.export (.pt2) archive")
-            raise
-        staged.commit()
-        staged = None
-        row = ModelFile(team_id=team.id, sha256=desc["sha256"], name=name, format=desc["format"],
-                        size_bytes=desc["size_bytes"],
-                        description={k: desc.get(k) for k in ("inputs", "layers", "other_bytes")})
-        return _insert_unique(db, row, ModelFile, team, response, model_dict)
-    finally:
-        if staged is not None:
-            staged.discard()
+    body, created = store_upload(request.app.state, team, "model", file.file, file.filename, dataset_id)
+    response.status_code = 201 if created else 200
+    return body
 
 
 @router.post("/datasets", status_code=201, summary="Upload calibration or evaluation data (.npz or .safetensors)")
 def upload_dataset(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()]):
-    db = db_of(request)
-    staged = _stage(request, file)
-    try:
-        with db.session() as s:
-            existing = s.scalar(select(DatasetFile).where(DatasetFile.team_id == team.id,
-                                                          DatasetFile.sha256 == staged.sha256))
-            if existing is not None:
-                response.status_code = 200
-                return dataset_dict(existing)
-        name = _file_name(file, "data.npz")
-        desc = describe("data", staged.tmp, name)
-        staged.commit()
-        staged = None
-        row = DatasetFile(team_id=team.id, sha256=desc["sha256"], name=name, size_bytes=desc["size_bytes"],
-                          description={k: desc.get(k) for k in ("samples", "has_targets", "inputs")})
-        return _insert_unique(db, row, DatasetFile, team, response, dataset_dict)
-    finally:
-        if staged is not None:
-            staged.discard()
-
-
-def _insert_unique(db: Database, row, cls, team: Team, response: Response, view):
-    """Insert; if the same team uploaded the same bytes concurrently, answer that row instead."""
-    try:
-        with db.session() as s:
-            s.add(row)
-            s.flush()
-            return view(row)
-    except IntegrityError:
-        with db.session() as s:
-            existing = s.scalar(select(cls).where(cls.team_id == team.id, cls.sha256 == row.sha256))
-            response.status_code = 200
-            return view(existing)
+    body, created = store_upload(request.app.state, team, "dataset", file.file, file.filename)
+    response.status_code = 201 if created else 200
+    return body
 
 
 def _listing(s: Session, cls, team: Team, view) -> dict:
@@ -179,28 +98,8 @@ def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep):
 @router.post("/jobs", status_code=202, summary="Submit a planning job")
 def submit_job(request: Request, body: JobCreate, team: TeamDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
-    db = db_of(request)
-    normalised = check_methods(body)
-    with db.session() as s:
-        if idempotency_key:
-            earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
-            if earlier is not None:
-                return _accepted(earlier, replay=True)
-        model = owned(s, ModelFile, body.model_id, team, "model")
-        check_against_model(body, model.description)
-        dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset").id
-        eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
-        job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
-                  idempotency_key=idempotency_key, callback_url=body.callback_url)
-        s.add(job)
-        try:
-            s.flush()
-        except IntegrityError:  # the same Idempotency-Key raced us
-            s.rollback()
-            earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
-            return _accepted(earlier, replay=True)
-    request.app.state.enqueue(job.id)
-    return _accepted(job)
+    job, replay = create_job(request.app.state, team, body, idempotency_key)
+    return _accepted(job, replay)
 
 
 def _accepted(job: Job, replay: bool = False) -> JSONResponse:
@@ -267,16 +166,8 @@ def get_frontier(job_id: str, team: TeamDep, s: SessionDep):
 
 
 @router.delete("/jobs/{job_id}", status_code=202, summary="Cancel queued or running work")
-def cancel_job(request: Request, job_id: str, team: TeamDep):
-    with db_of(request).session() as s:
-        job = owned(s, Job, job_id, team, "job")
-        s.refresh(job, with_for_update=True)
-        if job.state in TERMINAL_STATES:
-            raise ApiError(409, f"job {job.id} already {job.state}", "only queued or running jobs can be cancelled")
-        job.state, job.finished_at = "cancelled", utcnow()
-        job.error_message, job.error_hint = "cancelled by the user", None
-    request.app.state.revoke(job_id)
-    return job_dict(job)
+def delete_job(request: Request, job_id: str, team: TeamDep):
+    return job_dict(cancel_job(request.app.state, team, job_id))
 
 
 # --- registry ---------------------------------------------------------------------------------------------

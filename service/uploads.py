@@ -10,6 +10,7 @@ stall that child, which a timeout ends.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from service.errors import ApiError
 
 DESCRIBE_TIMEOUT_S = 300
+log = logging.getLogger("bitplan.service")
 
 
 def describe(kind: str, path: Path, name: str, data_path: Path | None = None) -> dict:
@@ -34,6 +36,7 @@ def describe(kind: str, path: Path, name: str, data_path: Path | None = None) ->
                        "send a smaller model, or a torch.export (.pt2) archive", code="unreadable") from None
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
+        log.warning("upload reader for %s exited %s without an answer: %s", name, out.returncode, out.stderr[-2000:])
         raise ApiError(422, f"{name} could not be read (the reader stopped with exit code {out.returncode})",
                        "send a torch.export (.pt2) archive or TorchScript; data as .npz or .safetensors",
                        code="unreadable")

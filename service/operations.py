@@ -1,0 +1,116 @@
+"""What the REST API and the web form both do: store an upload, create a job,
+cancel one. Each takes the app's state (database, blobs, settings, queue) and the
+signed-in team, and raises ApiError for anything the user must fix."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import ApiError
+from service.jobspec import JobCreate, check_against_model, check_methods
+from service.uploads import describe
+from storage import TooLarge
+from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, Team, utcnow
+from storage.views import dataset_dict, model_dict
+
+TORCHSCRIPT_HINT = ("upload calibration data first and send its id as dataset_id with the model, "
+                    "or send a torch.export (.pt2) archive")
+
+
+def owned(s: Session, cls, row_id: str, team: Team, what: str):
+    """The team's own row, else 404 (never 403: another team's ids must not be confirmed)."""
+    row = s.get(cls, row_id)
+    if row is None or row.team_id != team.id:
+        raise ApiError(404, f"no {what} '{row_id}' for this team", f"list yours with GET /v1/{what}s")
+    return row
+
+
+def clean_name(filename: str | None, default: str) -> str:
+    name = (filename or default).replace("\\", "/").rsplit("/", 1)[-1][:200]
+    return name or default
+
+
+def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str | None,
+                 dataset_id: str | None = None) -> tuple[dict, bool]:
+    """Store a model (``kind='model'``) or dataset upload; returns (its JSON, created). A re-upload of the
+    same bytes by the same team returns the earlier row; a refused file leaves nothing behind."""
+    cls, view = (ModelFile, model_dict) if kind == "model" else (DatasetFile, dataset_dict)
+    try:
+        staged = state.blobs.stage(source, state.settings.max_upload_bytes)
+    except TooLarge as exc:
+        raise ApiError(413, str(exc), "split the data, or ask the operator to raise BITPLAN_MAX_UPLOAD_MB") from None
+    try:
+        data_path = None
+        with state.db.session() as s:
+            existing = s.scalar(select(cls).where(cls.team_id == team.id, cls.sha256 == staged.sha256))
+            if existing is not None:
+                return view(existing), False
+            if dataset_id:
+                data_path = state.blobs.path(owned(s, DatasetFile, dataset_id, team, "dataset").sha256)
+        name = clean_name(filename, "model.pt2" if kind == "model" else "data.npz")
+        try:
+            desc = describe("model" if kind == "model" else "data", staged.tmp, name, data_path)
+        except ApiError as exc:
+            if "TorchScript" in exc.message and data_path is None:
+                exc.hint = TORCHSCRIPT_HINT
+            raise
+        staged.commit()
+        staged = None
+        if kind == "model":
+            row = ModelFile(team_id=team.id, sha256=desc["sha256"], name=name, format=desc["format"],
+                            size_bytes=desc["size_bytes"],
+                            description={k: desc.get(k) for k in ("inputs", "layers", "other_bytes")})
+        else:
+            row = DatasetFile(team_id=team.id, sha256=desc["sha256"], name=name, size_bytes=desc["size_bytes"],
+                              description={k: desc.get(k) for k in ("samples", "has_targets", "inputs")})
+        try:
+            with state.db.session() as s:
+                s.add(row)
+                s.flush()
+                return view(row), True
+        except IntegrityError:  # the same team sent the same bytes at the same moment
+            with state.db.session() as s:
+                return view(s.scalar(select(cls).where(cls.team_id == team.id, cls.sha256 == row.sha256))), False
+    finally:
+        if staged is not None:
+            staged.discard()
+
+
+def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Check and record a job, then queue it; returns (job, replayed) — replayed for a repeated Idempotency-Key."""
+    normalised = check_methods(body)
+    with state.db.session() as s:
+        if idempotency_key:
+            earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+            if earlier is not None:
+                return earlier, True
+        model = owned(s, ModelFile, body.model_id, team, "model")
+        check_against_model(body, model.description)
+        dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset").id
+        eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
+        job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
+                  idempotency_key=idempotency_key, callback_url=body.callback_url)
+        s.add(job)
+        try:
+            s.flush()
+        except IntegrityError:  # the same Idempotency-Key raced us
+            s.rollback()
+            return s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)), True
+    state.enqueue(job.id)
+    return job, False
+
+
+def cancel_job(state, team: Team, job_id: str) -> Job:
+    with state.db.session() as s:
+        job = owned(s, Job, job_id, team, "job")
+        s.refresh(job, with_for_update=True)
+        if job.state in TERMINAL_STATES:
+            raise ApiError(409, f"job {job.id} already {job.state}", "only queued or running jobs can be cancelled")
+        job.state, job.finished_at = "cancelled", utcnow()
+        job.error_message, job.error_hint = "cancelled by the user", None
+    state.revoke(job_id)
+    return job
