@@ -164,6 +164,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
             progress("solve", 0.05, "evolutionary search scored by measured calibration loss")
             params["evaluate"] = measured_evaluator(prep, request)
         solution = get_solver(request.solver)(problem, **params)
+        frontier = solution.frontier if solution.frontier is not None else frontier_around(problem)
         progress("solve", 1.0, solution.status)
     assignment = {name: (o.w_bits, o.a_bits) for name, o in solution.choices.items()}
     measured = None
@@ -188,9 +189,19 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         ],
         cost=prep.costs.plan_cost(assignment),
         measured=measured,
-        frontier=solution.frontier,
+        frontier=frontier,
         timings=timer.seconds,
     )
+
+
+def frontier_around(problem: Problem, cost_key: str | None = None) -> list[dict] | None:
+    """The Pareto frontier of predicted loss vs the budget's cost, for solvers that give none (ilp, greedy,
+    uniform): every plan should come with the trade-off around it. None if it cannot be traced (several
+    budgets and no cost key)."""
+    try:
+        return get_solver("pareto")(problem, cost_key=cost_key, points=40).frontier
+    except BitplanError:
+        return None
 
 
 def overrides_for(prep: Prepared, assignment: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
