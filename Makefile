@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-$(shell sha256sum pyproject.toml Makefile | sha256sum |
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install serve demo test test-fast clean
+.PHONY: install system-deps serve demo test test-fast clean
 
 install: $(STAMP)
 
@@ -33,10 +33,20 @@ demo: install
 	$(BIN)/bitplan plan catalog:digits_cnn --budget avg_weight_bits=3 --out plan-digits.json
 	$(BIN)/bitplan plan catalog:minilm --budget avg_weight_bits=4 --progress --out plan-minilm.json
 
-test: install
+# The tests also need Debian's chromium + chromium-driver (the web form's browser tests) and
+# docker-compose (it checks docker-compose.yml; no Docker engine needed). Installed once, with apt.
+APT_PKGS := chromium chromium-driver docker-compose
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver -a -x /usr/bin/docker-compose || { \
+	  echo "installing $(APT_PKGS) with apt"; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PKGS) >/dev/null 2>&1 || { \
+	    $(SUDO) apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PKGS) >/dev/null; }; }
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install system-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

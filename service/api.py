@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
@@ -14,6 +12,7 @@ from sqlalchemy.orm import Session
 from service.errors import ApiError
 from service.jobspec import JobCreate
 from service.operations import cancel_job, create_job, owned, store_upload
+from service.plots import plan_csv
 from storage import Database
 from storage.models import JOB_STATES, DatasetFile, Job, ModelFile, Team
 from storage.views import dataset_dict, job_dict, model_dict
@@ -148,13 +147,7 @@ def get_plan(job_id: str, team: TeamDep, s: SessionDep, format: Literal["json", 
     plan = _plan_of(owned(s, Job, job_id, team, "job"))
     if format == "json":
         return plan
-    out = io.StringIO()
-    cols = ["name", "kind", "params", "macs", "w_bits", "a_bits", "sensitivity"]
-    writer = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for layer in plan["layers"]:
-        writer.writerow(layer)
-    return PlainTextResponse(out.getvalue(), media_type="text/csv",
+    return PlainTextResponse(plan_csv(plan), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-plan.csv"'})
 
 

@@ -10,7 +10,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 
 from bitplan import __version__
 from bitplan.settings import Settings, load_settings
@@ -95,8 +95,7 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
-    @app.get("/", include_in_schema=False)
-    def root():
-        return RedirectResponse("/docs")
+    from service import web
 
+    web.install(app)
     return app

@@ -130,5 +130,5 @@ def check_against_model(job: JobCreate, description: dict) -> None:
                  for key, (limit, least) in over.items()]
         raise ApiError(422, "; ".join(parts) + f" (every layer at {min(job.w_bits)} bits"
                        + (" except the pinned ones)" if job.pins else ")"),
-                       "raise the budget, allow fewer bits in w_bits, or unpin layers", code="infeasible",
+                       "raise the budget, allow lower bit widths, or unpin layers", code="infeasible",
                        minimums={key: least for key, (_, least) in over.items()})

@@ -64,6 +64,7 @@ class JobSpec:
     layer_names: list[str]
     shards: int
     reuse: bool
+    eval_label: str  # what the plan's measured figures say they were measured on (not a server path)
 
     def cache_key(self) -> tuple[str, dict]:
         from bitplan.methods import get_method, parse_params
@@ -97,7 +98,14 @@ def resolve(db: Database, blobs: BlobStore, job: Job) -> JobSpec:
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), validate_plan=r.get("validate", True),
     )
     names = [layer["name"] for layer in model.description.get("layers", [])]
-    return JobSpec(request, model.sha256, data_sha, names, int(r.get("shards", 1)), bool(r.get("reuse_sensitivity", True)))
+    if eval_data is not None:
+        label = f"{eval_data.name} (held-out data)"
+    elif data is not None:
+        label = f"{data.name} (the calibration data: no held-out data given)"
+    else:
+        label = f"synthetic inputs ({r.get('synthetic_samples', 64)} samples; no data given)"
+    return JobSpec(request, model.sha256, data_sha, names, int(r.get("shards", 1)), bool(r.get("reuse_sensitivity", True)),
+                   label)
 
 
 def synthetic_data(blobs: BlobStore, model: ModelFile, samples: int, seed: int) -> tuple[str, str]:
@@ -207,6 +215,8 @@ def run_job(job_id: str, table: SensitivityTable | None = None, dispatch_shards=
             return computed
 
         plan = make_plan(spec.request, reporter, sensitivity)
+        if plan.measured is not None:
+            plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": spec.eval_label})})
         finish(db, job_id, "succeeded", plan=plan.model_dump(mode="json", by_alias=True))
         return "succeeded"
     except JobCancelled:

@@ -88,6 +88,8 @@ def test_two_teams_at_once_and_isolated_both_ways(teams):
     for me, other in ((a, b), (b, a)):
         plan = PlanFile.model_validate(me.http.get(f"/v1/jobs/{jobs[me.name]}/plan").json())
         assert plan.cost.avg_weight_bits <= 4 + 1e-9 and plan.measured is not None
+        assert plan.measured.data == "digits_cnn_calib.npz (the calibration data: no held-out data given)"
+        assert plan.frontier and plan.model.name == "digits_cnn.pt2"
         mine = {j["id"] for j in me.http.get("/v1/jobs").json()["items"]}
         assert jobs[me.name] in mine and jobs[other.name] not in mine
         for path in (f"/v1/jobs/{jobs[other.name]}", f"/v1/jobs/{jobs[other.name]}/plan",

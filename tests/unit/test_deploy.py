@@ -25,8 +25,8 @@ def test_compose_config_accepts_the_file():
     cmd = compose_command()
     if cmd is None:
         if os.environ.get("CI"):
-            pytest.fail("neither `docker compose` nor `docker-compose` is installed (.ci/run installs docker-compose)")
-        pytest.skip("no docker compose here (CI installs docker-compose)")
+            pytest.fail("neither `docker compose` nor `docker-compose` is installed (make test installs docker-compose)")
+        pytest.skip("no docker compose here (make test installs docker-compose)")
     run = subprocess.run([*cmd, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True,
                          cwd=ROOT)
     assert run.returncode == 0, run.stderr

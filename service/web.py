@@ -1,0 +1,350 @@
+"""The web form for people: sign in with an API key (kept in an HTTP-only cookie),
+submit a job, watch it run, read the plan and its Pareto frontier.
+
+Server-rendered Jinja2 pages with one small script (``static/app.js``) that polls a
+progress fragment. The pages call the same operations as the REST API, so a job
+made here is the same job a script would make.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from starlette.datastructures import UploadFile
+
+from bitplan.methods import METHODS
+from bitplan.schemas import ACT_BITS, BUDGET_KEYS, WEIGHT_BITS
+from service import plots
+from service.errors import ApiError
+from service.jobspec import JobCreate
+from service.operations import cancel_job, create_job, owned, store_upload
+from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, Team
+from storage.views import iso, job_dict
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters["iso"] = iso
+templates.env.globals["budget_label"] = {
+    "avg_weight_bits": "average weight bits", "size_bytes": "model size (bytes)", "bops": "BOPs per sample",
+    "latency_ms": "latency (ms, from your table)",
+}
+router = APIRouter(include_in_schema=False)
+COOKIE = "bitplan_key"
+DEFAULT_W_BITS = [2, 3, 4, 5, 6, 8]
+PAGE_SIZE = 50
+
+
+class SignIn(Exception):
+    """Raised by pages that need a team when no valid key cookie came with the request."""
+
+    def __init__(self, next_url: str) -> None:
+        self.next_url = next_url
+
+
+def signed_in(request: Request) -> Team:
+    key = request.cookies.get(COOKIE)
+    team = request.app.state.db.team_for_key(key) if key else None
+    if team is None:
+        raise SignIn(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+    return team
+
+
+def install(app) -> None:
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(router)
+
+    @app.exception_handler(SignIn)
+    async def _sign_in(_request: Request, exc: SignIn):
+        return RedirectResponse(f"/login?next={quote(exc.next_url)}", status_code=303)
+
+
+def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+# --- sign in ----------------------------------------------------------------------------------------------
+
+
+def _safe_next(url: str | None) -> str:
+    return url if url and url.startswith("/") and not url.startswith("//") else "/"
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/"):  # noqa: A002
+    return page(request, "login.html", next=_safe_next(next), error=None)
+
+
+@router.post("/login")
+async def login(request: Request):
+    form = await request.form()
+    key = str(form.get("key", "")).strip()
+    next_url = _safe_next(str(form.get("next", "/")))
+    team = request.app.state.db.team_for_key(key) if key else None
+    if team is None:
+        error = "enter your API key" if not key else "this key is not valid (unknown or revoked)"
+        return page(request, "login.html", status=401, next=next_url, error=error)
+    response = RedirectResponse(next_url, status_code=303)
+    response.set_cookie(COOKIE, key, httponly=True, samesite="strict", max_age=30 * 24 * 3600,
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+# --- the form ---------------------------------------------------------------------------------------------
+
+
+def _choices(request: Request, team: Team) -> dict:
+    from solver import SOLVERS
+
+    with request.app.state.db.session() as s:
+        models = s.scalars(select(ModelFile).where(ModelFile.team_id == team.id).order_by(ModelFile.created_at.desc())).all()
+        datasets = s.scalars(select(DatasetFile).where(DatasetFile.team_id == team.id)
+                             .order_by(DatasetFile.created_at.desc())).all()
+    return {
+        "team": team,
+        "models": [{"id": m.id, "name": m.name, "layers": len(m.description.get("layers", []))} for m in models],
+        "datasets": [{"id": d.id, "name": d.name, "samples": d.description.get("samples")} for d in datasets],
+        "methods": [{"name": m.name, "summary": m.summary} for m in METHODS.values()],
+        "solvers": [{"name": name, "summary": summary} for name, (_, summary) in SOLVERS.items()],
+        "budget_keys": BUDGET_KEYS,
+        "weight_bits": WEIGHT_BITS,
+        "act_bits": ACT_BITS,
+    }
+
+
+def _defaults() -> dict:
+    return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
+            "w_bits": DEFAULT_W_BITS, "a_bits": "16", "pins": "", "sensitivity": "hessian_trace", "solver": "ilp"}
+
+
+def _values_from_job(job: Job) -> dict:
+    r = job.request
+    kind, value = next(iter(r["budgets"].items()))
+    return {"model_id": job.model_id, "dataset_id": job.dataset_id or "synthetic", "budget_kind": kind,
+            "budget_value": f"{value:g}", "w_bits": r["w_bits"], "a_bits": str(max(r["a_bits"])),
+            "pins": "\n".join(f"{k}={v}" for k, v in r.get("pins", {}).items()),
+            "sensitivity": r["sensitivity"]["method"], "solver": r["solver"]["method"]}
+
+
+@router.get("/")
+def form(request: Request, again: str | None = None):
+    team = signed_in(request)
+    values = _defaults()
+    if again:
+        with request.app.state.db.session() as s:
+            try:
+                values = _values_from_job(owned(s, Job, again, team, "job"))
+            except ApiError:
+                pass
+    return page(request, "form.html", values=values, errors={}, **_choices(request, team))
+
+
+def _file(form, name: str) -> UploadFile | None:
+    item = form.get(name)
+    return item if isinstance(item, UploadFile) and item.filename else None
+
+
+@router.post("/")
+async def submit(request: Request):
+    team = signed_in(request)
+    form = await request.form()
+    values = {
+        "model_id": str(form.get("model_id", "")), "dataset_id": str(form.get("dataset_id", "synthetic")),
+        "budget_kind": str(form.get("budget_kind", "avg_weight_bits")), "budget_value": str(form.get("budget_value", "")).strip(),
+        "w_bits": [int(b) for b in form.getlist("w_bits") if str(b).isdigit()], "a_bits": str(form.get("a_bits", "16")),
+        "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", "hessian_trace")),
+        "solver": str(form.get("solver", "ilp")),
+    }
+    errors: dict[str, str] = {}
+    state = request.app.state
+    # Files first: once stored they are picked in the re-rendered form, so nothing is lost on an error elsewhere.
+    data_file = _file(form, "data_file")
+    if data_file is not None:
+        try:
+            row, _ = await _run(store_upload, state, team, "dataset", data_file.file, data_file.filename)
+            values["dataset_id"] = row["id"]
+        except ApiError as exc:
+            errors["dataset"] = _say(exc)
+    model_file = _file(form, "model_file")
+    if model_file is not None:
+        dataset_for_trace = values["dataset_id"] if values["dataset_id"] not in ("", "synthetic") else None
+        try:
+            row, _ = await _run(store_upload, state, team, "model", model_file.file, model_file.filename, dataset_for_trace)
+            values["model_id"] = row["id"]
+        except ApiError as exc:
+            errors["model"] = _say(exc)
+    if not values["model_id"] and "model" not in errors:
+        errors["model"] = "choose an uploaded model or upload a model file (.pt2 or TorchScript)"
+    latency_table = None
+    if values["budget_kind"] == "latency_ms":
+        table_file = _file(form, "latency_table")
+        if table_file is None:
+            errors["latency_table"] = "a latency budget needs a lookup table: JSON {layer: {bits: ms}}"
+        else:
+            try:
+                latency_table = json.loads(await table_file.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                errors["latency_table"] = f"not JSON ({exc})"
+    pins, pin_error = _pins(values["pins"])
+    if pin_error:
+        errors["pins"] = pin_error
+    if not values["w_bits"]:
+        errors["w_bits"] = "allow at least one bit width"
+    try:
+        budget_value = float(values["budget_value"])
+    except ValueError:
+        errors["budget_value"] = f"'{values['budget_value']}' is not a number" if values["budget_value"] else "enter a budget"
+        budget_value = None
+    if not errors:
+        try:
+            body = JobCreate(
+                model_id=values["model_id"], dataset_id=values["dataset_id"] or "synthetic",
+                budgets={values["budget_kind"]: budget_value}, w_bits=values["w_bits"], a_bits=[int(values["a_bits"])],
+                pins=pins, sensitivity={"method": values["sensitivity"]}, solver={"method": values["solver"]},
+                latency_table=latency_table,
+            )
+            job, _ = await _run(create_job, state, team, body)
+            return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+        except ValidationError as exc:
+            for e in exc.errors():
+                errors.setdefault(_field_of(e.get("loc", ())), str(e.get("msg", "")).removeprefix("Value error, "))
+        except ApiError as exc:
+            errors[_field_of_message(exc)] = _say(exc)
+    return page(request, "form.html", status=422, values=values, errors=errors, **_choices(request, team))
+
+
+async def _run(fn, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _say(exc: ApiError) -> str:
+    return exc.message + (f" — {exc.hint}" if exc.hint else "")
+
+
+def _pins(text: str) -> tuple[dict[str, int], str | None]:
+    pins = {}
+    for line in text.replace(",", "\n").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name, sep, bits = line.rpartition("=")
+        if not sep or not name.strip() or not bits.strip().isdigit():
+            return {}, f"'{line}' is not LAYER=BITS (one per line, e.g. conv1=8)"
+        pins[name.strip()] = int(bits)
+    return pins, None
+
+
+def _field_of(loc) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "budgets":
+        return "budget_value"
+    return {"w_bits": "w_bits", "a_bits": "a_bits", "pins": "pins", "model_id": "model", "dataset_id": "dataset",
+            "latency_table": "latency_table"}.get(parts[0] if parts else "", "form")
+
+
+def _field_of_message(exc: ApiError) -> str:
+    text = exc.message.lower()
+    if exc.code == "infeasible" or "budget" in text or "latency" in text:
+        return "budget_value" if "latency_table" not in text else "latency_table"
+    for word, field in (("sensitivity method", "sensitivity"), ("solver", "solver"), ("pin", "pins"),
+                        ("model", "model"), ("dataset", "dataset")):
+        if word in text:
+            return field
+    return "form"
+
+
+# --- jobs -------------------------------------------------------------------------------------------------
+
+
+@router.get("/jobs")
+def jobs(request: Request, page_no: Annotated[int, Query(alias="page", ge=1, le=100_000)] = 1):
+    team = signed_in(request)
+    with request.app.state.db.session() as s:
+        total = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team.id))
+        rows = s.execute(select(Job, ModelFile.name).join(ModelFile, ModelFile.id == Job.model_id)
+                         .where(Job.team_id == team.id).order_by(Job.created_at.desc(), Job.id)
+                         .limit(PAGE_SIZE).offset((page_no - 1) * PAGE_SIZE)).all()
+    items = [{"job": job_dict(job), "model": name} for job, name in rows]
+    return page(request, "jobs.html", team=team, items=items, page_no=page_no,
+                more=page_no * PAGE_SIZE < total, total=total)
+
+
+def _job_context(request: Request, team: Team, job_id: str) -> dict:
+    with request.app.state.db.session() as s:
+        job = owned(s, Job, job_id, team, "job")
+        model = s.get(ModelFile, job.model_id)
+        view = job_dict(job)
+        plan = job.plan
+    context = {"team": team, "job": view, "model_name": model.name if model else "?", "plan": plan,
+               "terminal": view["state"] in TERMINAL_STATES}
+    if plan is not None:
+        context.update(plots.plan_view(plan))
+    return context
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str):
+    team = signed_in(request)
+    try:
+        context = _job_context(request, team, job_id)
+    except ApiError as exc:
+        return page(request, "missing.html", status=exc.status, team=team, message=exc.message)
+    return page(request, "job.html", **context)
+
+
+@router.get("/jobs/{job_id}/progress")
+def job_progress(request: Request, job_id: str):
+    team = signed_in(request)
+    try:
+        context = _job_context(request, team, job_id)
+    except ApiError as exc:
+        return PlainTextResponse(exc.message, status_code=exc.status)
+    return page(request, "_progress.html", **context)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def job_cancel(request: Request, job_id: str):
+    team = signed_in(request)
+    try:
+        cancel_job(request.app.state, team, job_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            return page(request, "missing.html", status=404, team=team, message=exc.message)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+@router.get("/jobs/{job_id}/plan.{fmt}")
+def job_download(request: Request, job_id: str, fmt: str):
+    team = signed_in(request)
+    if fmt not in ("json", "csv"):
+        return PlainTextResponse("download plan.json or plan.csv", status_code=404)
+    with request.app.state.db.session() as s:
+        try:
+            job = owned(s, Job, job_id, team, "job")
+        except ApiError as exc:
+            return PlainTextResponse(exc.message, status_code=404)
+        plan = job.plan
+    if plan is None:
+        return PlainTextResponse(f"job {job_id} has no plan ({job.state})", status_code=409)
+    disposition = {"Content-Disposition": f'attachment; filename="{job_id}-plan.{fmt}"'}
+    if fmt == "json":
+        return JSONResponse(plan, headers=disposition)
+    return PlainTextResponse(plots.plan_csv(plan), media_type="text/csv", headers=disposition)
