@@ -8,6 +8,11 @@ server and the workers alike (so ``bitplan submit`` and ``bitplan serve`` agree)
 | BITPLAN_BROKER_URL     | memory:// (in-process; `bitplan serve`)   | server, workers    |
 | BITPLAN_RESULT_BACKEND | the broker URL if redis, else in-process  | server, workers    |
 | BITPLAN_MAX_UPLOAD_MB  | 512                                       | server             |
+| BITPLAN_JOB_TIME_LIMIT_S | 3600 (a job running longer fails)       | workers            |
+| BITPLAN_MAX_ACTIVE_JOBS  | 20 queued or running jobs per team      | server             |
+| BITPLAN_RATE_LIMIT       | 50 requests/s per key (bursts of 200)   | server             |
+| BITPLAN_HEARTBEAT_STALE_S | 60: a running job silent this long is requeued | server, workers |
+| BITPLAN_REQUEUE_AFTER_S  | 60: a job still queued this long is sent again  | server     |
 | BITPLAN_URL            | http://127.0.0.1:8000                     | client verbs       |
 | BITPLAN_API_KEY        | $BITPLAN_DATA_DIR/local-key if present    | client verbs       |
 """
@@ -28,6 +33,13 @@ class Settings:
     max_upload_bytes: int
     url: str
     api_key: str | None
+    job_time_limit_s: float = 3600.0
+    max_active_jobs: int = 20
+    rate_limit: float = 50.0
+    rate_burst: int = 200
+    heartbeat_stale_s: float = 60.0
+    requeue_after_s: float = 60.0
+    max_attempts: int = 3  # a job whose worker died this many times fails instead of killing another
 
     @property
     def embedded(self) -> bool:
@@ -54,4 +66,13 @@ def load_settings(**overrides) -> Settings:
         local = data_dir / "local-key"
         if local.is_file():
             key = local.read_text().strip() or None
-    return Settings(data_dir, database_url, broker_url, result_backend, int(max_mb * 1e6), url, key)
+
+    def num(name: str, default: float) -> float:
+        raw = overrides.get(name.lower()) or env.get(f"BITPLAN_{name}")
+        return float(raw) if raw not in (None, "") else default
+
+    return Settings(data_dir, database_url, broker_url, result_backend, int(max_mb * 1e6), url, key,
+                    job_time_limit_s=num("JOB_TIME_LIMIT_S", 3600.0), max_active_jobs=int(num("MAX_ACTIVE_JOBS", 20)),
+                    rate_limit=num("RATE_LIMIT", 50.0), rate_burst=int(num("RATE_BURST", 200)),
+                    heartbeat_stale_s=num("HEARTBEAT_STALE_S", 60.0), requeue_after_s=num("REQUEUE_AFTER_S", 60.0),
+                    max_attempts=int(num("MAX_ATTEMPTS", 3)))

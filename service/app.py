@@ -16,13 +16,15 @@ from bitplan import __version__
 from bitplan.settings import Settings, load_settings
 from service import errors
 from service.api import router
+from service.ratelimit import RateLimiter
 from storage import BlobStore, Database, Unavailable
 
 log = logging.getLogger("bitplan.service")
 
 
-def create_app(settings: Settings | None = None, worker: bool | None = None) -> FastAPI:
-    """``worker``: run an in-process worker (default: only with the embedded memory broker)."""
+def create_app(settings: Settings | None = None, worker: bool | None = None, reconcile: bool = True) -> FastAPI:
+    """``worker``: run an in-process worker (default: only with the embedded memory broker); ``reconcile``: run
+    the reconciler thread that resends lost work (workers/reconcile.py)."""
     settings = settings or load_settings()
     run_worker = settings.embedded if worker is None else worker
 
@@ -34,7 +36,14 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
 
             start_in_process_worker()
             log.info("in-process worker started (broker %s)", settings.broker_url)
+        reconciler = None
+        if reconcile:
+            from workers.reconcile import Reconciler
+
+            reconciler = Reconciler(app.state.db, app.state.enqueue, settings).start()
         yield
+        if reconciler is not None:
+            reconciler.stop()
 
     app = FastAPI(
         title="bitplan", version=__version__, lifespan=lifespan,
@@ -62,6 +71,21 @@ def create_app(settings: Settings | None = None, worker: bool | None = None) -> 
 
     app.state.revoke = revoke
     errors.install(app)
+
+    limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+
+    @app.middleware("http")
+    async def rate_limit(request, call_next):
+        """Per API key (header or sign-in cookie); anonymous requests are not counted."""
+        auth = request.headers.get("authorization", "")
+        key = auth.partition(" ")[2].strip() or request.cookies.get("bitplan_key")
+        if key:
+            wait = limiter.take(key)
+            if wait > 0:
+                return errors.error_response(429, "rate_limited", f"more than {settings.rate_limit:g} requests per second "
+                                             "with this key", f"slow down; retry after {wait:.1f} s",
+                                             headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+        return await call_next(request)
 
     @app.middleware("http")
     async def refuse_oversized_uploads(request, call_next):

@@ -17,9 +17,10 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, hint: str | None = None, code: str | None = None, **extra) -> None:
+    def __init__(self, status: int, message: str, hint: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, **extra) -> None:
         super().__init__(message)
-        self.status, self.message, self.hint = status, message, hint
+        self.status, self.message, self.hint, self.headers = status, message, hint, headers
         self.code = code or STATUS_CODES.get(status, "error")
         self.extra = extra
 
@@ -37,7 +38,7 @@ def _loc(loc) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return error_response(exc.status, exc.code, exc.message, exc.hint, headers=headers, **exc.extra)
 
     @app.exception_handler(BitplanError)

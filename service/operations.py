@@ -4,9 +4,10 @@ signed-in team, and raises ApiError for anything the user must fix."""
 
 from __future__ import annotations
 
+import logging
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,6 +18,7 @@ from storage import TooLarge
 from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, Team, utcnow
 from storage.views import dataset_dict, model_dict
 
+log = logging.getLogger("bitplan.service")
 TORCHSCRIPT_HINT = ("upload calibration data first and send its id as dataset_id with the model, "
                     "or send a torch.export (.pt2) archive")
 
@@ -88,19 +90,34 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
             earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
             if earlier is not None:
                 return earlier, True
+        s.get(Team, team.id, with_for_update=True)  # one submit per team at a time (PostgreSQL): the quota holds
+        active = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team.id,
+                                                                       Job.state.in_(("queued", "running"))))
+        limit = state.settings.max_active_jobs
+        if active >= limit:
+            raise ApiError(429, f"your team has {active} jobs queued or running, the most it may have at once ({limit})",
+                           "wait for one to finish (or cancel one with DELETE /v1/jobs/{id}), then submit again",
+                           code="quota_exceeded", headers={"Retry-After": "10"})
         model = owned(s, ModelFile, body.model_id, team, "model")
         check_against_model(body, model.description)
         dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset").id
         eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
         job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
-                  idempotency_key=idempotency_key, callback_url=body.callback_url)
+                  idempotency_key=idempotency_key, callback_url=body.callback_url, enqueued_at=utcnow())
         s.add(job)
         try:
             s.flush()
         except IntegrityError:  # the same Idempotency-Key raced us
             s.rollback()
             return s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)), True
-    state.enqueue(job.id)
+    try:
+        state.enqueue(job.id)
+    except Exception as exc:  # the broker is down: the job is stored, and the reconciler sends it when it is back
+        log.warning("could not enqueue %s now (%s); the reconciler will", job.id, exc)
+        with state.db.session() as s:
+            row = s.get(Job, job.id)
+            if row is not None and row.state == "queued":
+                row.enqueued_at = None
     return job, False
 
 

@@ -104,6 +104,11 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                            doc="last time the job was sent to the broker")
+    lease: Mapped[str | None] = mapped_column(String(32), nullable=True,
+                                              doc="token of the attempt that owns the running job; others stand down")
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True, doc="host:pid of the attempt")
 
 
 class SensitivityEntry(Base):

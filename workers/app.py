@@ -31,6 +31,9 @@ def configure(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # a submit must not hang while the broker is down: the job row is kept and the reconciler sends it later
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         broker_transport_options={"visibility_timeout": 6 * 3600},
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,

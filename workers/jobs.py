@@ -8,11 +8,14 @@ at its next progress report.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
+import threading
 import time
 import traceback
 import urllib.request
@@ -29,25 +32,77 @@ CACHE_VERSION = 1
 
 
 class JobCancelled(Exception):
-    """The job was cancelled (or finished elsewhere) while this worker ran it."""
+    """The job was cancelled, timed out or taken over by another attempt while this worker ran it."""
+
+
+class Attempt:
+    """One worker's run of a job, identified by the lease ``start()`` wrote on the job row.
+
+    A heartbeat thread stamps ``heartbeat_at`` every few seconds while the attempt holds the lease
+    (the reconciler requeues running jobs whose heartbeat stopped), and fails the job when it runs
+    past the time limit. The work itself learns that it must stop at its next progress report.
+    """
+
+    def __init__(self, db: Database, job_id: str, lease: str, time_limit_s: float, every_s: float = 5.0) -> None:
+        self.db, self.job_id, self.lease, self.time_limit_s, self.every_s = db, job_id, lease, time_limit_s, every_s
+        self.stopped: str | None = None  # why the work must stop, once it must
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Attempt:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every_s):
+            try:
+                self.beat()
+            except Exception as exc:  # database briefly away: try again at the next beat
+                log.warning("heartbeat of %s failed: %s", self.job_id, exc)
+
+    def beat(self) -> None:
+        with self.db.session() as s:
+            job = s.get(Job, self.job_id)
+            if job is None or job.state != "running" or job.lease != self.lease:
+                self.stopped = "the job ended or was taken over elsewhere"
+                return
+            job.heartbeat_at = utcnow()
+            started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=dt.timezone.utc)
+            over = (utcnow() - started).total_seconds() > self.time_limit_s
+        if over:
+            self.stopped = "time limit"
+            finish(self.db, self.job_id, "failed", lease=self.lease,
+                   message=f"the job ran longer than the time limit of {self.time_limit_s:g} s",
+                   hint="use a cheaper sensitivity method or fewer probes/samples (e.g. params max_probes, max_samples), "
+                        "or ask the operator to raise BITPLAN_JOB_TIME_LIMIT_S")
+
+    def check(self) -> None:
+        if self.stopped:
+            raise JobCancelled(f"{self.job_id}: {self.stopped}")
 
 
 class Reporter:
-    """The ``progress`` callback of a job: writes stage/progress/heartbeat, at most every ``interval`` s per stage."""
+    """The ``progress`` callback of a job: writes stage/progress/heartbeat, at most every ``interval`` s per stage,
+    and stops the work (JobCancelled) once the attempt no longer owns the job."""
 
-    def __init__(self, db: Database, job_id: str, interval: float = 0.5, prefix: str = "") -> None:
-        self.db, self.job_id, self.interval, self.prefix = db, job_id, interval, prefix
+    def __init__(self, db: Database, job_id: str, attempt: Attempt, interval: float = 0.5, prefix: str = "") -> None:
+        self.db, self.job_id, self.attempt, self.interval, self.prefix = db, job_id, attempt, interval, prefix
         self._stage: str | None = None
         self._last = 0.0
 
     def __call__(self, stage: str, fraction: float, detail: str = "") -> None:
+        self.attempt.check()
         now = time.monotonic()
         if stage == self._stage and fraction < 1.0 and now - self._last < self.interval:
             return
         self._stage, self._last = stage, now
         with self.db.session() as s:
             job = s.get(Job, self.job_id)
-            if job is None or job.state != "running":
+            if job is None or job.state != "running" or job.lease != self.attempt.lease:
                 raise JobCancelled(self.job_id)
             job.stage, job.progress = stage, max(0.0, min(1.0, float(fraction)))
             job.detail = (self.prefix + detail)[:500]
@@ -137,25 +192,40 @@ def store_table(db: Database, key: str, spec: dict, table: SensitivityTable) -> 
         pass
 
 
-def start(db: Database, job_id: str) -> Job | None:
-    """Mark the job running; None if it is gone or already ended (a redelivery or a cancel)."""
+def start(db: Database, job_id: str, stale_s: float) -> tuple[Job, str] | None:
+    """Take the job for this attempt: (job, lease), or None if it is gone, ended, or running elsewhere with a
+    live heartbeat (a duplicate delivery). A running job whose heartbeat is older than ``stale_s`` lost its
+    worker: this attempt takes it over, and the old one, if it still lives, stands down at its next report."""
     with db.session() as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.state in TERMINAL_STATES:
             return None
+        if job.state == "running" and job.heartbeat_at is not None and _age(job.heartbeat_at) < stale_s:
+            return None
+        lease = secrets.token_hex(8)
         job.state, job.stage, job.progress, job.detail = "running", "load", 0.0, ""
+        if job.attempts:
+            job.detail = f"attempt {job.attempts + 1} (the previous worker stopped)"
         job.started_at = job.started_at or utcnow()
         job.heartbeat_at = utcnow()
         job.attempts += 1
-        return job
+        job.lease, job.worker = lease, f"{socket.gethostname()}:{os.getpid()}"
+        return job, lease
 
 
-def finish(db: Database, job_id: str, state: str, *, plan: dict | None = None, message: str | None = None,
-           hint: str | None = None) -> bool:
-    """End a running job; False if it was not running any more (e.g. cancelled meanwhile)."""
+def _age(moment: dt.datetime) -> float:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return (utcnow() - moment).total_seconds()
+
+
+def finish(db: Database, job_id: str, state: str, *, lease: str | None = None, plan: dict | None = None,
+           message: str | None = None, hint: str | None = None) -> bool:
+    """End a running job (only by the attempt holding ``lease``, when given); False if it was not running any more
+    (cancelled, timed out or taken over meanwhile)."""
     with db.session() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.state != "running":
+        if job is None or job.state != "running" or (lease is not None and job.lease != lease):
             return False
         job.state, job.finished_at, job.heartbeat_at = state, utcnow(), utcnow()
         if state == "succeeded":
@@ -166,64 +236,84 @@ def finish(db: Database, job_id: str, state: str, *, plan: dict | None = None, m
     return True
 
 
-def fail(db: Database, job_id: str, exc: BaseException) -> None:
+def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None) -> None:
     if isinstance(exc, BitplanError):
-        finish(db, job_id, "failed", message=exc.message, hint=exc.hint)
+        finish(db, job_id, "failed", lease=lease, message=exc.message, hint=exc.hint)
+        return
+    from storage import Unavailable
+
+    if isinstance(exc, Unavailable):  # leave it running: its heartbeat stops and the reconciler requeues it
+        log.warning("job %s interrupted: %s", job_id, exc)
         return
     log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    finish(db, job_id, "failed", message=f"internal error: {type(exc).__name__}: {first}"[:1000],
+    finish(db, job_id, "failed", lease=lease, message=f"internal error: {type(exc).__name__}: {first}"[:1000],
            hint="this is a bug in bitplan, not in your input; the worker log has the traceback")
 
 
-def run_job(job_id: str, table: SensitivityTable | None = None, dispatch_shards=None) -> str:
-    """Run (or continue, with a merged ``table``) one job. Returns what happened, for logs and tests."""
+def run_job(job_id: str, dispatch_shards=None, table: SensitivityTable | None = None, lease: str | None = None) -> str:
+    """Run one job, or continue it (``table`` from merged shards, under the ``lease`` that dispatched them).
+    Returns what happened, for logs and tests."""
+    db, _ = _runtime()
+    settings = _settings()
+    if lease is None:
+        taken = start(db, job_id, settings.heartbeat_stale_s)
+        if taken is None:
+            return "skipped"
+        job, lease = taken
+    else:
+        job = _holding(db, job_id, lease)
+        if job is None:
+            return "skipped"
+    with Attempt(db, job_id, lease, settings.job_time_limit_s, min(5.0, settings.heartbeat_stale_s / 4)) as attempt:
+        try:
+            return _work(db, job, attempt, dispatch_shards, table)
+        except JobCancelled:
+            return "cancelled"
+        except Exception as exc:  # the job fails with a message; the worker lives on
+            fail(db, job_id, exc, lease)
+            return "failed"
+
+
+def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: SensitivityTable | None) -> str:
     from bitplan.core.pipeline import make_plan
     from bitplan.methods import get_method, shard_layers
 
-    db, blobs = _runtime()
-    job = start(db, job_id) if table is None else _running(db, job_id)
-    if job is None:
-        return "skipped"
-    reporter = Reporter(db, job_id)
-    try:
-        spec = resolve(db, blobs, job)
-        key, key_spec = spec.cache_key()
-        hit = None if (table is not None or not spec.reuse) else cached_table(db, key)
-        with db.session() as s:
-            row = s.get(Job, job_id)
-            row.cache_key, row.cache_hit = key, hit is not None
-        table = table or hit
-        method = get_method(spec.request.sensitivity)
-        if table is None and spec.shards > 1 and dispatch_shards is not None:
-            if not method.shardable:
-                raise BitplanError(f"sensitivity method '{method.name}' cannot be split into shards",
-                                   "use shards=1, or a shardable method: perturbation")
-            blocks = shard_layers(spec.layer_names, spec.shards)
-            reporter("sensitivity", 0.0, f"split into {len(blocks)} shards")
-            dispatch_shards(job_id, blocks)
-            return "sharded"
+    _, blobs = _runtime()
+    reporter = Reporter(db, job.id, attempt)
+    spec = resolve(db, blobs, job)
+    key, key_spec = spec.cache_key()
+    hit = None if (table is not None or not spec.reuse) else cached_table(db, key)
+    with db.session() as s:
+        row = s.get(Job, job.id)
+        row.cache_key, row.cache_hit = key, hit is not None
+    table = table or hit
+    method = get_method(spec.request.sensitivity)
+    if table is None and spec.shards > 1 and dispatch_shards is not None:
+        if not method.shardable:
+            raise BitplanError(f"sensitivity method '{method.name}' cannot be split into shards",
+                               "use shards=1, or a shardable method: perturbation")
+        blocks = shard_layers(spec.layer_names, spec.shards)
+        reporter("sensitivity", 0.0, f"split into {len(blocks)} shards")
+        dispatch_shards(job.id, blocks, attempt.lease)
+        return "sharded"
 
-        def sensitivity(prep, ctx):
-            if table is None and spec.shards > 1:
-                ctx.progress("sensitivity", 0.0, f"shards={spec.shards} run as one: this deployment has one worker")
-            if table is not None:
-                ctx.progress("sensitivity", 1.0, "reused a cached table" if hit is not None else "merged shards")
-                return table
-            computed = _compute(spec, ctx)
-            store_table(db, key, key_spec, computed)
-            return computed
+    def sensitivity(prep, ctx):
+        if table is None and spec.shards > 1:
+            ctx.progress("sensitivity", 0.0, f"shards={spec.shards} run as one: this deployment has one worker")
+        if table is not None:
+            ctx.progress("sensitivity", 1.0, "reused a cached table" if hit is not None else "merged shards")
+            return table
+        computed = _compute(spec, ctx)
+        store_table(db, key, key_spec, computed)
+        return computed
 
-        plan = make_plan(spec.request, reporter, sensitivity)
-        if plan.measured is not None:
-            plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": spec.eval_label})})
-        finish(db, job_id, "succeeded", plan=plan.model_dump(mode="json", by_alias=True))
-        return "succeeded"
-    except JobCancelled:
-        return "cancelled"
-    except Exception as exc:  # the job fails with a message; the worker lives on
-        fail(db, job_id, exc)
-        return "failed"
+    plan = make_plan(spec.request, reporter, sensitivity)
+    if plan.measured is not None:
+        plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": spec.eval_label})})
+    attempt.check()
+    finish(db, job.id, "succeeded", lease=attempt.lease, plan=plan.model_dump(mode="json", by_alias=True))
+    return "succeeded"
 
 
 def _compute(spec: JobSpec, ctx) -> SensitivityTable:
@@ -232,36 +322,39 @@ def _compute(spec: JobSpec, ctx) -> SensitivityTable:
     return run_sensitivity(spec.request.sensitivity, spec.request.sensitivity_params, ctx)
 
 
-def run_shard(job_id: str, layers: list[str], index: int, count: int) -> dict | None:
-    """Score ``layers`` only; returns the partial table (JSON) or None if the job ended meanwhile."""
+def run_shard(job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:
+    """Score ``layers`` only; returns the partial table (JSON) or None if the job ended or changed hands meanwhile."""
     from bitplan.core.pipeline import prepare
     from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
 
     db, blobs = _runtime()
-    job = _running(db, job_id)
+    job = _holding(db, job_id, lease)
     if job is None:
         return None
-    reporter = Reporter(db, job_id, prefix=f"shard {index + 1}/{count}: ")
-    try:
-        spec = resolve(db, blobs, job)
-        r = spec.request
-        prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name)
-        ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, reporter, only=frozenset(layers))
-        table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)
-        return {"table": table.model_dump(mode="json", by_alias=True), "worker": f"{socket.gethostname()}:{os.getpid()}"}
-    except JobCancelled:
-        return None
-    except Exception as exc:
-        fail(db, job_id, exc)
-        return None
+    settings = _settings()
+    with Attempt(db, job_id, lease, settings.job_time_limit_s, min(5.0, settings.heartbeat_stale_s / 4)) as attempt:
+        reporter = Reporter(db, job_id, attempt, prefix=f"shard {index + 1}/{count}: ")
+        try:
+            spec = resolve(db, blobs, job)
+            r = spec.request
+            prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name)
+            ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, reporter,
+                                     only=frozenset(layers))
+            table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)
+            return {"table": table.model_dump(mode="json", by_alias=True), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        except JobCancelled:
+            return None
+        except Exception as exc:
+            fail(db, job_id, exc, lease)
+            return None
 
 
-def merge_and_continue(parts: list[dict | None], job_id: str) -> str:
+def merge_and_continue(parts: list[dict | None], job_id: str, lease: str) -> str:
     """The chord's callback: merge the shard tables, cache the result, then solve and validate."""
     from bitplan.methods import merge_shards
 
     db, blobs = _runtime()
-    job = _running(db, job_id)
+    job = _holding(db, job_id, lease)
     if job is None or any(p is None for p in parts):
         return "skipped"
     try:
@@ -273,15 +366,16 @@ def merge_and_continue(parts: list[dict | None], job_id: str) -> str:
         key, key_spec = spec.cache_key()
         store_table(db, key, key_spec, merged)
     except Exception as exc:
-        fail(db, job_id, exc)
+        fail(db, job_id, exc, lease)
         return "failed"
-    return run_job(job_id, table=merged)
+    return run_job(job_id, table=merged, lease=lease)
 
 
-def _running(db: Database, job_id: str) -> Job | None:
+def _holding(db: Database, job_id: str, lease: str) -> Job | None:
+    """The job if it is running under ``lease`` (shards and the merge continue the attempt that split it)."""
     with db.session() as s:
         job = s.get(Job, job_id)
-        return job if job is not None and job.state == "running" else None
+        return job if job is not None and job.state == "running" and job.lease == lease else None
 
 
 def notify(db: Database, job_id: str) -> None:
@@ -311,3 +405,9 @@ def _runtime() -> tuple[Database, BlobStore]:
     from workers.app import runtime
 
     return runtime()
+
+
+def _settings():
+    from workers.app import settings
+
+    return settings()

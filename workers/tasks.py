@@ -23,22 +23,22 @@ def run_job(job_id: str) -> str:
 
 
 @app.task(name="bitplan.sensitivity_shard")
-def sensitivity_shard(job_id: str, layers: list[str], index: int, count: int) -> dict | None:
+def sensitivity_shard(job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:
     from workers import jobs
 
-    return jobs.run_shard(job_id, layers, index, count)
+    return jobs.run_shard(job_id, layers, index, count, lease)
 
 
 @app.task(name="bitplan.merge_shards")
-def merge_shards(parts: list, job_id: str) -> str:
+def merge_shards(parts: list, job_id: str, lease: str) -> str:
     from workers import jobs
 
-    return jobs.merge_and_continue(parts, job_id)
+    return jobs.merge_and_continue(parts, job_id, lease)
 
 
-def _dispatch_shards(job_id: str, blocks: list[list[str]]) -> None:
-    header = [sensitivity_shard.s(job_id, block, i, len(blocks)) for i, block in enumerate(blocks)]
-    chord(header)(merge_shards.s(job_id))
+def _dispatch_shards(job_id: str, blocks: list[list[str]], lease: str) -> None:
+    header = [sensitivity_shard.s(job_id, block, i, len(blocks), lease) for i, block in enumerate(blocks)]
+    chord(header)(merge_shards.s(job_id, lease))
 
 
 def enqueue(job_id: str) -> None:

@@ -1,0 +1,102 @@
+"""The reconciler: makes every job reach a terminal state whatever happened to the
+broker or the workers. Runs in the API process (a thread, every few seconds) and is
+safe to run in several places at once: sending a job twice is harmless, because a
+worker takes a job only through ``jobs.start()``, which lets one attempt hold it.
+
+* queued jobs not sent (or not started) for ``requeue_after_s`` are sent again — a
+  broker that restarted empty (Redis without persistence) lost them;
+* running jobs whose heartbeat stopped for ``heartbeat_stale_s`` lost their worker
+  (killed, out of memory, machine gone) and are sent again; another worker takes
+  them over;
+* a job whose workers stopped ``max_attempts`` times fails with a message rather than
+  killing another worker; running jobs far past the time limit fail too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import or_, select
+
+from bitplan.settings import Settings
+from storage import Database
+from storage.models import Job, utcnow
+
+log = logging.getLogger("bitplan.reconcile")
+
+
+def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Settings) -> dict[str, int]:
+    """One pass; returns how many jobs were requeued or failed (for logs and tests)."""
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=settings.heartbeat_stale_s)
+    waited = now - dt.timedelta(seconds=settings.requeue_after_s)
+    overdue = now - dt.timedelta(seconds=settings.job_time_limit_s + 2 * settings.heartbeat_stale_s)
+    counts = {"requeued": 0, "failed": 0}
+    send: list[str] = []
+    with db.session() as s:
+        queued = s.scalars(select(Job).where(Job.state == "queued",
+                                             or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited))
+                           .with_for_update(skip_locked=True).limit(500)).all()
+        lost = s.scalars(select(Job).where(Job.state == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+                         .with_for_update(skip_locked=True).limit(500)).all()
+        for job in lost:
+            if job.attempts >= settings.max_attempts:
+                _fail(job, now, f"the job's worker stopped {job.attempts} times without finishing it (killed, or out "
+                               "of memory?)", "try a smaller max_samples or batch_size, or ask the operator to check "
+                               "the workers' memory")
+                counts["failed"] += 1
+            elif job.started_at is not None and _aware(job.started_at) < overdue:
+                _fail(job, now, f"the job ran longer than the time limit of {settings.job_time_limit_s:g} s",
+                      "use a cheaper sensitivity method or fewer probes/samples")
+                counts["failed"] += 1
+            else:
+                job.detail = f"worker lost (no heartbeat for {settings.heartbeat_stale_s:g} s): sent to another worker"
+                job.enqueued_at = now
+                send.append(job.id)
+        for job in queued:
+            job.enqueued_at = now
+            send.append(job.id)
+    for job_id in send:
+        try:
+            enqueue(job_id)
+            counts["requeued"] += 1
+        except Exception as exc:  # broker down: the next pass tries again
+            log.warning("could not requeue %s: %s", job_id, exc)
+    if any(counts.values()):
+        log.info("reconciler: %s", counts)
+    return counts
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def _fail(job: Job, now: dt.datetime, message: str, hint: str) -> None:
+    job.state, job.finished_at, job.error_message, job.error_hint = "failed", now, message, hint
+
+
+class Reconciler:
+    """``reconcile_once`` every ``every_s`` seconds in a daemon thread until ``stop()``."""
+
+    def __init__(self, db: Database, enqueue: Callable[[str], None], settings: Settings, every_s: float = 5.0) -> None:
+        self.db, self.enqueue, self.settings, self.every_s = db, enqueue, settings, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bitplan-reconciler", daemon=True)
+
+    def start(self) -> Reconciler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                reconcile_once(self.db, self.enqueue, self.settings)
+            except Exception as exc:  # the database may be down; the next pass tries again
+                log.warning("reconciler pass failed: %s", exc)
