@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +32,10 @@ def free_port() -> int:
 
 class DevStack:
     def __init__(self, workers: int = 2, embedded: bool = False, redis_db: int | None = None,
-                 workdir: str | Path | None = None, extra_env: dict[str, str] | None = None) -> None:
+                 workdir: str | Path | None = None, extra_env: dict[str, str] | None = None,
+                 redis_url: str | None = None, pg_admin_url: str | None = None) -> None:
+        self.redis_url = redis_url or REDIS_URL
+        self.pg_admin_url = pg_admin_url or PG_ADMIN_URL
         self.n_workers = 0 if embedded else workers
         self.embedded = embedded
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="bitplan-stack-"))
@@ -51,11 +55,11 @@ class DevStack:
     def database_url(self) -> str:
         if self.embedded:
             return f"sqlite:///{self.data_dir / 'bitplan.db'}"
-        return PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{self.pg_db}"
+        return self.pg_admin_url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{self.pg_db}"
 
     @property
     def broker_url(self) -> str:
-        return "memory://" if self.embedded else f"{REDIS_URL}/{self.redis_db}"
+        return "memory://" if self.embedded else f"{self.redis_url}/{self.redis_db}"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -162,14 +166,14 @@ class DevStack:
     def _admin(self):
         import psycopg
 
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10)
+        return psycopg.connect(self.pg_admin_url, autocommit=True, connect_timeout=10)
 
     def _create_database(self) -> None:
         try:
             with self._admin() as conn:
                 conn.execute(f'CREATE DATABASE "{self.pg_db}"')
         except Exception as exc:
-            raise RuntimeError(f"PostgreSQL at {PG_ADMIN_URL} is needed for the service tests: {exc}") from exc
+            raise RuntimeError(f"PostgreSQL at {self.pg_admin_url} is needed for the service tests: {exc}") from exc
 
     def _drop_database(self) -> None:
         try:
@@ -184,4 +188,77 @@ class DevStack:
         try:
             redis.Redis.from_url(self.broker_url, socket_timeout=5).flushdb()
         except Exception as exc:
-            raise RuntimeError(f"Redis at {REDIS_URL} is needed for the service tests: {exc}") from exc
+            raise RuntimeError(f"Redis at {self.redis_url} is needed for the service tests: {exc}") from exc
+
+
+class PrivateRedis:
+    """A redis-server of its own on a free port (no persistence), to stop and start in fault tests."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PrivateRedis:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of its own (initdb in a temporary folder, trust auth, a free port), to stop and
+    start in fault tests. Runs as the ``postgres`` user when this process is root (initdb refuses root)."""
+
+    BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1] if Path("/usr/lib/postgresql").exists() else None
+
+    def __init__(self) -> None:
+        # its own folder under /tmp: the postgres user must be able to reach it (pytest's tmp_path is root-only)
+        self.root = Path(tempfile.mkdtemp(prefix="bitplan-pg-"))
+        self.dir = self.root / "pgdata"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.BIN / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def init(self) -> PrivatePostgres:
+        if self.BIN is None:
+            raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql")
+        self.dir.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.dir), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        return self.start()
+
+    def start(self) -> PrivatePostgres:
+        self._run("pg_ctl", "-D", str(self.dir), "-w", "-l", str(self.dir / "server.log"), "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.dir), "-w", "-m", "immediate", "stop")
+        except subprocess.CalledProcessError:
+            pass
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

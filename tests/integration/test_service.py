@@ -5,9 +5,6 @@ the client CLI."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +14,7 @@ import pytest
 from bitplan.devstack import DevStack
 from bitplan.schemas import PlanFile
 from tests.conftest import run_cli
+from tests.integration.service_client import Callbacks, Team
 
 FAST = {"method": "hessian_trace", "params": {"max_probes": 8, "min_probes": 4, "max_samples": 64}}
 
@@ -25,29 +23,6 @@ FAST = {"method": "hessian_trace", "params": {"max_probes": 8, "min_probes": 4, 
 def stack(tmp_path_factory):
     with DevStack(workers=2, workdir=tmp_path_factory.mktemp("stack")) as s:
         yield s
-
-
-class Team:
-    def __init__(self, stack: DevStack, name: str) -> None:
-        self.name = name
-        self.key = stack.create_key(name)
-        self.http = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=120)
-
-    def upload(self, kind: str, path) -> httpx.Response:
-        with open(path, "rb") as f:
-            return self.http.post(f"/v1/{kind}", files={"file": (path.name, f)})
-
-    def submit(self, **body) -> httpx.Response:
-        return self.http.post("/v1/jobs", json=body)
-
-    def wait(self, job_id: str, timeout: float = 300, until=("succeeded", "failed", "cancelled")) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.http.get(f"/v1/jobs/{job_id}").json()
-            if job["state"] in until:
-                return job
-            time.sleep(0.3)
-        raise AssertionError(f"job {job_id} not {until} after {timeout} s: {job}")
 
 
 @pytest.fixture(scope="module")
@@ -188,32 +163,19 @@ def test_errors_say_what_to_do(stack, teams):
 
 def test_callback_and_pagination(teams):
     a, _ = teams
-    got: list[dict] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hooks = Callbacks()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/hook"
-        job = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 4}, callback_url=url,
+        job = a.submit(model_id=a.model["id"], budgets={"avg_weight_bits": 4}, callback_url=hooks.url,
                        sensitivity={"method": "fisher", "params": {"max_samples": 32}}).json()
         assert job["dataset_id"] == "synthetic"
         done = a.wait(job["id"])
         assert done["state"] == "succeeded", done
         deadline = time.monotonic() + 30
-        while not got and time.monotonic() < deadline:
+        while not hooks.received and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert got and got[0]["id"] == job["id"] and got[0]["state"] == "succeeded"
+        assert hooks.received and hooks.received[0]["id"] == job["id"] and hooks.received[0]["state"] == "succeeded"
     finally:
-        server.shutdown()
+        hooks.close()
     page = a.http.get("/v1/jobs", params={"limit": 2}).json()
     assert len(page["items"]) == 2 and page["total"] > 2 and page["next"]
     rest = a.http.get(page["next"]).json()

@@ -1,0 +1,138 @@
+"""Faults, against real processes: a worker killed with SIGKILL in the middle of a
+sensitivity computation, Redis restarted (empty) while jobs are queued and running,
+PostgreSQL restarted, the API process restarted, a job past its time limit. Every job
+still reaches a terminal state, once; nothing is lost.
+
+Recovery timings are shortened for the tests (heartbeat stale after 6 s, queued jobs
+resent after 4 s); the defaults are 60 s each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+
+from bitplan.devstack import DevStack, PrivatePostgres, PrivateRedis
+from tests.integration.service_client import TERMINAL, Callbacks, Team
+
+FAST_RECOVERY = {"BITPLAN_HEARTBEAT_STALE_S": "6", "BITPLAN_REQUEUE_AFTER_S": "4"}
+
+
+def slow(team: Team, probes: int = 64, **extra) -> dict:
+    """A hessian_trace job that runs for a while: a fixed number of single-probe passes, no cache."""
+    body = {"model_id": team.model["id"], "dataset_id": team.data["id"], "budgets": {"avg_weight_bits": 4},
+            "reuse_sensitivity": False,
+            "sensitivity": {"method": "hessian_trace",
+                            "params": {"max_probes": probes, "min_probes": probes, "probes_per_pass": 1, "tol": 1e-6}},
+            **extra}
+    r = team.submit(**body)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def wait_until(condition, timeout: float, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def test_worker_killed_mid_sensitivity_job_finishes_once_elsewhere(digits_files, tmp_path):
+    hooks = Callbacks()
+    with DevStack(workers=2, workdir=tmp_path, extra_env=FAST_RECOVERY) as stack:
+        team = Team(stack, "vision").setup(digits_files)
+        job = slow(team, probes=64, callback_url=hooks.url)
+
+        def in_sensitivity():
+            j = team.http.get(f"/v1/jobs/{job['id']}").json()
+            return j if j["stage"] == "sensitivity" and j["progress"] >= 0.1 else None
+
+        running = wait_until(in_sensitivity, timeout=120)
+        assert running["attempts"] == 1
+        victim = next(p for p in stack.workers if _runs(stack, p, job["id"]))
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        done = team.wait(job["id"], timeout=300)
+        assert done["state"] == "succeeded", done
+        assert done["attempts"] == 2
+        survivor = next(p for p in stack.workers if p.pid != victim.pid)
+        assert survivor.poll() is None and _runs(stack, survivor, job["id"])
+        wait_until(lambda: hooks.received, timeout=30)
+        time.sleep(2)
+        assert [h["id"] for h in hooks.received] == [job["id"]]  # finished once
+        plan = team.http.get(f"/v1/jobs/{job['id']}/plan").json()
+        assert plan["sensitivity"]["notes"] and plan["cost"]["avg_weight_bits"] <= 4 + 1e-9
+    hooks.close()
+
+
+def _runs(stack: DevStack, proc, job_id: str) -> bool:
+    """Whether this worker process received the job (its log names the task id when it starts it)."""
+    name = f"w{stack.workers.index(proc) + 1}.log"
+    return job_id in stack.log(name)
+
+
+def test_redis_restarted_while_jobs_are_queued_and_running(digits_files, tmp_path):
+    redis = PrivateRedis().start()
+    try:
+        with DevStack(workers=2, workdir=tmp_path, extra_env=FAST_RECOVERY, redis_url=redis.url, redis_db=0) as stack:
+            team = Team(stack, "vision").setup(digits_files)
+            jobs = [slow(team, probes=24, seed=i) for i in range(5)]
+            wait_until(lambda: sum(team.http.get(f"/v1/jobs/{j['id']}").json()["state"] == "running" for j in jobs) >= 2,
+                       timeout=120)
+            queued = [j["id"] for j in jobs if team.http.get(f"/v1/jobs/{j['id']}").json()["state"] == "queued"]
+            assert queued, "expected some jobs still queued when Redis went away"
+            redis.stop()
+            time.sleep(2)
+            assert team.http.get("/healthz").status_code == 200  # the API lives on without its broker
+            redis.start()  # empty: the queued messages are gone
+            ends = [team.wait(j["id"], timeout=400) for j in jobs]
+            assert [e["state"] for e in ends] == ["succeeded"] * 5, ends
+    finally:
+        redis.stop()
+
+
+def test_postgres_restart_answers_503_then_recovers(digits_files, tmp_path):
+    pg = PrivatePostgres().init()
+    try:
+        with DevStack(workers=1, workdir=tmp_path / "stack", extra_env=FAST_RECOVERY, pg_admin_url=pg.url) as stack:
+            team = Team(stack, "vision").setup(digits_files)
+            assert team.http.get("/v1/jobs").status_code == 200
+            pg.stop()
+            down = team.http.get("/v1/jobs")
+            assert down.status_code == 503, down.text
+            assert down.json()["error"]["code"] == "unavailable" and down.headers["retry-after"]
+            assert httpx.get(stack.url + "/readyz").status_code == 503
+            assert team.submit(model_id=team.model["id"], budgets={"avg_weight_bits": 4}).status_code == 503
+            pg.start()
+            wait_until(lambda: team.http.get("/v1/jobs").status_code == 200, timeout=60)
+            assert httpx.get(stack.url + "/readyz").status_code == 200
+            job = team.submit(model_id=team.model["id"], dataset_id=team.data["id"], budgets={"avg_weight_bits": 4},
+                              sensitivity={"method": "fisher", "params": {"max_samples": 64}}).json()
+            assert team.wait(job["id"], timeout=240)["state"] == "succeeded"
+    finally:
+        pg.remove()
+
+
+def test_api_restart_loses_nothing_and_time_limit_fails_clearly(digits_files, tmp_path):
+    env = {**FAST_RECOVERY, "BITPLAN_JOB_TIME_LIMIT_S": "8"}
+    with DevStack(workers=1, workdir=tmp_path, extra_env=env) as stack:
+        team = Team(stack, "vision").setup(digits_files)
+        long = slow(team, probes=10000)
+        quick = [team.submit(model_id=team.model["id"], dataset_id=team.data["id"], budgets={"avg_weight_bits": b},
+                             sensitivity={"method": "fisher", "params": {"max_samples": 64}}).json() for b in (3, 4)]
+        stack.api.kill()  # SIGKILL: no goodbye
+        stack.api.wait()
+        stack.start_api()
+        ids = {j["id"] for j in team.http.get("/v1/jobs").json()["items"]}
+        assert {long["id"], *(q["id"] for q in quick)} <= ids
+        timed_out = team.wait(long["id"], timeout=120)
+        assert timed_out["state"] == "failed" and "time limit of 8 s" in timed_out["error"]["message"]
+        assert "max_probes" in timed_out["error"]["hint"]
+        for q in quick:
+            assert team.wait(q["id"], timeout=240)["state"] == "succeeded"
+        assert all(team.http.get(f"/v1/jobs/{j}").json()["state"] in TERMINAL for j in ids)
