@@ -1,0 +1,139 @@
+"""Limits and retries at the API (in-process app on SQLite, jobs not run): the per-team
+quota of queued/running jobs, the per-key request rate, Idempotency-Key, and a submit
+while the broker is down (stored, sent later by the reconciler)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from bitplan.settings import load_settings
+from service.app import create_app
+from storage import Database
+from storage.models import Job
+from workers.reconcile import reconcile_once
+
+
+def make_client(tmp_path, **overrides):
+    settings = load_settings(data_dir=str(tmp_path / "data"), **overrides)
+    db = Database(settings.database_url)
+    db.migrate()
+    keys = {name: db.create_key(name) for name in ("vision", "speech")}
+    app = create_app(settings, worker=False, reconcile=False)
+    sent: list[str] = []
+    return app, db, keys, sent, settings
+
+
+@pytest.fixture
+def model_file(digits_files):
+    return ("digits.pt2", digits_files["pt2"].read_bytes())
+
+
+def start(app, sent, key, fail_enqueue=False):
+    client = TestClient(app)
+    client.__enter__()
+
+    def enqueue(job_id):
+        if fail_enqueue:
+            raise ConnectionError("broker down")
+        sent.append(job_id)
+
+    app.state.enqueue = enqueue
+    client.headers["Authorization"] = f"Bearer {key}"
+    return client
+
+
+def test_quota_of_active_jobs_per_team(tmp_path, model_file):
+    app, db, keys, sent, _ = make_client(tmp_path, max_active_jobs=2)
+    a = start(app, sent, keys["vision"])
+    model = a.post("/v1/models", files={"file": model_file}).json()["id"]
+    body = {"model_id": model, "budgets": {"avg_weight_bits": 4}}
+    assert [a.post("/v1/jobs", json=body).status_code for _ in range(2)] == [202, 202]
+    refused = a.post("/v1/jobs", json=body)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+    assert refused.headers["retry-after"] and "cancel" in refused.json()["error"]["hint"]
+    b = TestClient(app)
+    b.headers["Authorization"] = f"Bearer {keys['speech']}"
+    other = b.post("/v1/models", files={"file": model_file}).json()["id"]
+    assert b.post("/v1/jobs", json={**body, "model_id": other}).status_code == 202  # another team's quota is its own
+    a.delete(f"/v1/jobs/{sent[0]}")
+    assert a.post("/v1/jobs", json=body).status_code == 202  # a cancelled job frees its place
+    a.__exit__(None, None, None)
+
+
+def test_rate_limit_per_key(tmp_path):
+    app, db, keys, sent, _ = make_client(tmp_path, rate_limit=0.5, rate_burst=3)
+    a = start(app, sent, keys["vision"])
+    codes = [a.get("/v1/jobs").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = a.get("/v1/jobs")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited" and int(r.headers["retry-after"]) >= 1
+    b = TestClient(app)
+    b.headers["Authorization"] = f"Bearer {keys['speech']}"
+    assert b.get("/v1/jobs").status_code == 200  # per key, not global
+    assert TestClient(app).get("/healthz").status_code == 200
+    a.__exit__(None, None, None)
+
+
+def test_idempotency_key_returns_the_same_job(tmp_path, model_file):
+    app, db, keys, sent, _ = make_client(tmp_path)
+    a = start(app, sent, keys["vision"])
+    model = a.post("/v1/models", files={"file": model_file}).json()["id"]
+    body = {"model_id": model, "budgets": {"avg_weight_bits": 4}}
+    first = a.post("/v1/jobs", json=body, headers={"Idempotency-Key": "run-42"})
+    again = a.post("/v1/jobs", json=body, headers={"Idempotency-Key": "run-42"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replay"] == "true"
+    assert sent == [first.json()["id"]]  # queued once
+    other = a.post("/v1/jobs", json=body, headers={"Idempotency-Key": "run-43"})
+    assert other.json()["id"] != first.json()["id"]
+    b = TestClient(app)
+    b.headers["Authorization"] = f"Bearer {keys['speech']}"
+    model_b = b.post("/v1/models", files={"file": model_file}).json()["id"]
+    theirs = b.post("/v1/jobs", json={**body, "model_id": model_b}, headers={"Idempotency-Key": "run-42"})
+    assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]  # keys are per team
+    a.__exit__(None, None, None)
+
+
+def test_submit_while_the_broker_is_down_is_kept_and_sent_later(tmp_path, model_file):
+    app, db, keys, sent, settings = make_client(tmp_path)
+    a = start(app, sent, keys["vision"], fail_enqueue=True)
+    model = a.post("/v1/models", files={"file": model_file}).json()["id"]
+    r = a.post("/v1/jobs", json={"model_id": model, "budgets": {"avg_weight_bits": 4}})
+    assert r.status_code == 202 and r.json()["state"] == "queued"
+    with db.session() as s:
+        assert s.get(Job, r.json()["id"]).enqueued_at is None  # marked for the reconciler
+    later: list[str] = []
+    assert reconcile_once(db, later.append, settings) == {"requeued": 1, "failed": 0}
+    assert later == [r.json()["id"]]
+    assert reconcile_once(db, later.append, settings)["requeued"] == 0  # not again until requeue_after_s
+    a.__exit__(None, None, None)
+
+
+def test_reconciler_resends_lost_work_and_gives_up_after_max_attempts(tmp_path):
+    import datetime as dt
+
+    from storage.models import ModelFile, Team, utcnow
+
+    settings = load_settings(data_dir=str(tmp_path / "data"), heartbeat_stale_s=30, max_attempts=3)
+    db = Database(settings.database_url)
+    db.migrate()
+    old = utcnow() - dt.timedelta(seconds=120)
+    with db.session() as s:
+        team = Team(name="vision")
+        s.add(team)
+        s.flush()
+        model = ModelFile(team_id=team.id, sha256="0" * 64, name="m.pt2", format="pt2", size_bytes=1, description={})
+        s.add(model)
+        s.flush()
+        rows = {name: Job(team_id=team.id, model_id=model.id, request={}, state="running", heartbeat_at=beat,
+                          attempts=attempts, started_at=old, enqueued_at=old)
+                for name, beat, attempts in (("lost", old, 1), ("alive", utcnow(), 1), ("doomed", old, 3))}
+        s.add_all(rows.values())
+    sent: list[str] = []
+    assert reconcile_once(db, sent.append, settings) == {"requeued": 1, "failed": 1}
+    assert sent == [rows["lost"].id]
+    with db.session() as s:
+        doomed = s.get(Job, rows["doomed"].id)
+        assert doomed.state == "failed" and "stopped 3 times" in doomed.error_message
+        assert s.get(Job, rows["alive"].id).state == "running"
