@@ -56,8 +56,11 @@ def test_worker_killed_mid_sensitivity_job_finishes_once_elsewhere(digits_files,
         assert running["attempts"] == 1
         victim = next(p for p in stack.workers if _runs(stack, p, job["id"]))
         os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
         victim.wait()
         done = team.wait(job["id"], timeout=300)
+        print(f"\n[fault] worker killed at sensitivity {running['progress']:.0%}; job succeeded "
+              f"{time.monotonic() - killed:.1f} s later on the other worker, attempts {done['attempts']}")
         assert done["state"] == "succeeded", done
         assert done["attempts"] == 2
         survivor = next(p for p in stack.workers if p.pid != victim.pid)
@@ -90,7 +93,10 @@ def test_redis_restarted_while_jobs_are_queued_and_running(digits_files, tmp_pat
             time.sleep(2)
             assert team.http.get("/healthz").status_code == 200  # the API lives on without its broker
             redis.start()  # empty: the queued messages are gone
+            back = time.monotonic()
             ends = [team.wait(j["id"], timeout=400) for j in jobs]
+            print(f"\n[fault] Redis restarted empty with {len(queued)} jobs queued and {5 - len(queued)} running; all 5 "
+                  f"succeeded {time.monotonic() - back:.1f} s after it came back")
             assert [e["state"] for e in ends] == ["succeeded"] * 5, ends
     finally:
         redis.stop()
@@ -109,7 +115,10 @@ def test_postgres_restart_answers_503_then_recovers(digits_files, tmp_path):
             assert httpx.get(stack.url + "/readyz").status_code == 503
             assert team.submit(model_id=team.model["id"], budgets={"avg_weight_bits": 4}).status_code == 503
             pg.start()
+            back = time.monotonic()
             wait_until(lambda: team.http.get("/v1/jobs").status_code == 200, timeout=60)
+            print(f"\n[fault] PostgreSQL down: 503 (code unavailable, Retry-After); answering again "
+                  f"{time.monotonic() - back:.1f} s after it restarted")
             assert httpx.get(stack.url + "/readyz").status_code == 200
             job = team.submit(model_id=team.model["id"], dataset_id=team.data["id"], budgets={"avg_weight_bits": 4},
                               sensitivity={"method": "fisher", "params": {"max_samples": 64}}).json()
@@ -127,7 +136,9 @@ def test_api_restart_loses_nothing_and_time_limit_fails_clearly(digits_files, tm
                              sensitivity={"method": "fisher", "params": {"max_samples": 64}}).json() for b in (3, 4)]
         stack.api.kill()  # SIGKILL: no goodbye
         stack.api.wait()
+        down = time.monotonic()
         stack.start_api()
+        print(f"\n[fault] API killed and restarted ({time.monotonic() - down:.1f} s to ready); every job still listed")
         ids = {j["id"] for j in team.http.get("/v1/jobs").json()["items"]}
         assert {long["id"], *(q["id"] for q in quick)} <= ids
         timed_out = team.wait(long["id"], timeout=120)
@@ -136,3 +147,4 @@ def test_api_restart_loses_nothing_and_time_limit_fails_clearly(digits_files, tm
         for q in quick:
             assert team.wait(q["id"], timeout=240)["state"] == "succeeded"
         assert all(team.http.get(f"/v1/jobs/{j}").json()["state"] in TERMINAL for j in ids)
+        print(f"[fault] time limit: {timed_out['error']['message']}")
