@@ -8,6 +8,7 @@ server and the workers alike (so ``bitplan submit`` and ``bitplan serve`` agree)
 | BITPLAN_BROKER_URL     | memory:// (in-process; `bitplan serve`)   | server, workers    |
 | BITPLAN_RESULT_BACKEND | the broker URL if redis, else in-process  | server, workers    |
 | BITPLAN_MAX_UPLOAD_MB  | 512                                       | server             |
+| BITPLAN_MAX_UNPACKED_MB | 4000 (read by bitplan.core.data)         | upload reader      |
 | BITPLAN_JOB_TIME_LIMIT_S | 3600 (a job running longer fails)       | workers            |
 | BITPLAN_MAX_ACTIVE_JOBS  | 20 queued or running jobs per team      | server             |
 | BITPLAN_RATE_LIMIT       | 50 requests/s per key (bursts of 200)   | server             |

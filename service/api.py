@@ -111,8 +111,8 @@ def _accepted(job: Job, replay: bool = False) -> JSONResponse:
 @router.get("/jobs", summary="The team's jobs, newest first")
 def list_jobs(request: Request, team: TeamDep, s: SessionDep,
               state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
-              model_id: Annotated[str | None, Query(max_length=64)] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 20, offset: Annotated[int, Query(ge=0)] = 0):
+              model_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 20, offset: Annotated[int, Query(ge=0, le=10**9)] = 0):
     where = [Job.team_id == team.id]
     if state:
         where.append(Job.state == state)

@@ -1,18 +1,54 @@
 """``POST /v1/jobs``: the request body, and the checks that can be made before any
-work is queued (method names and parameters, bit widths, pins, and whether the
-budget can be met at all, from the layer table measured on upload)."""
+work is queued (method names and parameters, bit widths, pins, whether the
+budget can be met at all, from the layer table measured on upload, and whether
+the data fits the model's inputs, from both descriptions)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Callable
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
 from bitplan.methods import get_method, parse_params
-from bitplan.schemas import ACT_BITS, WEIGHT_BITS, Budget, LayerInfo
+from bitplan.schemas import ACT_BITS, BUDGET_KEYS, WEIGHT_BITS, Budget, LayerInfo
 from service.errors import ApiError
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (a ValueError's gets "Value error, " in front)."""
+    return PydanticCustomError("invalid", "{message}", {"message": message})
+
+
+FiniteMs = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Budgets(Budget):
+    """Upper bounds on plan costs: at least one, each a positive finite number."""
+
+    # As the CLI's Budget, but JSON's NaN, Infinity and 1e400 are refused here rather than by the solver,
+    # an empty object is refused rather than queued, and an unknown key is named with the valid ones.
+
+    model_config = ConfigDict(allow_inf_nan=False, title="Budget")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, value):
+        if isinstance(value, dict):
+            unknown = sorted(str(k) for k in value if k not in BUDGET_KEYS)
+            if unknown:
+                raise _invalid(f"unknown budget key(s) {', '.join(unknown)}; valid keys: {', '.join(BUDGET_KEYS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Budgets:
+        if not self.limits():
+            raise _invalid("no budget given; set at least one of " + ", ".join(BUDGET_KEYS))
+        return self
 
 
 class MethodChoice(BaseModel):
@@ -31,14 +67,14 @@ class JobCreate(BaseModel):
     dataset_id: str = Field("synthetic", max_length=64,
                             description="an uploaded dataset, or 'synthetic' (random inputs shaped like the model's)")
     eval_dataset_id: str | None = Field(None, max_length=64, description="held-out data for the measured figures")
-    budgets: Budget
+    budgets: Budgets
     w_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1, max_length=8)
     a_bits: list[int] = Field([16], min_length=1, max_length=3)
     pins: dict[str, int] = Field(default_factory=dict)
     sensitivity: MethodChoice = MethodChoice(method="hessian_trace")
     solver: MethodChoice = MethodChoice(method="ilp")
     clip: Literal["mse", "minmax"] = "mse"
-    latency_table: dict[str, dict[int, float]] | None = None
+    latency_table: dict[str, dict[int, FiniteMs]] | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
     validate_plan: bool = Field(True, alias="validate", description="measure the plan on the eval data")
     shards: int = Field(1, ge=1, le=64, description="split a shardable method's sensitivity work over this many workers")
@@ -46,12 +82,20 @@ class JobCreate(BaseModel):
     reuse_sensitivity: bool = Field(True, description="reuse a cached sensitivity table computed with the same inputs")
     callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, value):
+        problem = _unstorable(value)
+        if problem is not None:
+            raise _invalid(problem)
+        return value
+
     @field_validator("w_bits")
     @classmethod
     def _w_bits(cls, v: list[int]) -> list[int]:
         bad = [b for b in v if b not in WEIGHT_BITS]
         if bad:
-            raise ValueError(f"weight bits {bad} not supported; choose from {list(WEIGHT_BITS)}")
+            raise _invalid(f"weight bits {bad} not supported; choose from {list(WEIGHT_BITS)}")
         return sorted(set(v))
 
     @field_validator("a_bits")
@@ -59,15 +103,59 @@ class JobCreate(BaseModel):
     def _a_bits(cls, v: list[int]) -> list[int]:
         bad = [b for b in v if b not in ACT_BITS]
         if bad:
-            raise ValueError(f"activation bits {bad} not supported; choose from {list(ACT_BITS)}")
+            raise _invalid(f"activation bits {bad} not supported; choose from {list(ACT_BITS)}")
         return sorted(set(v))
 
     @field_validator("callback_url")
     @classmethod
     def _callback(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("callback_url must be an http:// or https:// URL")
+            raise _invalid("callback_url must be an http:// or https:// URL")
         return v
+
+
+MAX_DEPTH = 32
+
+
+def _unstorable(value) -> str | None:
+    """What in a JSON body no database, log or JSON answer can hold, said with where it is; else None.
+
+    A NUL character (PostgreSQL refuses it in text and JSON), an unpaired surrogate such as JSON's
+    "\\ud800" (it cannot be encoded as UTF-8, not even in an error message) and nesting deeper than
+    MAX_DEPTH (pydantic will not serialise it) would each end as a 500 after the body was accepted.
+    A loop, not recursion: a deeply nested body must not exhaust the stack either.
+    """
+    stack: list[tuple[str, object, int]] = [("", value, 0)]
+    while stack:
+        path, item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"{_shown(path) or 'the body'} is nested more than {MAX_DEPTH} levels deep"
+        if isinstance(item, str):
+            if not _plain(item):
+                return f"{_shown(path) or 'the body'} contains a NUL character or an unpaired surrogate (\\ud800-\\udfff)"
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in pairs:
+            here = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _plain(key):
+                return f"the key {_shown(here)} contains a NUL character or an unpaired surrogate (\\ud800-\\udfff)"
+            stack.append((here, child, depth + 1))
+    return None
+
+
+def _plain(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """``text`` with NULs and surrogates escaped, so an error message can quote it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def check_methods(job: JobCreate) -> dict:
@@ -76,6 +164,16 @@ def check_methods(job: JobCreate) -> dict:
 
     try:
         info = get_method(job.sensitivity.method)
+    except BitplanError as exc:
+        raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
+    valid = list(info.params.model_fields)
+    unknown = sorted(set(job.sensitivity.params) - set(valid))
+    if unknown:
+        raise ApiError(422, f"sensitivity method '{info.name}' has no parameter(s) {', '.join(unknown)}",
+                       f"valid parameters of '{info.name}': " + (", ".join(valid) or "none"), code="invalid_request")
+    _refuse_non_finite(job.sensitivity.params, "sensitivity.params")
+    _refuse_non_finite(job.solver.params, "solver.params")
+    try:
         parse_params(info, job.sensitivity.params)
     except BitplanError as exc:
         raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
@@ -98,8 +196,30 @@ def check_methods(job: JobCreate) -> dict:
     return request
 
 
-def check_against_model(job: JobCreate, description: dict) -> None:
-    """Pins name real layers, the latency table covers them, and the budget is achievable."""
+def _refuse_non_finite(params: dict, where: str) -> None:
+    """NaN and Infinity parse from JSON into floats no method or solver can use; name them here, not in a failed job."""
+    bad = sorted(f"{where}.{k}" for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise ApiError(422, ", ".join(bad) + (" must be a finite number" if len(bad) == 1 else " must be finite numbers"),
+                       "send ordinary numbers (not NaN or Infinity)", code="invalid_request")
+
+
+def check_against_model(job: JobCreate, model: dict, dataset: Callable[[str], dict] | None = None) -> None:
+    """Pins name real layers, the latency table covers them, the budget is achievable, and the data fits.
+
+    ``model`` is the model's JSON (``GET /v1/models/{id}``; a bare stored description works too);
+    ``dataset`` looks up a dataset's JSON by id, raising 404 for one the team does not own. Without
+    it the data is checked by the worker only.
+    """
+    _check_budget(job, model)
+    if dataset is None:
+        return
+    for role, data_id in (("dataset", job.dataset_id), ("eval dataset", job.eval_dataset_id)):
+        if data_id and data_id != "synthetic":
+            check_data_fits(model, dataset(data_id), role)
+
+
+def _check_budget(job: JobCreate, description: dict) -> None:
     try:
         layers = tuple(LayerInfo(**row) for row in description.get("layers", []))
     except ValidationError:
@@ -132,3 +252,59 @@ def check_against_model(job: JobCreate, description: dict) -> None:
                        + (" except the pinned ones)" if job.pins else ")"),
                        "raise the budget, allow lower bit widths, or unpin layers", code="infeasible",
                        minimums={key: least for key, (_, least) in over.items()})
+
+
+def _kind(dtype: str) -> str:
+    """The dtype families conform() keeps apart (float, bool, anything else); within one it casts."""
+    if dtype == "bool":
+        return "bool"
+    return "float" if dtype.startswith("float") or dtype == "bfloat16" else "int"
+
+
+def _shape(shape: list) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+def check_data_fits(model: dict, data: dict, role: str = "dataset") -> None:
+    """Refuse data the worker's ``conform()`` would refuse, from the two descriptions, without torch.
+
+    The same rules in the same order: one positional ``inputs`` for a one-input model, else the names
+    must be the model's; then rank, every dim the model fixes, and the dtype family. A TorchScript
+    model is traced again with the job's data, so only its input names are fixed. Descriptions
+    without inputs (older rows) are left to the worker. (Messages keep the word "model" to the hint,
+    so the web form shows them beside the dataset field.)
+    """
+    spec, given = model.get("inputs") or [], data.get("inputs") or []
+    if not spec or not given:
+        return
+    label = f"{role} '{data.get('name') or ''}' ({data.get('id') or '?'})"
+    expected = ", ".join(f"{s['name']}: {_shape(s['shape'])} {s['dtype']}" for s in spec)
+    by_name = {d["name"]: d for d in given}
+    if "" in by_name:
+        if len(spec) != 1:
+            raise ApiError(422, f"{label} has one positional 'inputs', but {len(spec)} named inputs are expected: "
+                           + ", ".join(s["name"] for s in spec),
+                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request")
+        pairs = [("", spec[0])]
+    else:
+        names = {s["name"] for s in spec}
+        if set(by_name) != names:
+            raise ApiError(422, f"{label} has inputs {sorted(by_name)}, but the inputs expected are {sorted(names)}",
+                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request")
+        pairs = [(s["name"], s) for s in spec]
+    if model.get("format") == "torchscript":
+        return
+    for key, s in pairs:
+        _check_input(label, f"'inputs.{key}'" if key else "'inputs'", by_name[key], s)
+
+
+def _check_input(label: str, name: str, given: dict, spec: dict) -> None:
+    want, shape = list(spec["shape"]), list(given["shape"])
+    if len(shape) != len(want) or any(e is not None and e != g for e, g in zip(want, shape)):
+        raise ApiError(422, f"{label}: {name} has shape {_shape(shape)}, "
+                       f"but the expected shape is {_shape(want)} {spec['dtype']}",
+                       "N is the number of samples; the other dims must match the model's input (GET /v1/models/{id})",
+                       code="invalid_request")
+    if _kind(given["dtype"]) != _kind(spec["dtype"]):
+        raise ApiError(422, f"{label}: {name} has dtype {given['dtype']}, but the expected dtype is {spec['dtype']}",
+                       f"save {name} as {spec['dtype']}, the dtype of the model's input", code="invalid_request")

@@ -25,7 +25,7 @@ TORCHSCRIPT_HINT = ("upload calibration data first and send its id as dataset_id
 
 def owned(s: Session, cls, row_id: str, team: Team, what: str):
     """The team's own row, else 404 (never 403: another team's ids must not be confirmed)."""
-    row = s.get(cls, row_id)
+    row = s.get(cls, row_id) if "\x00" not in row_id else None  # PostgreSQL text cannot hold NUL
     if row is None or row.team_id != team.id:
         raise ApiError(404, f"no {what} '{row_id}' for this team", f"list yours with GET /v1/{what}s")
     return row
@@ -57,7 +57,7 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
         try:
             desc = describe("model" if kind == "model" else "data", staged.tmp, name, data_path)
         except ApiError as exc:
-            if "TorchScript" in exc.message and data_path is None:
+            if "input shapes are not stored" in exc.message and data_path is None:
                 exc.hint = TORCHSCRIPT_HINT
             raise
         staged.commit()
@@ -99,7 +99,7 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
                            "wait for one to finish (or cancel one with DELETE /v1/jobs/{id}), then submit again",
                            code="quota_exceeded", headers={"Retry-After": "10"})
         model = owned(s, ModelFile, body.model_id, team, "model")
-        check_against_model(body, model.description)
+        check_against_model(body, model_dict(model), lambda i: dataset_dict(owned(s, DatasetFile, i, team, "dataset")))
         dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset").id
         eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
         job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,

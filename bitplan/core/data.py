@@ -5,6 +5,7 @@ integer ``targets``. Never unpickled: npz is read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitplan.errors import DataError
+from bitplan.errors import BitplanError, DataError
 from bitplan.files import sha256_file
 from bitplan.schemas import InputSpec
 
 POSITIONAL = ""
+#: Unpacked size allowed for one archive (all members together), unless BITPLAN_MAX_UNPACKED_MB says otherwise.
+DEFAULT_MAX_UNPACKED_MB = 4000
+#: A member this large that expands more than MAX_RATIO times is a zip bomb, not data.
+RATIO_CHECKED_BYTES = 100_000_000
+MAX_RATIO = 200
+DATA_FORMATS = "send .npz (numpy.savez) or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer 'targets'"
+PICKLE_HINT = "bitplan never unpickles uploads, because unpickling can run arbitrary code"
 
 
 @dataclass
@@ -51,38 +59,96 @@ class Dataset:
         return Batch(args, parts, targets, end - start)
 
 
+def max_unpacked_bytes() -> int:
+    """The BITPLAN_MAX_UNPACKED_MB limit in bytes: read per call, so the API's environment reaches the reader."""
+    raw = os.environ.get("BITPLAN_MAX_UNPACKED_MB") or str(DEFAULT_MAX_UNPACKED_MB)
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise DataError(f"BITPLAN_MAX_UNPACKED_MB='{raw}' is not a number", "the operator must set it in MB, e.g. 4000") from None
+    return int(mb * 1e6)
+
+
+def check_unpacked_size(zf: zipfile.ZipFile, name: str, error: type[BitplanError] = DataError) -> None:
+    """Refuse a zip bomb from its central directory alone, before any member is decompressed.
+
+    The sizes a zip declares bound what ``zipfile`` and torch will produce from it, so their sum is the
+    memory and time reading it can cost; a huge member compressed far beyond what real tensors allow
+    is refused too, so a few MB upload cannot make the reader unpack gigabytes.
+    """
+    limit = max_unpacked_bytes()
+    members = zf.infolist()
+    total = sum(m.file_size for m in members)
+    if total > limit:
+        raise error(f"{name} would unpack to {total / 1e6:,.0f} MB, more than the limit of {limit / 1e6:,.0f} MB",
+                    "send less data, or ask the operator to raise BITPLAN_MAX_UNPACKED_MB")
+    for m in members:
+        ratio = m.file_size / max(m.compress_size, 1)
+        if m.file_size > RATIO_CHECKED_BYTES and ratio > MAX_RATIO:
+            raise error(f"{name}: member '{m.filename}' would expand {ratio:,.0f} times, to {m.file_size / 1e6:,.0f} MB; "
+                        f"bitplan refuses members over {RATIO_CHECKED_BYTES / 1e6:g} MB compressed more than {MAX_RATIO} "
+                        "times (a zip bomb)",
+                        "store arrays uncompressed (numpy.savez, not savez_compressed); zip models with ZIP_STORED")
+
+
 def _data_format(path: Path) -> str:
-    """``.npz`` or ``.safetensors`` by suffix, else by content (the service stores uploads under their sha256)."""
-    suffix = path.suffix.lower()
-    if suffix in (".npz", ".safetensors") or not path.is_file():
-        return suffix
+    """``.npz`` or ``.safetensors`` by suffix, else by content (the service stores uploads under their sha256).
+
+    A pickle is refused whatever its name says: it is the one format whose reading runs code.
+    """
     with open(path, "rb") as f:
         head = f.read(9)
+    if head[:1] == b"\x80":
+        raise DataError(f"{path.name} is a Python pickle; {PICKLE_HINT}", DATA_FORMATS)
+    suffix = path.suffix.lower()
+    if suffix in (".npz", ".safetensors"):
+        return suffix
     if head[:4] == b"PK\x03\x04":
         return ".npz"
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
         return ".safetensors"
-    return suffix
+    raise DataError(f"{path.name} is neither a .npz nor a .safetensors file", DATA_FORMATS)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Check the archive's sizes and member names first: only ``.npy`` members are ever read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            check_unpacked_size(zf, path.name)
+            others = [n for n in zf.namelist() if not n.endswith(".npy")]
+        if others:
+            raise DataError(f"{path.name} holds '{others[0]}', which is not a numpy array "
+                            "(a torch.save() file or another pickle archive?)", DATA_FORMATS)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        raise DataError(f"{path.name}: {exc}", "store plain numeric arrays (no Python objects)") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise DataError(f"{path.name} is truncated or corrupt: not a readable .npz file ({exc})",
+                        "upload the complete file again, written with numpy.savez") from None
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     suffix = _data_format(path)
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except ValueError as exc:
-            raise DataError(f"{path.name}: {exc}", "store plain numeric arrays (no Python objects)") from None
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise DataError(f"{path.name} is not a readable .npz file ({exc})", "write it with numpy.savez") from None
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        return _read_npz(path)
+    from safetensors.numpy import load_file
 
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise DataError(f"{path.name} is not a readable .safetensors file ({exc})") from None
-    raise DataError(f"{path.name}: unsupported data format '{suffix}'", "use .npz or .safetensors")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise DataError(f"{path.name} is not a readable .safetensors file ({exc})") from None
+
+
+def _tensor(path: Path, key: str, arr: np.ndarray) -> torch.Tensor:
+    """A model input as a tensor; only bool, integer and float arrays are model inputs (strings, dates,
+    records and complex numbers are refused here rather than failing inside torch)."""
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{path.name}: '{key}' has dtype {arr.dtype}, which is not a tensor type",
+                        "model inputs are bool, integer or float arrays")
+    if not arr.dtype.isnative:  # torch reads native byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def load_data(path: str | Path) -> Dataset:
@@ -94,9 +160,9 @@ def load_data(path: str | Path) -> Dataset:
     targets = None
     for key, arr in arrays.items():
         if key == "inputs":
-            inputs[POSITIONAL] = torch.from_numpy(np.ascontiguousarray(arr))
+            inputs[POSITIONAL] = _tensor(path, key, arr)
         elif key.startswith("inputs."):
-            inputs[key[len("inputs."):]] = torch.from_numpy(np.ascontiguousarray(arr))
+            inputs[key[len("inputs."):]] = _tensor(path, key, arr)
         elif key == "targets":
             if not np.issubdtype(arr.dtype, np.integer):
                 raise DataError(f"{path.name}: 'targets' has dtype {arr.dtype}", "targets must be integer class ids")

@@ -98,11 +98,20 @@ def _describe(args: argparse.Namespace) -> dict:
 def _failure(args: argparse.Namespace, exc: Exception) -> dict:
     """The JSON for a failure: a BitplanError as it is, anything else as an unreadable file."""
     if isinstance(exc, BitplanError):
-        return {"ok": False, "code": exc.code, "message": exc.message, "hint": exc.hint}
+        return {"ok": False, "code": exc.code, "message": _as_named(exc.message, args),
+                "hint": _as_named(exc.hint, args) if exc.hint else exc.hint}
     lines = str(exc).strip().splitlines()
-    first = lines[0] if lines else type(exc).__name__
+    first = _as_named(lines[0], args) if lines else type(exc).__name__
     return {"ok": False, "code": "unreadable", "message": f"{args.name or Path(args.path).name} could not be read: {first}",
             "hint": SEND_INSTEAD if args.kind == "model" else DATA_HINT}
+
+
+def _as_named(text: str, args: argparse.Namespace) -> str:
+    """Messages name the file the user sent, not the temporary name the service stored it under."""
+    if not args.name:
+        return text
+    path = Path(args.path)
+    return text.replace(str(path.resolve()), args.name).replace(str(path), args.name).replace(path.name, args.name)
 
 
 def main(argv: list[str] | None = None) -> int:

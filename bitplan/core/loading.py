@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bitplan.core.data import Batch, Dataset
+from bitplan.core.data import PICKLE_HINT, Batch, Dataset, check_unpacked_size
 from bitplan.core.graph import GraphLayer, get_tensor, instrument
 from bitplan.errors import ModelFormatError, UnsafeModelError
 from bitplan.files import sha256_file
@@ -70,18 +70,23 @@ class LoadedModel:
 
 
 def sniff(path: Path) -> str:
-    """Return 'pt2' or 'torchscript', or raise without deserialising anything."""
+    """Return 'pt2' or 'torchscript', or raise without deserialising anything.
+
+    The zip's declared sizes are checked before ``testzip`` decompresses a byte, so a zip bomb costs nothing.
+    """
     with path.open("rb") as fh:
         head = fh.read(4)
     if head[:1] == b"\x80":
         raise UnsafeModelError(
-            f"{path.name} is a Python pickle; bitplan never unpickles uploads because that can run arbitrary code",
+            f"{path.name} is a Python pickle; {PICKLE_HINT}",
             SEND_INSTEAD,
         )
     if head != b"PK\x03\x04":
-        raise ModelFormatError(f"{path.name} is neither a torch.export (.pt2) nor a TorchScript archive", SEND_INSTEAD)
+        # (not named "TorchScript": the service reads that word as "a TorchScript model that needs data")
+        raise ModelFormatError(f"{path.name} is neither a torch.export (.pt2) nor a torch.jit.save (.ts) archive", SEND_INSTEAD)
     try:
         with zipfile.ZipFile(path) as zf:
+            check_unpacked_size(zf, path.name, ModelFormatError)
             names = zf.namelist()
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -144,10 +149,22 @@ def _finish(gm: torch.fx.GraphModule, info: ModelInfo, positional: bool, names: 
     layers = instrument(gm)
     if not layers:
         raise ModelFormatError(
-            f"{info.name} has no quantizable layer (Linear, Conv1d or Conv2d with stored weights)",
-            "bitplan plans bit widths for those layers only",
+            f"{info.name} has no quantizable layer: bitplan quantizes the stored weights of conv1d, conv2d and linear "
+            "layers, and found none",
+            "send a model with at least one nn.Conv1d, nn.Conv2d or nn.Linear layer (or F.conv/F.linear on a parameter)",
         )
-    return LoadedModel(gm, info, inputs, layers, positional)
+    loaded = LoadedModel(gm, info, inputs, layers, positional)
+    _refuse_non_finite(loaded)
+    return loaded
+
+
+def _refuse_non_finite(model: LoadedModel) -> None:
+    """A NaN or infinite weight has no quantization scale: every bit width would score as NaN, so say so now."""
+    bad = [layer.name for layer in model.layers if not bool(torch.isfinite(model.weight(layer)).all())]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ModelFormatError(f"{model.info.name} has NaN or infinite weights in layer(s) {shown}",
+                               "fix the checkpoint (e.g. retrain or reload the weights) and export it again")
 
 
 def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
@@ -180,7 +197,7 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
             warnings.simplefilter("ignore", DeprecationWarning)
             script = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise ModelFormatError(f"{path.name} could not be read as TorchScript ({exc})", SEND_INSTEAD) from None
+        raise ModelFormatError(f"{path.name} could not be read by torch.jit.load ({exc})", SEND_INSTEAD) from None
     if sample is None:
         raise ModelFormatError(
             f"{path.name} is TorchScript, whose input shapes are not stored",
