@@ -18,10 +18,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PG_ADMIN_URL = os.environ.get("BITPLAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BITPLAN_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@contextmanager
+def fresh_database(admin_url: str = PG_ADMIN_URL) -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test module; its SQLAlchemy URL. Dropped afterwards."""
+    import psycopg
+
+    name = f"bitplan_test_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def free_port() -> int:

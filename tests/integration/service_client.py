@@ -14,6 +14,17 @@ from bitplan.devstack import DevStack
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+def wait_until(condition, timeout: float, every: float = 0.2):
+    """``condition()``'s first truthy value within ``timeout`` seconds, else AssertionError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
 class Team:
     def __init__(self, stack: DevStack, name: str) -> None:
         self.name = name

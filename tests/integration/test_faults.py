@@ -15,7 +15,7 @@ import time
 import httpx
 
 from bitplan.devstack import DevStack, PrivatePostgres, PrivateRedis
-from tests.integration.service_client import TERMINAL, Callbacks, Team
+from tests.integration.service_client import TERMINAL, Callbacks, Team, wait_until
 
 FAST_RECOVERY = {"BITPLAN_HEARTBEAT_STALE_S": "6", "BITPLAN_REQUEUE_AFTER_S": "4"}
 
@@ -30,16 +30,6 @@ def slow(team: Team, probes: int = 64, **extra) -> dict:
     r = team.submit(**body)
     assert r.status_code == 202, r.text
     return r.json()
-
-
-def wait_until(condition, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def test_worker_killed_mid_sensitivity_job_finishes_once_elsewhere(digits_files, tmp_path):

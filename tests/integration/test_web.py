@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bitplan.devstack import DevStack
+from tests.integration.service_client import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -42,13 +43,7 @@ def browser(download_dir: Path, width: int = 1280, height: int = 1000):
 
 
 def wait_for(condition, timeout: float = 60, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
+    return wait_until(condition, timeout, every)
 
 
 def screenshot(driver, name: str) -> None:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from bitplan.devstack import fresh_database
 from bitplan.settings import load_settings
 from service.api import router
 from service.app import create_app
@@ -43,9 +44,14 @@ OPERATIONS = _v1_operations()
 @pytest.fixture(scope="module")
 def stocked(tmp_path_factory, digits_files):
     """The app, its schema, a key, and a real model and job to aim some requests at."""
+    with fresh_database() as url:  # PostgreSQL, as in production
+        yield from _stocked(tmp_path_factory, digits_files, url)
+
+
+def _stocked(tmp_path_factory, digits_files, url: str):
     from fastapi.testclient import TestClient
 
-    settings_ = load_settings(data_dir=str(tmp_path_factory.mktemp("fuzz")), max_upload_mb=1)
+    settings_ = load_settings(data_dir=str(tmp_path_factory.mktemp("fuzz")), max_upload_mb=1, database_url=url)
     db = Database(settings_.database_url)
     db.migrate()
     headers = {"Authorization": f"Bearer {db.create_key('fuzz')}"}
@@ -59,6 +65,7 @@ def stocked(tmp_path_factory, digits_files):
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         yield {"schema": schema, "client": client, "settings": settings_, "headers": headers, "model_id": model.json()["id"],
                "job_id": job.json()["id"]}
+    db.engine.dispose()
 
 
 def _aim(case, stocked: dict) -> None:

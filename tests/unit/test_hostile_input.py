@@ -1,4 +1,4 @@
-"""Hostile and broken input through the API (in-process app on SQLite, no worker): each is answered with a
+"""Hostile and broken input through the API (in-process app on a fresh PostgreSQL database, no worker): each is answered with a
 4xx JSON error that says what to do, nothing is stored half-written, and the service is still healthy after.
 
 Two apps: ``refusals`` never accepts anything, so its blob store must stay empty; ``stocked`` holds the
@@ -25,6 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
+from bitplan.devstack import fresh_database
 from bitplan.settings import Settings, load_settings
 from service.app import create_app
 from storage import Database
@@ -56,12 +57,15 @@ class App:
 
 @contextmanager
 def _app(root: Path) -> Iterator[App]:
-    settings = load_settings(data_dir=str(root), max_upload_mb=MAX_UPLOAD_MB)
-    db = Database(settings.database_url)
-    db.migrate()
-    keys = {team: db.create_key(team) for team in ("vision", "audio")}
-    with TestClient(create_app(settings, worker=False)) as client:
-        yield App(client, settings, keys)
+    """The app on a fresh PostgreSQL database of its own (as in production: e.g. PostgreSQL refuses NUL in text)."""
+    with fresh_database() as url:
+        settings = load_settings(data_dir=str(root), max_upload_mb=MAX_UPLOAD_MB, database_url=url)
+        db = Database(settings.database_url)
+        db.migrate()
+        keys = {team: db.create_key(team) for team in ("vision", "audio")}
+        with TestClient(create_app(settings, worker=False)) as client:
+            yield App(client, settings, keys)
+        db.engine.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,21 @@ and an upload that is refused leaves no file behind."""
 from __future__ import annotations
 
 import io
-import secrets
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from bitplan.devstack import PG_ADMIN_URL
+from bitplan.devstack import fresh_database
 from storage import BlobStore, Database, TooLarge
 from storage.models import ApiKey, Base
 
 
 @pytest.fixture
 def pg_url():
-    name = f"bitplan_unit_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
