@@ -50,9 +50,6 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256[:2] / sha256
 
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
-
     def stage(self, source: BinaryIO, max_bytes: int) -> Staged:
         """Copy ``source`` to a temporary file, hashing it; raise TooLarge past ``max_bytes``."""
         digest = hashlib.sha256()
