@@ -36,14 +36,18 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
 
             start_in_process_worker()
             log.info("in-process worker started (broker %s)", settings.broker_url)
-        reconciler = None
+        reconciler = dispatcher = None
         if reconcile:
+            from workers.callbacks import CallbackDispatcher
             from workers.reconcile import Reconciler
 
             reconciler = Reconciler(app.state.db, app.state.enqueue, settings).start()
+            dispatcher = CallbackDispatcher(app.state.db, settings.callback_allow).start()  # sends job callbacks
         yield
         if reconciler is not None:
             reconciler.stop()
+        if dispatcher is not None:
+            dispatcher.stop()
 
     app = FastAPI(
         title="bitplan", version=__version__, lifespan=lifespan,
@@ -78,7 +82,7 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
     async def rate_limit(request, call_next):
         """Per API key (header or sign-in cookie); anonymous requests are not counted."""
         auth = request.headers.get("authorization", "")
-        key = auth.partition(" ")[2].strip() or request.cookies.get("bitplan_key")
+        key = auth.partition(" ")[2].strip() or request.cookies.get("bitplan_session")
         if key:
             wait = limiter.take(key)
             if wait > 0:

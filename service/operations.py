@@ -17,6 +17,7 @@ from service.uploads import describe
 from storage import TooLarge
 from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, Team, utcnow
 from storage.views import dataset_dict, model_dict
+from workers.callbacks import CallbackError, check_callback_url
 
 log = logging.getLogger("bitplan.service")
 TORCHSCRIPT_HINT = ("upload calibration data first and send its id as dataset_id with the model, "
@@ -85,6 +86,11 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
 def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Check and record a job, then queue it; returns (job, replayed) — replayed for a repeated Idempotency-Key."""
     normalised = check_methods(body)
+    if body.callback_url is not None:  # before any row is written, and outside the session (it resolves DNS)
+        try:
+            check_callback_url(body.callback_url, state.settings.callback_allow)
+        except CallbackError as exc:
+            raise ApiError(422, exc.message, exc.hint, code="bad_callback") from None
     with state.db.session() as s:
         if idempotency_key:
             earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))

@@ -1,5 +1,12 @@
-"""The web form for people: sign in with an API key (kept in an HTTP-only cookie),
-submit a job, watch it run, read the plan and its Pareto frontier.
+"""The web form for people: sign in with an API key, submit a job, watch it run, read the
+plan and its Pareto frontier.
+
+Signing in opens a server-side session (``storage.models.WebSession``): the browser keeps
+only a random session id in an HTTP-only, SameSite=Strict cookie, never the API key, and
+signing out deletes the session row. Every form post that changes something carries the
+session's CSRF token in a hidden field and, when the browser says where the post comes from
+(``Origin``, else ``Referer``), must come from this site; otherwise it is refused with 403
+before anything is stored.
 
 Server-rendered Jinja2 pages with one small script (``static/app.js``) that polls a
 progress fragment. The pages call the same operations as the REST API, so a job
@@ -8,10 +15,11 @@ made here is the same job a script would make.
 
 from __future__ import annotations
 
+import hmac
 import json
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -37,24 +45,75 @@ templates.env.globals["budget_label"] = {
     "latency_ms": "latency (ms, from your table)",
 }
 router = APIRouter(include_in_schema=False)
-COOKIE = "bitplan_key"
+COOKIE = "bitplan_session"
+LEGACY_COOKIE = "bitplan_key"  # older versions kept the API key itself here: browsers are told to drop it
+DEFAULT_PORTS = {"http": 80, "https": 443}
 DEFAULT_W_BITS = [2, 3, 4, 5, 6, 8]
 PAGE_SIZE = 50
 
 
 class SignIn(Exception):
-    """Raised by pages that need a team when no valid key cookie came with the request."""
+    """Raised by pages that need a team when no live session cookie came with the request."""
 
     def __init__(self, next_url: str) -> None:
         self.next_url = next_url
 
 
+def _session(request: Request) -> tuple[Team, str] | None:
+    """The request's live session: (team, CSRF token); also left in ``request.state`` for the templates."""
+    session_id = request.cookies.get(COOKIE)
+    found = request.app.state.db.web_session_for(session_id) if session_id else None
+    if found is not None:
+        request.state.csrf_token = found[1]
+    return found
+
+
 def signed_in(request: Request) -> Team:
-    key = request.cookies.get(COOKIE)
-    team = request.app.state.db.team_for_key(key) if key else None
-    if team is None:
+    found = _session(request)
+    if found is None:
         raise SignIn(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
-    return team
+    return found[0]
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if not scheme or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or DEFAULT_PORTS.get(scheme)
+
+
+def _same_origin(request: Request) -> bool:
+    """True when the browser's ``Origin`` (else ``Referer``) is this site (scheme, host and port of the request, as
+    the Host header names it), or when it sent neither (a script; the CSRF token still has to match)."""
+    claimed = request.headers.get("origin")
+    if claimed is None:
+        claimed = request.headers.get("referer")
+    if claimed is None:
+        return True
+    mine = _origin(str(request.url))
+    return mine is not None and _origin(claimed) == mine  # "Origin: null" (a sandboxed or redirected post) fails
+
+
+def _forged(request: Request, form, back: str) -> Response | None:
+    """The 403 page when a form post lacks the session's CSRF token or comes from another site, else None.
+    Call after ``signed_in``/``_session`` and before doing anything."""
+    expected = getattr(request.state, "csrf_token", None)
+    sent = form.get("csrf_token")
+    token_ok = (expected is not None and isinstance(sent, str)
+                and hmac.compare_digest(sent.encode(), expected.encode()))
+    if token_ok and _same_origin(request):
+        return None
+    return _refused(request, back)
+
+
+def _refused(request: Request, back: str) -> Response:
+    return page(request, "forbidden.html", status=403, back=back,
+                message="This form has expired or was sent from another site, so nothing was done.")
 
 
 def install(app) -> None:
@@ -69,6 +128,8 @@ def install(app) -> None:
 
 
 def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    """Render a template; forms that post find the session's CSRF token as ``csrf_token``."""
+    context.setdefault("csrf_token", getattr(request.state, "csrf_token", ""))
     return templates.TemplateResponse(request, name, context, status_code=status)
 
 
@@ -79,30 +140,56 @@ def _safe_next(url: str | None) -> str:
     return url if url and url.startswith("/") and not url.startswith("//") else "/"
 
 
+def _drop_cookies(request: Request, response: Response) -> None:
+    secure = request.url.scheme == "https"
+    if COOKIE in request.cookies:
+        response.delete_cookie(COOKIE, httponly=True, samesite="strict", secure=secure)
+    if LEGACY_COOKIE in request.cookies:
+        response.delete_cookie(LEGACY_COOKIE, httponly=True, samesite="strict", secure=secure)
+
+
 @router.get("/login")
 def login_form(request: Request, next: str = "/"):  # noqa: A002
-    return page(request, "login.html", next=_safe_next(next), error=None)
+    response = page(request, "login.html", next=_safe_next(next), error=None)
+    if LEGACY_COOKIE in request.cookies:
+        response.delete_cookie(LEGACY_COOKIE, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return response
 
 
 @router.post("/login")
 async def login(request: Request):
     form = await request.form()
+    if not _same_origin(request):  # no session yet, so no token: a sign-in posted from another site is refused
+        return _refused(request, "/login")
     key = str(form.get("key", "")).strip()
     next_url = _safe_next(str(form.get("next", "/")))
-    team = request.app.state.db.team_for_key(key) if key else None
+    db = request.app.state.db
+    team = await _run(db.team_for_key, key) if key else None
     if team is None:
         error = "enter your API key" if not key else "this key is not valid (unknown or revoked)"
         return page(request, "login.html", status=401, next=next_url, error=error)
+    hours = request.app.state.settings.session_hours
+    old = request.cookies.get(COOKIE)
+    if old:
+        await _run(db.delete_web_session, old)
+    session_id, _ = await _run(db.create_session, team.id, hours)
     response = RedirectResponse(next_url, status_code=303)
-    response.set_cookie(COOKIE, key, httponly=True, samesite="strict", max_age=30 * 24 * 3600,
+    _drop_cookies(request, response)
+    response.set_cookie(COOKIE, session_id, httponly=True, samesite="strict", max_age=max(1, int(hours * 3600)),
                         secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+async def logout(request: Request) -> Response:
+    form = await request.form()
+    if await _run(_session, request) is not None:
+        refused = _forged(request, form, "/")
+        if refused is not None:
+            return refused
+        await _run(request.app.state.db.delete_web_session, request.cookies[COOKIE])
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE)
+    _drop_cookies(request, response)
     return response
 
 
@@ -164,6 +251,9 @@ def _file(form, name: str) -> UploadFile | None:
 async def submit(request: Request):
     team = signed_in(request)
     form = await request.form()
+    refused = _forged(request, form, "/")
+    if refused is not None:  # before any upload is stored or job made
+        return refused
     values = {
         "model_id": str(form.get("model_id", "")), "dataset_id": str(form.get("dataset_id", "synthetic")),
         "budget_kind": str(form.get("budget_kind", "avg_weight_bits")), "budget_value": str(form.get("budget_value", "")).strip(),
@@ -321,10 +411,14 @@ def job_progress(request: Request, job_id: str):
 
 
 @router.post("/jobs/{job_id}/cancel")
-def job_cancel(request: Request, job_id: str):
-    team = signed_in(request)
+async def job_cancel(request: Request, job_id: str):
+    team = await _run(signed_in, request)
+    form = await request.form()
+    refused = _forged(request, form, f"/jobs/{quote(job_id)}")
+    if refused is not None:
+        return refused
     try:
-        cancel_job(request.app.state, team, job_id)
+        await _run(cancel_job, request.app.state, team, job_id)
     except ApiError as exc:
         if exc.status == 404:
             return page(request, "missing.html", status=404, team=team, message=exc.message)

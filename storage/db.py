@@ -3,6 +3,7 @@ default, PostgreSQL in production and in the tests)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import secrets
 import time
@@ -10,14 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, delete, event, select, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import ApiKey, Team, utcnow
+from storage.models import ApiKey, Team, WebSession, utcnow
 
 KEY_PREFIX = "bp_"
 KEY_CACHE_S = 5.0
+SESSION_CACHE_S = 5.0
 
 
 class Unavailable(RuntimeError):
@@ -44,6 +46,9 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._key_cache: dict[str, tuple[Team | None, float]] = {}
+        # sha256(session id) -> ((team, csrf token, expires at) or None, cached until (monotonic))
+        self._session_cache: dict[str, tuple[tuple[Team, str, dt.datetime] | None, float]] = {}
+        self._sessions_deleted = 0  # bumped by delete_web_session: a lookup that raced a delete is not cached
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -130,6 +135,61 @@ class Database:
             row.revoked_at = utcnow()
         self._key_cache.pop(hash_key(key), None)
         return True
+
+    # --- web sign-in sessions -------------------------------------------------------------------
+
+    def create_session(self, team_id: str, hours: float) -> tuple[str, str]:
+        """A web session for the team lasting ``hours``: return (session id, CSRF token). Only the id's sha256
+        is stored, so the table alone does not sign anyone in. Expired sessions are deleted here."""
+        session_id = secrets.token_urlsafe(32)
+        csrf_token = secrets.token_urlsafe(32)
+        now = utcnow()
+        with self.session() as s:
+            s.execute(delete(WebSession).where(WebSession.expires_at <= now))
+            s.add(WebSession(id_sha256=hash_key(session_id), team_id=team_id, csrf_token=csrf_token, created_at=now,
+                             expires_at=now + dt.timedelta(hours=hours)))
+        return session_id, csrf_token
+
+    def web_session_for(self, session_id: str) -> tuple[Team, str] | None:
+        """(team, CSRF token) of a live session, None if unknown, signed out or expired. Answers are cached for
+        SESSION_CACHE_S seconds (never past the expiry); ``delete_web_session`` drops the entry at once, so
+        a sign-out ends the session in this process immediately, in other API processes within that time."""
+        digest = hash_key(session_id)
+        now = time.monotonic()
+        hit = self._session_cache.get(digest)
+        if hit is None or hit[1] <= now:
+            deletions = self._sessions_deleted
+            hit = (self._lookup_session(digest), now + SESSION_CACHE_S)
+            if len(self._session_cache) > 10_000:
+                self._session_cache.clear()
+            if deletions == self._sessions_deleted:
+                self._session_cache[digest] = hit
+        found = hit[0]
+        if found is None or found[2] <= utcnow():
+            return None
+        return found[0], found[1]
+
+    def _lookup_session(self, digest: str) -> tuple[Team, str, dt.datetime] | None:
+        with self.session() as s:
+            row = s.execute(
+                select(Team, WebSession.csrf_token, WebSession.expires_at).join(WebSession, WebSession.team_id == Team.id)
+                .where(WebSession.id_sha256 == digest, WebSession.expires_at > utcnow())
+            ).one_or_none()
+        if row is None:
+            return None
+        team, csrf_token, expires_at = row
+        if expires_at.tzinfo is None:  # SQLite drops the zone; every stored time is UTC
+            expires_at = expires_at.replace(tzinfo=dt.timezone.utc)
+        return team, csrf_token, expires_at
+
+    def delete_web_session(self, session_id: str) -> bool:
+        """Sign out: the session stops working at once (in this process; in others within SESSION_CACHE_S)."""
+        digest = hash_key(session_id)
+        with self.session() as s:
+            deleted = s.execute(delete(WebSession).where(WebSession.id_sha256 == digest)).rowcount
+        self._sessions_deleted += 1
+        self._session_cache.pop(digest, None)
+        return bool(deleted)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy import or_, select
 from bitplan.settings import Settings
 from storage import Database
 from storage.models import Job, utcnow
-from workers.jobs import notify
+from workers.callbacks import schedule_callback
 
 log = logging.getLogger("bitplan.reconcile")
 
@@ -37,7 +37,6 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
     overdue = now - dt.timedelta(seconds=settings.job_time_limit_s + 2 * settings.heartbeat_stale_s)
     counts = {"requeued": 0, "failed": 0}
     send: list[str] = []
-    ended: list[str] = []
     with db.session() as s:
         queued = s.scalars(select(Job).where(Job.state == "queued",
                                              or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited))
@@ -50,12 +49,12 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
                                "of memory?)", "try a smaller max_samples or batch_size, or ask the operator to check "
                                "the workers' memory")
                 counts["failed"] += 1
-                ended.append(job.id)
+                schedule_callback(s, job)  # sent by the callback dispatcher, as for a job a worker ended
             elif job.started_at is not None and _aware(job.started_at) < overdue:
                 _fail(job, now, f"the job ran longer than the time limit of {settings.job_time_limit_s:g} s",
                       "use a cheaper sensitivity method or fewer probes/samples")
                 counts["failed"] += 1
-                ended.append(job.id)
+                schedule_callback(s, job)  # sent by the callback dispatcher, as for a job a worker ended
             else:
                 job.detail = f"worker lost (no heartbeat for {settings.heartbeat_stale_s:g} s): sent to another worker"
                 job.enqueued_at = now
@@ -63,8 +62,6 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
         for job in queued:
             job.enqueued_at = now
             send.append(job.id)
-    for job_id in ended:  # their callbacks, as a worker would have sent them
-        notify(db, job_id)
     for job_id in send:
         try:
             enqueue(job_id)

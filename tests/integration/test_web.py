@@ -76,8 +76,9 @@ def test_sign_in_submit_watch_and_read_the_plan(server, digits_files, tmp_path):
         driver.find_element(By.ID, "key").send_keys(server.key)
         driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
         wait_for(lambda: driver.find_elements(By.ID, "job-form"))
-        cookie = driver.get_cookie("bitplan_key")
+        cookie = driver.get_cookie("bitplan_session")  # a session id; the key itself never goes into a cookie
         assert cookie["httpOnly"] and driver.execute_script("return document.cookie") == ""
+        assert server.key not in cookie["value"] and driver.get_cookie("bitplan_key") is None
         # defaults come from the registries
         assert driver.find_element(By.CSS_SELECTOR, "input[name=sensitivity][value=hessian_trace]").is_selected()
         assert driver.find_element(By.CSS_SELECTOR, "input[name=solver][value=ilp]").is_selected()
@@ -170,10 +171,40 @@ def test_narrow_screen_and_keyboard(server, tmp_path):
         assert overflow <= 1, f"the form is {overflow}px wider than a phone screen"
         for element in driver.find_elements(By.CSS_SELECTOR, "#job-form input, #job-form select, #job-form textarea"):
             kind, ident = element.get_attribute("type"), element.get_attribute("id")
+            if kind == "hidden":  # the CSRF token
+                continue
             if kind in ("radio", "checkbox"):
                 assert element.find_element(By.XPATH, "ancestor::label"), element.get_attribute("name")
             else:
                 assert driver.find_elements(By.CSS_SELECTOR, f"label[for='{ident}']"), ident
         screenshot(driver, "form-narrow")
+    finally:
+        driver.quit()
+
+
+def test_sign_out_ends_the_session_even_for_a_copied_cookie(server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    def replay(cookie) -> None:
+        driver.delete_all_cookies()
+        driver.add_cookie({k: cookie[k] for k in ("name", "value", "path", "httpOnly", "sameSite") if k in cookie})
+        driver.get(server.url + "/jobs")
+
+    driver = browser(tmp_path / "dl")
+    try:
+        driver.get(server.url + "/login")
+        driver.find_element(By.ID, "key").send_keys(server.key)
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        wait_for(lambda: driver.find_elements(By.ID, "job-form"))
+        copied = driver.get_cookie("bitplan_session")
+        replay(copied)  # while the session lives, the copied cookie alone signs in
+        assert driver.current_url.endswith("/jobs") and driver.find_elements(By.CSS_SELECTOR, "form.signout")
+
+        driver.find_element(By.CSS_SELECTOR, "form.signout button[type=submit]").click()
+        wait_for(lambda: "/login" in driver.current_url and driver.find_elements(By.ID, "key"))
+        assert driver.get_cookie("bitplan_session") is None
+        replay(copied)  # after signing out it does not
+        assert "/login" in driver.current_url, driver.current_url
+        assert driver.find_elements(By.ID, "key") and not driver.find_elements(By.CSS_SELECTOR, "form.signout")
     finally:
         driver.quit()
