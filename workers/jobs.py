@@ -1,9 +1,13 @@
 """What a job does on a worker: sensitivity (from the cache when it can) -> solve
 -> validate, writing its stage and progress to the job row as it goes.
 
-Every step checks the job's state first, so a redelivered or duplicated task
-never runs a finished or cancelled job again, and a cancel reaches running work
-at its next progress report.
+The worker's own process only orchestrates: the model is read and run in a
+sandboxed child (``workers/sandbox.py``: minimal environment, no database URL,
+CPU and memory limits) that reports progress and returns the plan as JSON, which
+is checked before it is stored. Every step checks the job's state first, so a
+redelivered or duplicated task never runs a finished or cancelled job again; a
+cancel, a time-out or another attempt taking the job over kills the child within
+about a second, which frees the worker.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import socket
 import threading
 import time
 import traceback
-import urllib.request
 from dataclasses import dataclass
 
+from sqlalchemy import select
+
 from bitplan.errors import BitplanError
-from bitplan.schemas import Budget, PlanRequest, SensitivityTable
+from bitplan.schemas import Budget, PlanFile, PlanRequest, SensitivityTable
 from storage import BlobStore, Database
 from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, SensitivityEntry, utcnow
-from storage.views import job_dict
+from workers.callbacks import schedule_callback
 
 log = logging.getLogger("bitplan.worker")
 CACHE_VERSION = 1
@@ -46,6 +51,7 @@ class Attempt:
     def __init__(self, db: Database, job_id: str, lease: str, time_limit_s: float, every_s: float = 5.0) -> None:
         self.db, self.job_id, self.lease, self.time_limit_s, self.every_s = db, job_id, lease, time_limit_s, every_s
         self.stopped: str | None = None  # why the work must stop, once it must
+        self._polled = 0.0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -83,6 +89,23 @@ class Attempt:
     def check(self) -> None:
         if self.stopped:
             raise JobCancelled(f"{self.job_id}: {self.stopped}")
+
+    def why_stop(self, every_s: float = 1.0) -> str | None:
+        """Why the work must stop now (cancelled, timed out, taken over), else None; reads the job row at
+        most every ``every_s`` seconds, so a cancel reaches a running child within about that long."""
+        now = time.monotonic()
+        if self.stopped is None and now - self._polled >= every_s:
+            self._polled = now
+            try:
+                with self.db.session() as s:
+                    row = s.execute(select(Job.state, Job.lease).where(Job.id == self.job_id)).first()
+            except Exception as exc:  # database briefly away: keep working, the heartbeat decides later
+                log.warning("could not check job %s: %s", self.job_id, exc)
+                return None
+            if row is None or row.state != "running" or row.lease != self.lease:
+                self.stopped = f"the job is {row.state if row else 'gone'}" if (row is None or row.state != "running") \
+                    else "the job was taken over by another attempt"
+        return self.stopped
 
 
 class Reporter:
@@ -232,7 +255,7 @@ def finish(db: Database, job_id: str, state: str, *, lease: str | None = None, p
             job.plan, job.stage, job.progress, job.detail = plan, "done", 1.0, ""
         else:
             job.error_message, job.error_hint = message, hint
-    notify(db, job_id)
+        schedule_callback(s, job)  # commits with the job's end; the API's dispatcher sends it (workers/callbacks.py)
     return True
 
 
@@ -245,9 +268,15 @@ def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None
     if isinstance(exc, Unavailable):  # leave it running: its heartbeat stops and the reconciler requeues it
         log.warning("job %s interrupted: %s", job_id, exc)
         return
-    log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    finish(db, job_id, "failed", lease=lease, message=f"internal error: {type(exc).__name__}: {first}"[:1000],
+    from workers.sandbox import InternalError
+
+    if isinstance(exc, InternalError):  # raised in the sandboxed child: its traceback came with it
+        log.error("job %s failed in its sandboxed process:\n%s", job_id, exc.traceback)
+        name, first = exc.type_name, exc.message
+    else:
+        log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
+        name, first = type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]
+    finish(db, job_id, "failed", lease=lease, message=f"internal error: {name}: {first}"[:1000],
            hint="this is a bug in bitplan, not in your input; the worker log has the traceback")
 
 
@@ -276,7 +305,6 @@ def run_job(job_id: str, dispatch_shards=None, table: SensitivityTable | None = 
 
 
 def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: SensitivityTable | None) -> str:
-    from bitplan.core.pipeline import make_plan
     from bitplan.methods import get_method, shard_layers
 
     _, blobs = _runtime()
@@ -287,9 +315,9 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
     with db.session() as s:
         row = s.get(Job, job.id)
         row.cache_key, row.cache_hit = key, hit is not None
-    table = table or hit
+    given = table or hit
     method = get_method(spec.request.sensitivity)
-    if table is None and spec.shards > 1 and dispatch_shards is not None:
+    if given is None and spec.shards > 1 and dispatch_shards is not None:
         if not method.shardable:
             raise BitplanError(f"sensitivity method '{method.name}' cannot be split into shards",
                                "use shards=1, or a shardable method: perturbation")
@@ -297,18 +325,14 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
         reporter("sensitivity", 0.0, f"split into {len(blocks)} shards")
         dispatch_shards(job.id, blocks, attempt.lease)
         return "sharded"
-
-    def sensitivity(prep, ctx):
-        if table is None and spec.shards > 1:
-            ctx.progress("sensitivity", 0.0, f"shards={spec.shards} run as one: this deployment has one worker")
-        if table is not None:
-            ctx.progress("sensitivity", 1.0, "reused a cached table" if hit is not None else "merged shards")
-            return table
-        computed = _compute(spec, ctx)
-        store_table(db, key, key_spec, computed)
-        return computed
-
-    plan = make_plan(spec.request, reporter, sensitivity)
+    args = {"request": spec.request.model_dump(mode="json"),
+            "table": given.model_dump(mode="json", by_alias=True) if given is not None else None,
+            "table_note": "reused a cached table" if hit is not None else "merged shards",
+            "note": f"shards={spec.shards} run as one: this deployment has one worker" if spec.shards > 1 else None}
+    result = run_untrusted("plan", args, attempt, reporter)
+    if result.get("table") is not None:
+        store_table(db, key, key_spec, SensitivityTable.model_validate(result["table"]))
+    plan = PlanFile.model_validate(result["plan"])
     if plan.measured is not None:
         plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": spec.eval_label})})
     attempt.check()
@@ -316,17 +340,22 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
     return "succeeded"
 
 
-def _compute(spec: JobSpec, ctx) -> SensitivityTable:
-    from bitplan.core.sensitivity import run_sensitivity
+def run_untrusted(task: str, args: dict, attempt: Attempt, reporter: Reporter) -> dict:
+    """Run ``task`` of ``workers.untrusted`` in the sandbox for this attempt: progress goes to the job row,
+    and the child is killed as soon as the attempt must stop (JobCancelled is raised then)."""
+    from workers.sandbox import Limits, SandboxStopped, shared_sandbox
 
-    return run_sensitivity(spec.request.sensitivity, spec.request.sensitivity_params, ctx)
+    settings = _settings()
+    limits = Limits(wall_s=settings.job_time_limit_s + 60.0, memory_mb=settings.worker_memory_mb)
+    env = {k: os.environ[k] for k in ("BITPLAN_MAX_UNPACKED_MB",) if os.environ.get(k)}
+    try:
+        return shared_sandbox().run(task, args, limits, on_progress=reporter, should_stop=attempt.why_stop, env=env)
+    except SandboxStopped as exc:
+        raise JobCancelled(f"{attempt.job_id}: {exc.reason}") from None
 
 
 def run_shard(job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:
     """Score ``layers`` only; returns the partial table (JSON) or None if the job ended or changed hands meanwhile."""
-    from bitplan.core.pipeline import prepare
-    from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
-
     db, blobs = _runtime()
     job = _holding(db, job_id, lease)
     if job is None:
@@ -336,11 +365,9 @@ def run_shard(job_id: str, layers: list[str], index: int, count: int, lease: str
         reporter = Reporter(db, job_id, attempt, prefix=f"shard {index + 1}/{count}: ")
         try:
             spec = resolve(db, blobs, job)
-            r = spec.request
-            prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name)
-            ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, reporter,
-                                     only=frozenset(layers))
-            table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)
+            result = run_untrusted("shard", {"request": spec.request.model_dump(mode="json"), "layers": layers},
+                                   attempt, reporter)
+            table = SensitivityTable.model_validate(result["table"])
             return {"table": table.model_dump(mode="json", by_alias=True), "worker": f"{socket.gethostname()}:{os.getpid()}"}
         except JobCancelled:
             return None
@@ -376,29 +403,6 @@ def _holding(db: Database, job_id: str, lease: str) -> Job | None:
     with db.session() as s:
         job = s.get(Job, job_id)
         return job if job is not None and job.state == "running" and job.lease == lease else None
-
-
-def notify(db: Database, job_id: str) -> None:
-    """POST the ended job to its callback_url (three tries); the outcome is kept on the job."""
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or not job.callback_url:
-            return
-        url, body = job.callback_url, json.dumps(job_dict(job)).encode()
-    status = "not sent"
-    for attempt in range(3):
-        try:
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (the team's own URL, http(s) checked on submit)
-                status = f"{resp.status}"
-            break
-        except Exception as exc:  # a dead callback must not fail the job
-            status = f"error: {str(exc)[:200]}"
-            time.sleep(0.5 * (attempt + 1))
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is not None:
-            job.callback_status = status
 
 
 def _runtime() -> tuple[Database, BlobStore]:

@@ -5,7 +5,6 @@ integer ``targets``. Never unpickled: npz is read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,16 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitplan.errors import BitplanError, DataError
+from bitplan.archives import check_unpacked_size
+from bitplan.errors import DataError
 from bitplan.files import sha256_file
 from bitplan.schemas import InputSpec
 
 POSITIONAL = ""
-#: Unpacked size allowed for one archive (all members together), unless BITPLAN_MAX_UNPACKED_MB says otherwise.
-DEFAULT_MAX_UNPACKED_MB = 4000
-#: A member this large that expands more than MAX_RATIO times is a zip bomb, not data.
-RATIO_CHECKED_BYTES = 100_000_000
-MAX_RATIO = 200
 DATA_FORMATS = "send .npz (numpy.savez) or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer 'targets'"
 PICKLE_HINT = "bitplan never unpickles uploads, because unpickling can run arbitrary code"
 
@@ -57,38 +52,6 @@ class Dataset:
         args = (parts.pop(POSITIONAL),) if POSITIONAL in parts else ()
         targets = None if self.targets is None else self.targets[start:end]
         return Batch(args, parts, targets, end - start)
-
-
-def max_unpacked_bytes() -> int:
-    """The BITPLAN_MAX_UNPACKED_MB limit in bytes: read per call, so the API's environment reaches the reader."""
-    raw = os.environ.get("BITPLAN_MAX_UNPACKED_MB") or str(DEFAULT_MAX_UNPACKED_MB)
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise DataError(f"BITPLAN_MAX_UNPACKED_MB='{raw}' is not a number", "the operator must set it in MB, e.g. 4000") from None
-    return int(mb * 1e6)
-
-
-def check_unpacked_size(zf: zipfile.ZipFile, name: str, error: type[BitplanError] = DataError) -> None:
-    """Refuse a zip bomb from its central directory alone, before any member is decompressed.
-
-    The sizes a zip declares bound what ``zipfile`` and torch will produce from it, so their sum is the
-    memory and time reading it can cost; a huge member compressed far beyond what real tensors allow
-    is refused too, so a few MB upload cannot make the reader unpack gigabytes.
-    """
-    limit = max_unpacked_bytes()
-    members = zf.infolist()
-    total = sum(m.file_size for m in members)
-    if total > limit:
-        raise error(f"{name} would unpack to {total / 1e6:,.0f} MB, more than the limit of {limit / 1e6:,.0f} MB",
-                    "send less data, or ask the operator to raise BITPLAN_MAX_UNPACKED_MB")
-    for m in members:
-        ratio = m.file_size / max(m.compress_size, 1)
-        if m.file_size > RATIO_CHECKED_BYTES and ratio > MAX_RATIO:
-            raise error(f"{name}: member '{m.filename}' would expand {ratio:,.0f} times, to {m.file_size / 1e6:,.0f} MB; "
-                        f"bitplan refuses members over {RATIO_CHECKED_BYTES / 1e6:g} MB compressed more than {MAX_RATIO} "
-                        "times (a zip bomb)",
-                        "store arrays uncompressed (numpy.savez, not savez_compressed); zip models with ZIP_STORED")
 
 
 def _data_format(path: Path) -> str:
@@ -146,6 +109,11 @@ def _tensor(path: Path, key: str, arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{path.name}: '{key}' has dtype {arr.dtype}, which is not a tensor type",
                         "model inputs are bool, integer or float arrays")
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise DataError(f"{path.name}: '{key}' holds {arr[index]} at index {list(index)}; model inputs must be finite "
+                        f"({int((~np.isfinite(arr)).sum()):,} NaN or infinite values in all)",
+                        "replace or drop those samples (e.g. numpy.nan_to_num, or keep rows where numpy.isfinite)")
     if not arr.dtype.isnative:  # torch reads native byte order only
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(arr))

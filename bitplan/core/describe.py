@@ -1,10 +1,11 @@
 """What an uploaded model or dataset holds, as JSON: its inputs, quantizable
 layers, MACs and sizes.
 
-``bitplan inspect`` prints it, and the REST service (which never imports torch)
-runs ``python -m bitplan.core.describe model|data PATH`` in a subprocess and
-reads the one JSON line it prints: ``{"ok": true, "result": {...}}``, or
-``{"ok": false, "code", "message", "hint"}`` with exit code 2.
+``bitplan inspect`` prints it, the REST service (which never imports torch)
+runs it on each upload in a sandboxed child (``workers/untrusted.py``), and
+``python -m bitplan.core.describe model|data PATH`` prints one JSON line:
+``{"ok": true, "result": {...}}``, or ``{"ok": false, "code", "message", "hint"}``
+with exit code 2.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _describe(args: argparse.Namespace) -> dict:
     return describe_data(args.path, args.name)
 
 
-def _failure(args: argparse.Namespace, exc: Exception) -> dict:
+def failure(args: argparse.Namespace, exc: Exception) -> dict:
     """The JSON for a failure: a BitplanError as it is, anything else as an unreadable file."""
     if isinstance(exc, BitplanError):
         return {"ok": False, "code": exc.code, "message": _as_named(exc.message, args),
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = {"ok": True, "result": _describe(args)}
         except Exception as exc:  # every failure becomes the JSON answer, never a traceback
-            out = _failure(args, exc)
+            out = failure(args, exc)
     print(json.dumps(out), flush=True)
     return 0 if out["ok"] else EXIT_USER_ERROR
 

@@ -1,17 +1,19 @@
 """Model input: a ``torch.export`` program (.pt2), a TorchScript archive, or
 ``catalog:NAME``. Everything ends up as one instrumented GraphModule.
 
-Nothing that needs unpickling arbitrary objects is ever read: the file type is
-sniffed from its bytes first, a ``torch.save(model)`` pickle is refused unread,
-and a .pt2 whose manifest asks for pickled payloads is refused before
-``torch.export.load`` sees it (which also runs with weights-only loading forced).
+Untrusted bytes reach torch only after :mod:`bitplan.archives` has checked them:
+the file type is sniffed from its bytes (a ``torch.save(model)`` pickle is refused
+unread), every member, name, operator, shape expression and guard of a .pt2 is
+checked, and torch then reads a canonical copy that bitplan wrote from the checked
+parts; a TorchScript archive's members, pickled names and code are checked before
+``torch.jit.load``. Each torch call on user bytes below says why it is safe.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -20,13 +22,15 @@ from pathlib import Path
 
 import torch
 
-from bitplan.core.data import PICKLE_HINT, Batch, Dataset, check_unpacked_size
+from bitplan.archives import check_pt2, check_torchscript, check_unpacked_size, write_canonical_pt2
+from bitplan.core.data import PICKLE_HINT, Batch, Dataset
 from bitplan.core.graph import GraphLayer, get_tensor, instrument
 from bitplan.errors import ModelFormatError, UnsafeModelError
 from bitplan.files import sha256_file
 from bitplan.schemas import InputSpec, ModelInfo
 
-# Any torch.load reached through torch.export.load must not unpickle objects.
+# Any torch.load reached through torch.export.load must not unpickle objects (torch falls back to full
+# unpickling for example inputs when the weights-only reader fails; this makes that fallback weights-only too).
 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 SEND_INSTEAD = (
@@ -105,27 +109,6 @@ def sniff(path: Path) -> str:
     raise ModelFormatError(f"{path.name} is a zip archive but not a model bitplan can read", SEND_INSTEAD)
 
 
-def _refuse_pickled_payloads(path: Path) -> None:
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if name.endswith(".pt") and ("/data/weights/" in name or "/data/constants/" in name):
-                raise UnsafeModelError(f"{path.name} stores weights in the legacy pickled layout",
-                                       "re-save it with torch.export.save")
-            if name.endswith("_config.json") and "/data/" in name:
-                try:
-                    config = json.loads(zf.read(name)).get("config", {})
-                except (ValueError, AttributeError):
-                    raise ModelFormatError(f"{path.name}: {name} is not valid JSON",
-                                           "re-save it with torch.export.save") from None
-                for fqn, meta in config.items():
-                    pickled = meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_"))
-                    if pickled:
-                        raise UnsafeModelError(
-                            f"{path.name} stores '{fqn}' as a pickled object, which bitplan will not unpickle",
-                            "export a model whose weights and constants are plain tensors",
-                        )
-
-
 def _input_specs(gm: torch.fx.GraphModule) -> list[InputSpec]:
     specs = []
     for node in gm.graph.nodes:
@@ -182,19 +165,14 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
     kind = sniff(path)
     info = ModelInfo(sha256=sha256_file(path), format=kind, name=path.name)
     if kind == "pt2":
-        _refuse_pickled_payloads(path)
-        try:
-            with open(path, "rb") as f:  # a file object: the service stores uploads without a suffix
-                program = torch.export.load(f)
-        except Exception as exc:  # torch raises many types for a bad archive
-            raise ModelFormatError(f"{path.name} could not be read as a torch.export program ({exc})", SEND_INSTEAD) from None
-        loaded = _finish(program.module(), info, positional=False)
-        loaded.example = _example(program)
-        return loaded
-
+        return _load_pt2(path, info)
+    check_torchscript(path, path.name)
     try:
         with warnings.catch_warnings():  # torch marks TorchScript deprecated; users still send it
             warnings.simplefilter("ignore", DeprecationWarning)
+            # Safe: check_torchscript allowed only TorchScript's own members; its pickles were scanned (torch's C++
+            # unpickler builds tensors and script objects, never Python objects) and its code is compiled by the
+            # TorchScript compiler, which runs no Python and may only call torch's own operator namespaces.
             script = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ModelFormatError(f"{path.name} could not be read by torch.jit.load ({exc})", SEND_INSTEAD) from None
@@ -205,6 +183,32 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
         )
     gm, names = _script_to_graph(script, sample, path.name)
     return _finish(gm, info, positional=True, names=names)
+
+
+def _load_pt2(path: Path, info: ModelInfo) -> LoadedModel:
+    checked = check_pt2(path, path.name)
+    with tempfile.TemporaryFile() as canonical:
+        write_canonical_pt2(checked, canonical)
+        try:
+            # Safe: torch reads the canonical copy, which holds only what check_pt2 accepted: the program JSON with
+            # every name an identifier or dotted path (so the source torch generates from them is plain), operators
+            # in torch's own namespaces, shape expressions and guards of arithmetic over shape symbols only (sympify
+            # and exec see nothing else), raw tensor payloads whose sizes fit, and example inputs whose pickle only
+            # rebuilds tensors; no AOTInductor library, pickled weight or custom object is in it.
+            program = torch.export.load(canonical)
+            # Safe for the same reasons: .module() generates Python from those checked names and guards only.
+            module = program.module()
+        except Exception as exc:  # torch raises many types for a bad archive
+            raise ModelFormatError(f"{path.name} could not be read as a torch.export program ({_first_line(exc)})",
+                                   SEND_INSTEAD) from None
+    loaded = _finish(module, info, positional=False)
+    loaded.example = _example(program)
+    return loaded
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _example(program) -> Batch | None:

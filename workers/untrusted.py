@@ -1,0 +1,112 @@
+"""Everything that reads a user's model or data, as tasks the sandbox runs in a
+forked child (``workers/zygote.py``): describing an upload, a planning job, one
+shard of a job's sensitivity, and ``probe`` (what the child can see: for tests and
+operators). A task gets plain JSON arguments (file paths, the request) and returns
+plain JSON; it has no database, broker or key, and the worker that asked checks
+what comes back before storing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from typing import TextIO
+
+from bitplan.errors import BitplanError
+
+
+def run(task: str, args: dict, out: TextIO):
+    """Run ``task``; progress goes to ``out`` as JSON lines."""
+
+    def progress(stage: str, fraction: float, detail: str = "") -> None:
+        out.write(json.dumps({"progress": [str(stage), float(fraction), str(detail)[:500]]}) + "\n")
+        out.flush()
+
+    if task == "describe":
+        return _describe(args)
+    if task == "plan":
+        return _plan(args, progress)
+    if task == "shard":
+        return _shard(args, progress)
+    if task == "probe":
+        return _probe()
+    raise BitplanError(f"unknown sandbox task '{task}'")
+
+
+def describe_error(exc: BaseException) -> dict:
+    """A failure as JSON: a BitplanError keeps its code, message, hint (and minimums); anything else is a bug."""
+    if isinstance(exc, BitplanError):
+        error = {"kind": "user", "code": exc.code, "message": exc.message, "hint": exc.hint}
+        if getattr(exc, "minimums", None):
+            error["minimums"] = exc.minimums
+        return error
+    import traceback
+
+    lines = str(exc).strip().splitlines()
+    return {"kind": "internal", "type": type(exc).__name__, "message": (lines[0] if lines else "")[:1000],
+            "traceback": "".join(traceback.format_exception(exc))[-8000:]}
+
+
+def _describe(args: dict) -> dict:
+    """``bitplan.core.describe`` on an upload; failures name the file the user sent, not its temporary name."""
+    from types import SimpleNamespace
+
+    from bitplan.core import describe
+
+    try:
+        if args["kind"] == "model":
+            return describe.describe_model(args["path"], args.get("data_path"), args.get("name"))
+        return describe.describe_data(args["path"], args.get("name"))
+    except Exception as exc:
+        failure = describe.failure(SimpleNamespace(kind=args["kind"], path=args["path"], name=args.get("name")), exc)
+        error = BitplanError(failure["message"], failure["hint"])
+        error.code = failure["code"]
+        raise error from None
+
+
+def _plan(args: dict, progress) -> dict:
+    """The job's whole planning run; ``table`` (a cached or merged sensitivity table) skips computing one."""
+    from bitplan.core.pipeline import make_plan
+    from bitplan.core.sensitivity import run_sensitivity
+    from bitplan.schemas import PlanRequest, SensitivityTable
+
+    request = PlanRequest.model_validate(args["request"])
+    given = SensitivityTable.model_validate(args["table"]) if args.get("table") else None
+    computed: list[SensitivityTable] = []
+
+    def sensitivity(prep, ctx):
+        if given is not None:
+            ctx.progress("sensitivity", 1.0, args.get("table_note") or "reused a table")
+            return given
+        if args.get("note"):
+            ctx.progress("sensitivity", 0.0, args["note"])
+        table = run_sensitivity(request.sensitivity, request.sensitivity_params, ctx)
+        computed.append(table)
+        return table
+
+    plan = make_plan(request, progress, sensitivity)
+    return {"plan": plan.model_dump(mode="json", by_alias=True),
+            "table": computed[0].model_dump(mode="json", by_alias=True) if computed else None}
+
+
+def _shard(args: dict, progress) -> dict:
+    from bitplan.core.pipeline import prepare
+    from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
+    from bitplan.schemas import PlanRequest
+
+    r = PlanRequest.model_validate(args["request"])
+    prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name)
+    ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress,
+                             only=frozenset(args["layers"]))
+    table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)
+    return {"table": table.model_dump(mode="json", by_alias=True)}
+
+
+def _probe() -> dict:
+    """What untrusted code in this child could see: its ids, directory, environment names and limits."""
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_CORE")}
+    with open("/proc/self/environ", "rb") as f:
+        initial = sorted({item.split(b"=", 1)[0].decode(errors="replace") for item in f.read().split(b"\0") if item})
+    return {"pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "cwd": os.getcwd(),
+            "env": sorted(os.environ), "initial_env": initial, "limits": limits}
