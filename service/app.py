@@ -16,10 +16,58 @@ from bitplan import __version__
 from bitplan.settings import Settings, load_settings
 from service import errors
 from service.api import router
-from service.ratelimit import RateLimiter
+from service.ratelimit import make_rate_limiter
 from storage import BlobStore, Database, Unavailable
 
 log = logging.getLogger("bitplan.service")
+
+
+class JsonBodyCap:
+    """Refuse a request body other than a multipart upload larger than ``limit`` bytes with 413, before it is parsed.
+
+    A declared Content-Length over the limit is answered at once, without reading the body (the HTTP server
+    delivers no more than a declared length). A body sent without one (chunked) is read here, at most up
+    to the limit, and handed on; the first byte past the limit ends the request with the same 413.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.limit <= 0:  # BITPLAN_MAX_JSON_KB=0: no cap
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
+            return await self.app(scope, receive, send)  # uploads: refuse_oversized_uploads and BITPLAN_MAX_UPLOAD_MB
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0  # chunked, or HTTP/2 without a length: count what arrives
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        kb = self.limit / 1024
+        response = errors.error_response(
+            413, "too_large", f"the request body is larger than {kb:g} KB, the limit for JSON (non-upload) requests",
+            "send fewer or shorter values (pins and latency_table need only the model's layers), "
+            "or ask the operator to raise BITPLAN_MAX_JSON_KB", headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, worker: bool | None = None, reconcile: bool = True) -> FastAPI:
@@ -76,7 +124,7 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
     app.state.revoke = revoke
     errors.install(app)
 
-    limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+    limiter = app.state.limiter = make_rate_limiter(settings)
 
     @app.middleware("http")
     async def rate_limit(request, call_next):
@@ -100,6 +148,8 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
                                          f"{settings.max_upload_bytes / 1e6:g} MB",
                                          "split the data, or ask the operator to raise BITPLAN_MAX_UPLOAD_MB")
         return await call_next(request)
+
+    app.add_middleware(JsonBodyCap, limit=settings.max_json_bytes)
     app.include_router(router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")

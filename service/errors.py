@@ -1,7 +1,15 @@
 """Every error the API answers is JSON with a message a user can act on:
-``{"error": {"code", "message", "hint"}}`` (422s also list the failing ``fields``)."""
+``{"error": {"code", "message", "hint"}}`` (422s also list the failing ``fields``).
+
+Whatever a request holds, the answer stays small: messages are cut to ``MAX_MESSAGE_CHARS``, and a
+422 lists at most ``MAX_FIELDS`` fields, each cut to ``MAX_FIELD_CHARS``. An exception no handler
+expects is a 500 in the same shape, with its traceback in the server log and not in the answer.
+"""
 
 from __future__ import annotations
+
+import logging
+import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitplan.errors import BitplanError
 from storage import Unavailable
+
+log = logging.getLogger("bitplan.service")
+MAX_FIELDS = 20  # a 422 lists at most this many failing fields ...
+MAX_FIELD_CHARS = 300  # ... each "loc: msg" cut to this length ...
+MAX_MESSAGE_CHARS = 2000  # ... and any message or hint to this length
+BUG_HINT = "this is a bug in bitplan; the server log has the traceback"
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited",
@@ -26,8 +40,17 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, hint: str | None = None, headers=None, **extra) -> JSONResponse:
+    message, hint = clip(message, MAX_MESSAGE_CHARS), None if hint is None else clip(hint, MAX_MESSAGE_CHARS)
     return JSONResponse({"error": {"code": code, "message": message, "hint": hint, **extra}}, status_code=status,
                         headers=headers)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, or its start and how much was cut when it is longer than ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 40, 0)
+    return text[:keep] + f"… ({len(text) - keep} more characters)"
 
 
 def _loc(loc) -> str:
@@ -47,8 +70,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
-        fields = [{"loc": _loc(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        errors = exc.errors()
+        fields = []
+        for e in errors[:MAX_FIELDS]:  # a body with a million bad values is answered with the first few
+            loc = clip(_loc(e.get("loc", ())), MAX_FIELD_CHARS // 2)
+            fields.append({"loc": loc, "msg": clip(str(e.get("msg", "")), MAX_FIELD_CHARS - len(loc) - 2)})
         message = "; ".join(f"{f['loc']}: {f['msg']}" for f in fields) or "invalid request"
+        if len(errors) > len(fields):
+            message = clip(message, MAX_MESSAGE_CHARS - 40) + f"; and {len(errors) - len(fields)} more failing fields"
         return error_response(422, "invalid_request", message, "see the API description at /docs", fields=fields)
 
     @app.exception_handler(StarletteHTTPException)
@@ -60,3 +89,10 @@ def install(app: FastAPI) -> None:
     async def _unavailable(_req: Request, exc: Unavailable):
         return error_response(503, "unavailable", str(exc), "the service's database is down; retry in a few seconds",
                               headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        """Anything else: Starlette's ServerErrorMiddleware calls this, sends the answer, then re-raises for the server."""
+        ref = secrets.token_hex(4)
+        log.error("unexpected error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", f"the server failed to answer this request (error {ref})", BUG_HINT)

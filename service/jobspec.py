@@ -41,7 +41,7 @@ class Budgets(Budget):
         if isinstance(value, dict):
             unknown = sorted(str(k) for k in value if k not in BUDGET_KEYS)
             if unknown:
-                raise _invalid(f"unknown budget key(s) {', '.join(unknown)}; valid keys: {', '.join(BUDGET_KEYS)}")
+                raise _invalid(f"unknown budget key(s) {_some(unknown)}; valid keys: {', '.join(BUDGET_KEYS)}")
         return value
 
     @model_validator(mode="after")
@@ -158,6 +158,22 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
+SHOWN_NAMES = 10  # an error message names at most this many layers or parameters, each cut to NAME_CHARS
+NAME_CHARS = 60
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"
+
+
+def _some(names, as_list: bool = False) -> str:
+    """A few of ``names`` and how many more ("a, b and 3 more", or "['a', 'b'] and 3 more"): not all 50,000 of them."""
+    names = list(names)
+    shown = [repr(_cut(str(n))) if as_list else _shown(_cut(str(n))) for n in names[:SHOWN_NAMES]]
+    text = f"[{', '.join(shown)}]" if as_list else ", ".join(shown)
+    return text + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
 def check_methods(job: JobCreate) -> dict:
     """Names and parameters of the sensitivity method and solver; returns the normalised request."""
     from solver import SOLVERS, solver_params
@@ -169,7 +185,7 @@ def check_methods(job: JobCreate) -> dict:
     valid = list(info.params.model_fields)
     unknown = sorted(set(job.sensitivity.params) - set(valid))
     if unknown:
-        raise ApiError(422, f"sensitivity method '{info.name}' has no parameter(s) {', '.join(unknown)}",
+        raise ApiError(422, f"sensitivity method '{info.name}' has no parameter(s) {_some(unknown)}",
                        f"valid parameters of '{info.name}': " + (", ".join(valid) or "none"), code="invalid_request")
     _refuse_non_finite(job.sensitivity.params, "sensitivity.params")
     _refuse_non_finite(job.solver.params, "solver.params")
@@ -183,7 +199,7 @@ def check_methods(job: JobCreate) -> dict:
     valid = solver_params(job.solver.method)
     unknown = sorted(set(job.solver.params) - set(valid))
     if unknown:
-        raise ApiError(422, f"solver '{job.solver.method}' has no parameter(s) {', '.join(unknown)}",
+        raise ApiError(422, f"solver '{job.solver.method}' has no parameter(s) {_some(unknown)}",
                        f"valid parameters of '{job.solver.method}': " + (", ".join(valid) or "none"), code="invalid_request")
     if job.shards > 1 and not info.shardable:
         from bitplan.methods import METHODS
@@ -227,11 +243,13 @@ def _check_budget(job: JobCreate, description: dict) -> None:
     names = {layer.name for layer in layers}
     unknown = sorted(set(job.pins) - names)
     if unknown:
-        raise ApiError(422, f"pins name unknown layer(s) {unknown}",
+        raise ApiError(422, f"pins name unknown layer(s) {_some(unknown, as_list=True)}",
                        "the model's layers are listed by GET /v1/models/{id}", code="invalid_request")
     bad_bits = {n: b for n, b in job.pins.items() if b not in WEIGHT_BITS}
     if bad_bits:
-        raise ApiError(422, f"pinned bit widths {bad_bits} not supported", f"choose from {list(WEIGHT_BITS)}",
+        shown = "{" + ", ".join(f"{_cut(n)!r}: {b}" for n, b in list(bad_bits.items())[:SHOWN_NAMES]) + "}"
+        more = f" and {len(bad_bits) - SHOWN_NAMES} more" if len(bad_bits) > SHOWN_NAMES else ""
+        raise ApiError(422, f"pinned bit widths {shown}{more} not supported", f"choose from {list(WEIGHT_BITS)}",
                        code="invalid_request")
     limits = job.budgets.limits()
     if "latency_ms" in limits and job.latency_table is None:

@@ -5,6 +5,7 @@ signed-in team, and raises ApiError for anything the user must fix."""
 from __future__ import annotations
 
 import logging
+import unicodedata
 from typing import BinaryIO
 
 from sqlalchemy import func, select
@@ -32,9 +33,17 @@ def owned(s: Session, cls, row_id: str, team: Team, what: str):
     return row
 
 
+# Bidirectional overrides and isolates: a name shown as "data.npz" could be stored as "zpn.atad".
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def clean_name(filename: str | None, default: str) -> str:
-    name = (filename or default).replace("\\", "/").rsplit("/", 1)[-1][:200]
-    return name or default
+    """The name an upload is shown and stored under: its last path part, without control characters
+    (PostgreSQL text cannot hold a NUL, nor can a command line or a file name),
+    unpaired surrogates or bidirectional overrides, at most 200 characters."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cs") and c not in _BIDI_CONTROLS)
+    return name.strip()[:200] or default
 
 
 def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str | None,
