@@ -56,8 +56,9 @@ def runtime():
     return Database(s.database_url), BlobStore(s.data_dir)
 
 
-def start_in_process_worker(concurrency: int = 1) -> threading.Thread:
-    """Run a worker in a thread of this process (the embedded default: memory broker, no Redis)."""
+def start_in_process_worker(concurrency: int = 1):
+    """Run a worker in a thread of this process (the embedded default: memory broker, no Redis); returns the
+    worker, whose ``stop()`` ends it. It only orchestrates: models are read and run in sandboxed children."""
     worker = app.WorkController(
         app=app, concurrency=concurrency, pool_cls="solo" if concurrency == 1 else "threads",
         hostname="embedded@localhost", loglevel="WARNING", without_heartbeat=True, without_mingle=True,
@@ -65,4 +66,4 @@ def start_in_process_worker(concurrency: int = 1) -> threading.Thread:
     )
     thread = threading.Thread(target=worker.start, name="bitplan-worker", daemon=True)
     thread.start()
-    return thread
+    return worker

@@ -352,6 +352,10 @@ def run_untrusted(task: str, args: dict, attempt: Attempt, reporter: Reporter) -
         return shared_sandbox().run(task, args, limits, on_progress=reporter, should_stop=attempt.why_stop, env=env)
     except SandboxStopped as exc:
         raise JobCancelled(f"{attempt.job_id}: {exc.reason}") from None
+    except BitplanError as exc:
+        if exc.code == "out_of_memory":
+            exc.message = f"the job {exc.message}"
+        raise
 
 
 def run_shard(job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:

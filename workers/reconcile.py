@@ -4,7 +4,9 @@ safe to run in several places at once: sending a job twice is harmless, because 
 worker takes a job only through ``jobs.start()``, which lets one attempt hold it.
 
 * queued jobs not sent (or not started) for ``requeue_after_s`` are sent again — a
-  broker that restarted empty (Redis without persistence) lost them;
+  broker that restarted empty (Redis without persistence) lost them — unless the
+  broker still holds their message (a backlog behind busy workers: sending again
+  would only pile up duplicates);
 * running jobs whose heartbeat stopped for ``heartbeat_stale_s`` lost their worker
   (killed, out of memory, machine gone) and are sent again; another worker takes
   them over;
@@ -29,21 +31,29 @@ from workers.callbacks import schedule_callback
 log = logging.getLogger("bitplan.reconcile")
 
 
-def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Settings) -> dict[str, int]:
-    """One pass; returns how many jobs were requeued or failed (for logs and tests)."""
+def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Settings,
+                   pending: Callable[[], set[str] | None] | None = None) -> dict[str, int]:
+    """One pass; returns how many jobs were requeued, failed, or left alone because their message still waits in
+    the broker (for logs and tests). ``pending`` lists the job ids the broker holds (None: it cannot tell)."""
     now = utcnow()
     stale = now - dt.timedelta(seconds=settings.heartbeat_stale_s)
     waited = now - dt.timedelta(seconds=settings.requeue_after_s)
     overdue = now - dt.timedelta(seconds=settings.job_time_limit_s + 2 * settings.heartbeat_stale_s)
-    counts = {"requeued": 0, "failed": 0}
+    counts = {"requeued": 0, "failed": 0, "still_queued": 0}
     send: list[str] = []
+    waiting: set[str] | None = None
     with db.session() as s:
         queued = s.scalars(select(Job).where(Job.state == "queued",
                                              or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited))
                            .with_for_update(skip_locked=True).limit(500)).all()
         lost = s.scalars(select(Job).where(Job.state == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
                          .with_for_update(skip_locked=True).limit(500)).all()
+        if (queued or lost) and pending is not None:
+            waiting = _pending(pending)
         for job in lost:
+            if waiting is not None and job.id in waiting:  # already sent again, and no worker took it yet
+                counts["still_queued"] += 1
+                continue
             if job.attempts >= settings.max_attempts:
                 _fail(job, now, f"the job's worker stopped {job.attempts} times without finishing it (killed, or out "
                                "of memory?)", "try a smaller max_samples or batch_size, or ask the operator to check "
@@ -61,6 +71,9 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
                 send.append(job.id)
         for job in queued:
             job.enqueued_at = now
+            if waiting is not None and job.id in waiting:  # a backlog, not a lost message: sending again piles up
+                counts["still_queued"] += 1
+                continue
             send.append(job.id)
     for job_id in send:
         try:
@@ -68,9 +81,17 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
             counts["requeued"] += 1
         except Exception as exc:  # broker down: the next pass tries again
             log.warning("could not requeue %s: %s", job_id, exc)
-    if any(counts.values()):
+    if counts["requeued"] or counts["failed"]:
         log.info("reconciler: %s", counts)
     return counts
+
+
+def _pending(pending: Callable[[], set[str] | None]) -> set[str] | None:
+    try:
+        return pending()
+    except Exception as exc:  # the broker cannot be read now: resend as before (a worker skips a duplicate)
+        log.warning("could not list the broker's queued messages: %s", exc)
+        return None
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:
@@ -84,8 +105,9 @@ def _fail(job: Job, now: dt.datetime, message: str, hint: str) -> None:
 class Reconciler:
     """``reconcile_once`` every ``every_s`` seconds in a daemon thread until ``stop()``."""
 
-    def __init__(self, db: Database, enqueue: Callable[[str], None], settings: Settings, every_s: float = 5.0) -> None:
-        self.db, self.enqueue, self.settings, self.every_s = db, enqueue, settings, every_s
+    def __init__(self, db: Database, enqueue: Callable[[str], None], settings: Settings, every_s: float = 5.0,
+                 pending: Callable[[], set[str] | None] | None = None) -> None:
+        self.db, self.enqueue, self.settings, self.every_s, self.pending = db, enqueue, settings, every_s, pending
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bitplan-reconciler", daemon=True)
 
@@ -100,6 +122,6 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                reconcile_once(self.db, self.enqueue, self.settings)
+                reconcile_once(self.db, self.enqueue, self.settings, self.pending)
             except Exception as exc:  # the database may be down; the next pass tries again
                 log.warning("reconciler pass failed: %s", exc)

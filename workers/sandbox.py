@@ -93,6 +93,7 @@ class Sandbox:
         self.root = Path(root or tempfile.gettempdir()) / "bitplan-sandbox"
         self._lock = threading.Lock()
         self._zygote: _Zygote | None = None
+        self.children: dict[int, str] = {}  # pid -> task, while they run (for operators and tests)
 
     def run(self, task: str, args: dict, limits: Limits, on_progress: Callable[[str, float, str], None] | None = None,
             should_stop: Callable[[], str | None] | None = None, env: dict[str, str] | None = None,
@@ -110,10 +111,29 @@ class Sandbox:
                 zygote, pid = self._spawn(request, write_fd)
             finally:
                 os.close(write_fd)
-            return self._follow(zygote, pid, read_fd, workdir, limits, on_progress, should_stop, poll_s)
+            self.children[pid] = task
+            try:
+                return self._follow(zygote, pid, read_fd, workdir, limits, on_progress, should_stop, poll_s)
+            finally:
+                self.children.pop(pid, None)
         finally:
             os.close(read_fd)
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def warm(self) -> None:
+        """Start the zygote now (it imports torch: seconds), rather than on the first request."""
+        with self._lock:
+            if self._zygote is None or not self._zygote.alive():
+                self._zygote = _Zygote.start(self.root)
+
+    def warm_in_background(self) -> None:
+        def warm() -> None:
+            try:
+                self.warm()
+            except Exception as exc:  # the first request will try again and report it
+                log.warning("could not start the sandbox: %s", exc)
+
+        threading.Thread(target=warm, name="bitplan-sandbox-warm", daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
@@ -325,6 +345,15 @@ class _Zygote:
 
 _SHARED: Sandbox | None = None
 _SHARED_LOCK = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    """A forked process (a Celery prefork child) must not use its parent's zygote: its reader thread is not here."""
+    global _SHARED, _SHARED_LOCK
+    _SHARED, _SHARED_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def shared_sandbox() -> Sandbox:

@@ -7,6 +7,8 @@ block, then ``merge_shards`` on whichever worker finishes last.
 
 from __future__ import annotations
 
+import json
+
 from celery import chord
 
 from workers.app import app
@@ -44,3 +46,32 @@ def _dispatch_shards(job_id: str, blocks: list[list[str]], lease: str) -> None:
 def enqueue(job_id: str) -> None:
     """Queue a job (called by the API after the job row is committed)."""
     run_job.apply_async(args=[job_id], task_id=job_id)
+
+
+def pending_job_ids(limit: int = 20_000) -> set[str] | None:
+    """Ids of the jobs whose ``run_job`` message the broker still holds (waiting, or taken by a worker that has not
+    acknowledged it); None when this broker cannot be inspected. Redis and the in-process memory broker can."""
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        queue = app.conf.task_default_queue or "celery"
+        kind = type(channel).__module__
+        if kind == "kombu.transport.memory":
+            messages = [m for q in list(type(channel).queues.values()) for m in list(q.queue)[:limit]]
+        elif kind == "kombu.transport.redis":
+            client = channel.client
+            keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps]
+            raw = [m for key in keys for m in client.lrange(key, 0, limit - 1)]
+            messages = [json.loads(m) for m in raw]
+            for value in client.hvals(channel.unacked_key):
+                entry = json.loads(value)
+                messages.append(entry[0] if isinstance(entry, list) and entry else {})
+        else:
+            return None
+    ids: set[str] = set()
+    for message in messages:
+        if isinstance(message, str):
+            message = json.loads(message)
+        headers = message.get("headers") or {} if isinstance(message, dict) else {}
+        if headers.get("task") == "bitplan.run_job" and headers.get("id"):
+            ids.add(str(headers["id"]))
+    return ids

@@ -35,7 +35,14 @@ def run(task: str, args: dict, out: TextIO):
 
 
 def describe_error(exc: BaseException) -> dict:
-    """A failure as JSON: a BitplanError keeps its code, message, hint (and minimums); anything else is a bug."""
+    """A failure as JSON: a BitplanError keeps its code, message, hint (and minimums); running out of the memory
+    limit is the user's to act on too; anything else is a bug."""
+    if _out_of_memory(exc):
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        shown = f"its limit of {limit >> 20:,} MB" if limit > 0 else "the machine's memory"
+        return {"kind": "user", "code": "out_of_memory", "message": f"ran out of memory ({shown})",
+                "hint": "use fewer samples or a smaller batch_size (params max_samples, batch_size), or ask the operator "
+                        "to raise BITPLAN_WORKER_MEMORY_MB"}
     if isinstance(exc, BitplanError):
         error = {"kind": "user", "code": exc.code, "message": exc.message, "hint": exc.hint}
         if getattr(exc, "minimums", None):
@@ -46,6 +53,10 @@ def describe_error(exc: BaseException) -> dict:
     lines = str(exc).strip().splitlines()
     return {"kind": "internal", "type": type(exc).__name__, "message": (lines[0] if lines else "")[:1000],
             "traceback": "".join(traceback.format_exception(exc))[-8000:]}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _describe(args: dict) -> dict:
@@ -59,6 +70,8 @@ def _describe(args: dict) -> dict:
             return describe.describe_model(args["path"], args.get("data_path"), args.get("name"))
         return describe.describe_data(args["path"], args.get("name"))
     except Exception as exc:
+        if _out_of_memory(exc):
+            raise
         failure = describe.failure(SimpleNamespace(kind=args["kind"], path=args["path"], name=args.get("name")), exc)
         error = BitplanError(failure["message"], failure["hint"])
         error.code = failure["code"]
