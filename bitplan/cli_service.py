@@ -83,6 +83,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import app, configure
 
     configure(settings)
+    if args.concurrency == 1:  # the solo pool runs jobs in this process: start its sandbox now, not at the first job
+        from workers.sandbox import shared_sandbox
+
+        shared_sandbox().warm_in_background()
     argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
             "--pool=" + ("solo" if args.concurrency == 1 else "prefork"), "--without-gossip", "--without-mingle"]
     if args.hostname:

@@ -79,23 +79,30 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.db.migrate()
+        worker = None
+        from workers.sandbox import shared_sandbox
+
+        shared_sandbox().warm_in_background()  # the process that reads uploads (and runs jobs) starts once, now
         if run_worker:
             from workers.app import start_in_process_worker
 
-            start_in_process_worker()
+            worker = start_in_process_worker()
             log.info("in-process worker started (broker %s)", settings.broker_url)
         reconciler = dispatcher = None
         if reconcile:
             from workers.callbacks import CallbackDispatcher
             from workers.reconcile import Reconciler
+            from workers.tasks import pending_job_ids
 
-            reconciler = Reconciler(app.state.db, app.state.enqueue, settings).start()
+            reconciler = Reconciler(app.state.db, app.state.enqueue, settings, pending=pending_job_ids).start()
             dispatcher = CallbackDispatcher(app.state.db, settings.callback_allow).start()  # sends job callbacks
         yield
         if reconciler is not None:
             reconciler.stop()
         if dispatcher is not None:
             dispatcher.stop()
+        if worker is not None:
+            worker.stop(in_sighandler=False)  # a later app in this process must not find this one's worker
 
     app = FastAPI(
         title="bitplan", version=__version__, lifespan=lifespan,

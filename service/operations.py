@@ -65,7 +65,8 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
                 data_path = state.blobs.path(owned(s, DatasetFile, dataset_id, team, "dataset").sha256)
         name = clean_name(filename, "model.pt2" if kind == "model" else "data.npz")
         try:
-            desc = describe("model" if kind == "model" else "data", staged.tmp, name, data_path)
+            desc = describe("model" if kind == "model" else "data", staged.tmp, name, data_path,
+                            memory_mb=state.settings.worker_memory_mb)
         except ApiError as exc:
             if "input shapes are not stored" in exc.message and data_path is None:
                 exc.hint = TORCHSCRIPT_HINT
