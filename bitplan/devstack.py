@@ -78,8 +78,16 @@ class DevStack:
     def broker_url(self) -> str:
         return "memory://" if self.embedded else f"{self.redis_url}/{self.redis_db}"
 
+    @property
+    def tmp_dir(self) -> Path:
+        """TMPDIR of the stack's processes: their sandboxes (``bitplan-sandbox/``) live here, apart from others'."""
+        path = Path(self.workdir) / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env["TMPDIR"] = str(self.tmp_dir)
         env.update(BITPLAN_DATA_DIR=str(self.data_dir), BITPLAN_DATABASE_URL=self.database_url,
                    BITPLAN_BROKER_URL=self.broker_url, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                    # the tests' callback receivers listen on loopback: the operator's exception to the SSRF guard

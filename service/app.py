@@ -22,6 +22,10 @@ from storage import BlobStore, Database, Unavailable
 log = logging.getLogger("bitplan.service")
 
 
+#: The routes that take multipart file uploads (limited by BITPLAN_MAX_UPLOAD_MB); any other body is capped as JSON.
+UPLOAD_PATHS = frozenset({"/v1/models", "/v1/datasets", "/"})
+
+
 class JsonBodyCap:
     """Refuse a request body other than a multipart upload larger than ``limit`` bytes with 413, before it is parsed.
 
@@ -37,7 +41,8 @@ class JsonBodyCap:
         if scope["type"] != "http" or self.limit <= 0:  # BITPLAN_MAX_JSON_KB=0: no cap
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+        if multipart and scope.get("path") in UPLOAD_PATHS:
             return await self.app(scope, receive, send)  # uploads: refuse_oversized_uploads and BITPLAN_MAX_UPLOAD_MB
         length = headers.get(b"content-length")
         if length is not None:

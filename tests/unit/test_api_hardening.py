@@ -173,6 +173,13 @@ def test_a_json_body_over_the_cap_is_refused_before_it_is_read(api):
     assert len(r.content) < 1000
 
 
+def test_a_multipart_body_to_a_json_route_is_capped_as_json(api):
+    """Only the upload routes take multipart bodies up to the upload limit; elsewhere it is just a big body."""
+    body, headers = multipart("file", b"x.npz", b"\0" * (2 * MAX_JSON_KB * 1024))
+    r = api.client.post("/v1/jobs", content=body, headers={**api.headers, **headers})
+    assert_json_error(r, 413, "too_large")
+
+
 def chunked(api: Api, body: bytes, size: int):
     r = api.client.post("/v1/jobs", content=(body[i:i + size] for i in range(0, len(body), size)),
                         headers={**api.headers, "Content-Type": "application/json"})
