@@ -51,8 +51,9 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
         if (queued or lost) and pending is not None:
             waiting = _pending(pending)
         for job in lost:
-            if waiting is not None and job.id in waiting:  # already sent again, and no worker took it yet
-                counts["still_queued"] += 1
+            resent = job.enqueued_at is not None and _aware(job.enqueued_at) > waited and job.attempts > 0
+            if (waiting is not None and job.id in waiting) or (waiting is None and resent):
+                counts["still_queued"] += 1  # already sent again, and no worker has taken it yet
                 continue
             if job.attempts >= settings.max_attempts:
                 _fail(job, now, f"the job's worker stopped {job.attempts} times without finishing it (killed, or out "

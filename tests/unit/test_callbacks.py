@@ -419,7 +419,7 @@ def test_a_job_the_reconciler_fails_gets_its_callback_from_the_outbox(db, receiv
     with db.session() as s:
         job = s.get(Job, job_id)
         job.callback_due_at, job.callback_status, job.attempts, job.heartbeat_at, job.started_at = None, None, 3, old, old
-    assert reconcile_once(db, lambda _id: None, settings) == {"requeued": 0, "failed": 1}
+    assert reconcile_once(db, lambda _id: None, settings) == {"requeued": 0, "failed": 1, "still_queued": 0}
     job = row(db, job_id)
     assert job.state == "failed" and job.callback_due_at is not None and job.callback_status == "pending"
     assert hook.requests == []  # not sent from inside the reconciler

@@ -104,7 +104,7 @@ def test_submit_while_the_broker_is_down_is_kept_and_sent_later(tmp_path, model_
     with db.session() as s:
         assert s.get(Job, r.json()["id"]).enqueued_at is None  # marked for the reconciler
     later: list[str] = []
-    assert reconcile_once(db, later.append, settings) == {"requeued": 1, "failed": 0}
+    assert reconcile_once(db, later.append, settings) == {"requeued": 1, "failed": 0, "still_queued": 0}
     assert later == [r.json()["id"]]
     assert reconcile_once(db, later.append, settings)["requeued"] == 0  # not again until requeue_after_s
     a.__exit__(None, None, None)
@@ -131,9 +131,76 @@ def test_reconciler_resends_lost_work_and_gives_up_after_max_attempts(tmp_path):
                 for name, beat, attempts in (("lost", old, 1), ("alive", utcnow(), 1), ("doomed", old, 3))}
         s.add_all(rows.values())
     sent: list[str] = []
-    assert reconcile_once(db, sent.append, settings) == {"requeued": 1, "failed": 1}
+    assert reconcile_once(db, sent.append, settings) == {"requeued": 1, "failed": 1, "still_queued": 0}
     assert sent == [rows["lost"].id]
     with db.session() as s:
         doomed = s.get(Job, rows["doomed"].id)
         assert doomed.state == "failed" and "stopped 3 times" in doomed.error_message
         assert s.get(Job, rows["alive"].id).state == "running"
+
+
+def _backlog(tmp_path, **overrides):
+    """A queued job due for a resend and a running job whose worker went silent, both long enough ago."""
+    import datetime as dt
+
+    from storage.models import ModelFile, Team, utcnow
+
+    settings = load_settings(data_dir=str(tmp_path / "data"), heartbeat_stale_s=30, requeue_after_s=10, **overrides)
+    db = Database(settings.database_url)
+    db.migrate()
+    old = utcnow() - dt.timedelta(seconds=120)
+    with db.session() as s:
+        team = Team(name="vision")
+        s.add(team)
+        s.flush()
+        model = ModelFile(team_id=team.id, sha256="0" * 64, name="m.pt2", format="pt2", size_bytes=1, description={})
+        s.add(model)
+        s.flush()
+        waiting = Job(team_id=team.id, model_id=model.id, request={}, state="queued", enqueued_at=old)
+        lost = Job(team_id=team.id, model_id=model.id, request={}, state="running", heartbeat_at=old, attempts=1,
+                   started_at=old, enqueued_at=old)
+        s.add_all([waiting, lost])
+    return db, settings, waiting.id, lost.id
+
+
+def test_reconciler_does_not_pile_duplicates_on_a_backlog(tmp_path):
+    """A message still in the broker is a backlog, not a loss: sending it again would only add duplicates."""
+    db, settings, waiting, lost = _backlog(tmp_path)
+    sent: list[str] = []
+    assert reconcile_once(db, sent.append, settings, pending=lambda: {waiting, lost}) == {
+        "requeued": 0, "failed": 0, "still_queued": 2}
+    for _ in range(5):
+        assert reconcile_once(db, sent.append, settings, pending=lambda: {waiting, lost})["requeued"] == 0
+    assert sent == []
+    # the broker lost its messages (restarted empty): the lost job goes again now, the queued one when it is due
+    assert reconcile_once(db, sent.append, settings, pending=lambda: set())["requeued"] == 1
+    assert sent == [lost]
+
+
+def test_reconciler_resends_when_the_broker_cannot_be_read(tmp_path):
+    db, settings, waiting, lost = _backlog(tmp_path)
+    sent: list[str] = []
+
+    def unreadable():
+        raise ConnectionError("broker down")
+
+    assert reconcile_once(db, sent.append, settings, pending=unreadable)["requeued"] == 2
+    for _ in range(3):  # resent just now: not again until requeue_after_s, although the heartbeat is still stale
+        assert reconcile_once(db, sent.append, settings, pending=lambda: None)["requeued"] == 0
+    assert len(sent) == 2
+
+
+def test_pending_job_ids_reads_the_in_process_broker(tmp_path):
+    from workers.app import configure
+    from workers.tasks import enqueue, pending_job_ids
+
+    settings = load_settings(data_dir=str(tmp_path / "data"), broker_url="memory://")
+    configure(settings)
+    enqueue("j_backlog1")
+    enqueue("j_backlog2")
+    try:
+        assert {"j_backlog1", "j_backlog2"} <= pending_job_ids()
+    finally:
+        from workers.app import app
+
+        app.control.purge()

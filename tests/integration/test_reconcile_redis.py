@@ -1,0 +1,64 @@
+"""The reconciler asks the broker which job messages are still waiting before it resends any (a backlog behind
+busy workers must not grow duplicates). Against a real Redis (database 14), with no worker consuming."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitplan.devstack import REDIS_URL
+from bitplan.settings import load_settings
+
+
+@pytest.fixture
+def redis_broker(tmp_path):
+    import redis
+
+    url = f"{REDIS_URL}/14"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    from workers.app import configure
+
+    configure(load_settings(data_dir=str(tmp_path / "data"), broker_url=url))
+    yield client
+    client.flushdb()
+    configure(load_settings(data_dir=str(tmp_path / "data"), broker_url="memory://"))
+
+
+def test_pending_job_ids_reads_the_redis_queue(redis_broker):
+    from workers.tasks import enqueue, pending_job_ids
+
+    enqueue("j_waiting1")
+    enqueue("j_waiting2")
+    assert pending_job_ids() == {"j_waiting1", "j_waiting2"}
+    assert redis_broker.llen("celery") == 2
+
+
+def test_a_backlog_in_redis_is_not_sent_again(redis_broker, tmp_path):
+    import datetime as dt
+
+    from storage import Database
+    from storage.models import Job, ModelFile, Team, utcnow
+    from workers.reconcile import reconcile_once
+    from workers.tasks import enqueue, pending_job_ids
+
+    settings = load_settings(data_dir=str(tmp_path / "data"), requeue_after_s=0.0)
+    db = Database(settings.database_url)
+    db.migrate()
+    with db.session() as s:
+        team = Team(name="vision")
+        s.add(team)
+        s.flush()
+        model = ModelFile(team_id=team.id, sha256="0" * 64, name="m.pt2", format="pt2", size_bytes=1, description={})
+        s.add(model)
+        s.flush()
+        jobs = [Job(team_id=team.id, model_id=model.id, request={}, state="queued",
+                    enqueued_at=utcnow() - dt.timedelta(seconds=5)) for _ in range(3)]
+        s.add_all(jobs)
+    for job in jobs:
+        enqueue(job.id)
+    for _ in range(5):  # every pass finds them due (requeue_after_s=0) and still waiting in Redis
+        assert reconcile_once(db, enqueue, settings, pending=pending_job_ids)["requeued"] == 0
+    assert redis_broker.llen("celery") == 3
+    redis_broker.delete("celery")  # Redis restarted empty: now they are lost, and sent again once
+    assert reconcile_once(db, enqueue, settings, pending=pending_job_ids)["requeued"] == 3
+    assert redis_broker.llen("celery") == 3
