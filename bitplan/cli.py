@@ -78,11 +78,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise BitplanError(_validation_message(exc)) from None
-    from bitplan.methods import get_method
-    from solver import get_solver
+    from bitplan.methods import get_method, parse_params
+    from solver import parse_solver_params
 
-    get_method(request.sensitivity)  # fail fast, before loading anything
-    get_solver(request.solver)
+    parse_params(get_method(request.sensitivity), request.sensitivity_params)  # fail fast, before loading anything
+    parse_solver_params(request.solver, request.solver_params)
     from bitplan.core.pipeline import make_plan
     from bitplan.progress import StderrProgress
 
@@ -192,8 +192,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from solver import Problem, get_solver
+    from solver import Problem, get_info, parse_solver_params
 
+    params = parse_solver_params(args.solver, _parse_params(args.solver_param))  # before reading the problem
     try:
         raw = json.loads(Path(args.problem).read_text())
     except FileNotFoundError:
@@ -201,7 +202,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise BitplanError(f"problem file '{args.problem}' is not JSON ({exc})") from None
     problem = Problem.from_dict(raw)
-    solution = get_solver(args.solver)(problem, **_parse_params(args.solver_param))
+    solution = get_info(args.solver).run(problem, params)
     out = {
         "status": solution.status,
         "objective": solution.objective,

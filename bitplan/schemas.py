@@ -166,10 +166,12 @@ class PlanLayer(_Frozen):
 
 class SolverInfo(_Frozen):
     method: str
-    status: str
+    status: str = Field(description="optimal, heuristic, or time_limit: the time limit stopped the search "
+                                    "(the plan is the best one found by then)")
     seconds: float
     objective: float
     gap: float | None = None
+    time_limit_s: float | None = Field(None, description="the time limit the solver ran under (seconds), if any")
 
 
 class SensitivityInfo(_Frozen):
@@ -220,6 +222,10 @@ class PlanRequest(BaseModel):
     sensitivity_params: dict = Field(default_factory=dict)
     solver: str = "ilp"
     solver_params: dict = Field(default_factory=dict)
+    time_limit_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="seconds the run may take (a service job's limit): the solver stops by what is left of it, "
+                    "or by its own time_limit parameter if that is smaller; none: only the solver's own limit")
     clip: Literal["mse", "minmax"] = "mse"
     latency_table: dict[str, dict[int, float]] | None = None
     seed: int = 0

@@ -169,17 +169,14 @@ def delete_job(request: Request, job_id: str, team: TeamDep):
 @router.get("/methods", summary="Registered sensitivity methods and solvers, with their parameters")
 def methods():
     from bitplan.methods import METHODS
-    from solver import SOLVERS, solver_params
+    from solver import SOLVERS
 
     return {
         "sensitivity": [{"name": m.name, "summary": m.summary, "params": m.params.model_json_schema(),
                          "defaults": m.params().model_dump(mode="json"), "shardable": m.shardable}
                         for m in METHODS.values()],
-        "solvers": [{"name": name, "summary": summary, "defaults": _jsonable(solver_params(name))}
-                    for name, (_, summary) in SOLVERS.items()],
+        "solvers": [{"name": s.name, "summary": s.summary, "params": s.params.model_json_schema(),
+                     "defaults": s.params().model_dump(mode="json")}
+                    for s in SOLVERS.values()],
         "job_states": list(JOB_STATES),
     }
-
-
-def _jsonable(params: dict) -> dict:
-    return {k: v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v) for k, v in params.items()}

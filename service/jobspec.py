@@ -176,7 +176,7 @@ def _some(names, as_list: bool = False) -> str:
 
 def check_methods(job: JobCreate) -> dict:
     """Names and parameters of the sensitivity method and solver; returns the normalised request."""
-    from solver import SOLVERS, solver_params
+    from solver import SOLVERS, parse_solver_params
 
     try:
         info = get_method(job.sensitivity.method)
@@ -196,11 +196,10 @@ def check_methods(job: JobCreate) -> dict:
     if job.solver.method not in SOLVERS:
         raise ApiError(422, f"unknown solver '{job.solver.method}'", "valid solvers: " + ", ".join(SOLVERS),
                        code="invalid_request")
-    valid = solver_params(job.solver.method)
-    unknown = sorted(set(job.solver.params) - set(valid))
-    if unknown:
-        raise ApiError(422, f"solver '{job.solver.method}' has no parameter(s) {_some(unknown)}",
-                       f"valid parameters of '{job.solver.method}': " + (", ".join(valid) or "none"), code="invalid_request")
+    try:  # types and bounds too: {"time_limit": "abc"} is refused here, not by a failed job
+        parse_solver_params(job.solver.method, job.solver.params)
+    except BitplanError as exc:
+        raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
     if job.shards > 1 and not info.shardable:
         from bitplan.methods import METHODS
 

@@ -1,76 +1,205 @@
 """Torch-free search for the bit-width plan: Problem in, Solution out.
 
-Solvers register by name; the CLI (and later the API) read this registry. Every solver is called
-as ``solver(problem, **params)`` with keyword parameters that all have defaults; an unknown
-parameter is refused with the list of valid ones.
+Solvers register by name with a summary and a pydantic ``Params`` model, as the sensitivity methods
+do in ``bitplan.methods``: the CLI, the API (``GET /v1/methods``, ``POST /v1/jobs``) and ``make_plan``
+all read this one registry. ``parse_solver_params`` turns JSON parameters into a validated model and
+names the field at fault otherwise. A solver is called as ``get_solver(name)(problem, **params)``:
+the keyword parameters are validated by the same model, so an unknown one is refused with the list of
+valid ones. Python-only arguments (the evolutionary solver's ``evaluate`` callable) are no field of any
+model: they are passed beside the parameters and never come from JSON.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bitplan.errors import BitplanError
-from solver.problem import Layer, Option, Problem, Solution
+from solver.problem import Layer, NonFiniteError, Option, Problem, Solution
 
 SolveFn = Callable[..., Solution]
 
-
-def _lazy(module: str, function: str, name: str) -> SolveFn:
-    """Import the solver's module on first call (Optuna and PuLP load slowly) and check its params."""
-
-    def solve(problem: Problem, **params) -> Solution:
-        fn = getattr(importlib.import_module(module), function)
-        check_params(name, fn, params)
-        return fn(problem, **params)
-
-    solve.__name__ = f"solve_{name}"
-    solve.__doc__ = f"{module}.{function}(problem, **params)"
-    return solve
+# --- parameter models -------------------------------------------------------------------------------------
 
 
-def solver_params(name: str) -> dict[str, object]:
-    """The keyword parameters solver ``name`` takes, with their defaults."""
-    module, function = _WHERE[name]
-    fn = getattr(importlib.import_module(module), function)
-    return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:]}
+class SolverParams(BaseModel):
+    """Base of the solvers' parameter models: frozen, no unknown fields, finite numbers. Every model ends with
+    ``time_limit: float | None = _time_limit()`` (declared in each, not here, so that it is listed last)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def check_params(name: str, fn: Callable, params: dict) -> None:
-    valid = [p.name for p in list(inspect.signature(fn).parameters.values())[1:]]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise BitplanError(
-            f"solver '{name}' has no parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
-            f"valid parameters of '{name}': " + (", ".join(valid) or "none"),
-        )
+def _time_limit():
+    return Field(None, gt=0, le=7 * 24 * 3600,
+                 description="seconds the search may take, then the best plan found is returned (status 'time_limit'); "
+                             "none: unbounded")
 
 
-_WHERE = {
-    "ilp": ("solver.ilp", "solve_ilp"),
-    "pareto": ("solver.pareto", "solve_pareto"),
-    "evolutionary": ("solver.evolutionary", "solve_evolutionary"),
-    "greedy": ("solver.greedy", "solve_greedy"),
-    "uniform": ("solver.greedy", "solve_uniform"),
+Backend = Literal["cbc", "highs"]
+
+
+class ILPParams(SolverParams):
+    """Integer linear program (PuLP + CBC or HiGHS)."""
+
+    backend: Backend = Field("cbc", description="MIP solver: cbc (bundled with PuLP) or highs (highspy)")
+    reduce: bool = Field(True, description="before the MIP, drop options no optimal plan needs (dominance, and "
+                                           "reduced-cost fixing against the greedy plan)")
+    time_limit: float | None = _time_limit()
+
+
+class ParetoParams(SolverParams):
+    """Frontier of Omega vs one cost, and the best plan at the budget."""
+
+    cost_key: str | None = Field(None, max_length=64,
+                                 description="the cost the frontier is traced along (a cost such as size_bytes, or "
+                                             "avg_weight_bits); default: the only budget")
+    method: Literal["auto", "exact", "hull"] = Field(
+        "auto", description="exact: the whole frontier; hull: its convex hull (any size) with the ILP's plan at the "
+                            "budget; auto: exact unless it passes max_states or half the time limit")
+    max_states: int = Field(100_000, ge=1, le=2_000_000, description="most frontier plans the exact merge may hold")
+    points: int | None = Field(50, ge=1, le=100_000, description="frontier plans reported (spread over the cost); "
+                                                                 "none: all")
+    backend: Backend = Field("cbc", description="MIP solver of the ILP that finds the plan at the budget in hull mode")
+    time_limit: float | None = _time_limit()
+
+
+class EvolutionaryParams(SolverParams):
+    """NSGA-II (Optuna) over Omega and the costs."""
+
+    trials: int = Field(200, ge=1, le=100_000, description="NSGA-II trials (plans scored)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sampler seed")
+    population: int = Field(50, ge=2, le=10_000, description="NSGA-II population size")
+    costs: list[str] | None = Field(None, max_length=8,
+                                    description="costs minimised beside Omega (default: the budgeted ones)")
+    seed_plans: bool = Field(True, description="start from the ilp and greedy plans as well as the uniform ones")
+    measured: bool = Field(True, description="bitplan plan and jobs: score each plan by the measured calibration "
+                                             "loss of the quantized model instead of the predicted Omega "
+                                             "(bitplan solve has no model, so it ignores this)")
+    time_limit: float | None = _time_limit()
+
+
+class GreedyParams(SolverParams):
+    """AIMET-AMP-style greedy lowering."""
+
+    fill: bool = Field(True, description="after the budgets hold, spend the slack on the steps back up that "
+                                         "buy the most objective")
+    time_limit: float | None = _time_limit()
+
+
+class UniformParams(SolverParams):
+    """One width for every layer."""
+
+    time_limit: float | None = _time_limit()
+
+
+# --- registry ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolverEntry:
+    """A registered solver; calling it solves: ``info(problem, **params)``."""
+
+    name: str
+    summary: str
+    params: type[SolverParams]
+    impl: str  # "module:function", called as function(problem, **fields, **hooks) -> Solution
+    #: Python-only keyword arguments of the function (callables): never a field of ``params``, never from JSON
+    hooks: tuple[str, ...] = ()
+    #: fields of ``params`` that the caller acts on (``make_plan``), not passed to the function
+    caller_fields: tuple[str, ...] = ()
+
+    def load(self) -> SolveFn:
+        """The implementation, imported on first use (Optuna and PuLP load slowly)."""
+        module, _, attr = self.impl.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def __call__(self, problem: Problem, **kwargs) -> Solution:
+        hooks = {k: kwargs.pop(k) for k in self.hooks if k in kwargs}
+        return self.run(problem, parse_solver_params(self.name, kwargs), **hooks)
+
+    def run(self, problem: Problem, params: SolverParams, **hooks) -> Solution:
+        """Solve with already validated ``params`` (a ``self.params``) and the Python-only ``hooks``."""
+        if not isinstance(params, self.params):
+            raise TypeError(f"solver '{self.name}' takes {self.params.__name__}, not {type(params).__name__}")
+        unknown = sorted(set(hooks) - set(self.hooks))
+        if unknown:
+            raise BitplanError(f"solver '{self.name}' takes no Python argument(s) {', '.join(unknown)}")
+        values = {k: getattr(params, k) for k in type(params).model_fields if k not in self.caller_fields}
+        return self.load()(problem, **values, **hooks)
+
+    def __iter__(self) -> Iterator:
+        """The older ``(solve, summary)`` pair, so ``for name, (solve, summary) in SOLVERS.items()`` still reads."""
+        return iter((self, self.summary))
+
+
+SOLVERS: dict[str, SolverEntry] = {
+    info.name: info
+    for info in (
+        SolverEntry("ilp", "integer linear program (PuLP + CBC or HiGHS): provably optimal sum of Omega under every budget",
+                   ILPParams, "solver.ilp:solve_ilp"),
+        SolverEntry("pareto", "frontier of Omega vs one cost (exact merge, or convex hull at scale) and the optimal plan "
+                             "at the budget", ParetoParams, "solver.pareto:solve_pareto"),
+        SolverEntry("evolutionary", "NSGA-II (Optuna) over Omega and the costs, seeded with ilp and greedy; can score by "
+                                   "measured loss", EvolutionaryParams, "solver.evolutionary:solve_evolutionary",
+                   hooks=("evaluate",), caller_fields=("measured",)),
+        SolverEntry("greedy", "AIMET-AMP-style: lower the layer with least Omega increase per cost saved until the "
+                             "budgets hold", GreedyParams, "solver.greedy:solve_greedy"),
+        SolverEntry("uniform", "the highest single bit width for every layer that fits the budgets (baseline)",
+                   UniformParams, "solver.greedy:solve_uniform"),
+    )
 }
 
-_SUMMARY = {
-    "ilp": "integer linear program (PuLP + CBC or HiGHS): provably optimal sum of Omega under every budget",
-    "pareto": "frontier of Omega vs one cost (exact merge, or convex hull at scale) and the optimal plan at the budget",
-    "evolutionary": "NSGA-II (Optuna) over Omega and the costs, seeded with ilp and greedy; can score by measured loss",
-    "greedy": "AIMET-AMP-style: lower the layer with least Omega increase per cost saved until the budgets hold",
-    "uniform": "the highest single bit width for every layer that fits the budgets (baseline)",
-}
 
-SOLVERS: dict[str, tuple[SolveFn, str]] = {name: (_lazy(*_WHERE[name], name), _SUMMARY[name]) for name in _WHERE}
-
-
-def get_solver(name: str) -> SolveFn:
+def get_info(name: str) -> SolverEntry:
     try:
-        return SOLVERS[name][0]
+        return SOLVERS[name]
     except KeyError:
         raise BitplanError(f"unknown solver '{name}'", "valid solvers: " + ", ".join(SOLVERS)) from None
 
 
-__all__ = ["Layer", "Option", "Problem", "Solution", "SOLVERS", "check_params", "get_solver", "solver_params"]
+def get_solver(name: str) -> SolverEntry:
+    """The solver ``name``, called as ``get_solver(name)(problem, **params)``."""
+    return get_info(name)
+
+
+def solver_params(name: str) -> dict[str, object]:
+    """The parameters solver ``name`` takes, with their defaults, as JSON."""
+    return get_info(name).params().model_dump(mode="json")
+
+
+def parse_solver_params(name: str, raw: Mapping) -> SolverParams:
+    """``raw`` (JSON-typed parameters) validated by solver ``name``'s model; a BitplanError names the field at
+    fault and what it expects, or, for unknown fields, lists the valid ones."""
+    info = get_info(name)
+    if not isinstance(raw, Mapping):
+        raise BitplanError(f"solver '{name}' parameters must be an object of name: value, not {type(raw).__name__}")
+    valid = list(info.params.model_fields)
+    unknown = sorted(str(k) for k in raw if k not in info.params.model_fields)
+    if unknown:
+        shown = ", ".join(_cut(k) for k in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        hooks = [k for k in unknown if k in info.hooks]
+        raise BitplanError(f"solver '{name}' has no parameter(s) {shown}",
+                           f"valid parameters of '{name}': " + ", ".join(valid)
+                           + (f" ({', '.join(hooks)}: a Python callable, never a parameter; see 'measured')" if hooks else ""))
+    try:
+        return info.params(**raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {_cut(repr(e.get('input')))})" for e in errors)
+        field = info.params.model_fields.get(str(errors[0]["loc"][0])) if errors and errors[0]["loc"] else None
+        hint = f"{errors[0]['loc'][0]}: {field.description}" if field is not None and field.description else (
+            f"valid parameters of '{name}': " + ", ".join(valid))
+        raise BitplanError(f"solver '{name}' parameter {problems}", hint) from None
+
+
+def _cut(text: str, chars: int = 60) -> str:
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+__all__ = ["Layer", "NonFiniteError", "Option", "Problem", "Solution", "SOLVERS", "SolverEntry", "SolverParams",
+           "get_info", "get_solver", "parse_solver_params", "solver_params"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from itertools import product
 
 from bitplan.errors import BitplanError
-from solver.problem import AVG_BITS, Option, Problem, Solution
+from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
 
 Evaluate = Callable[[dict[str, Option]], float]
 _TOL = 1e-9
@@ -30,12 +30,18 @@ def solve_evolutionary(
     population: int = 50,
     costs: list[str] | None = None,
     seed_plans: bool = True,
+    time_limit: float | None = None,
 ) -> Solution:
     """Best feasible plan found in ``trials`` NSGA-II trials; ``Solution.frontier`` holds the
-    non-dominated feasible plans over (objective, *costs) (costs default to the budgeted ones)."""
+    non-dominated feasible plans over (objective, *costs) (costs default to the budgeted ones).
+
+    ``time_limit`` (seconds) bounds the search: the seeding ILP and greedy get at most a quarter of it
+    each, the seed plans are all scored, and then the search stops after the trial during which the time
+    ran out (status "time_limit"); each trial (one ``evaluate`` call at most) runs to its end."""
+    start = time.perf_counter()
+    deadline = Deadline(time_limit)
     import optuna
 
-    start = time.perf_counter()
     if trials < 1 or population < 2:
         raise BitplanError("evolutionary needs trials >= 1 and population >= 2")
     from solver.ilp import check_budgets
@@ -68,6 +74,12 @@ def solve_evolutionary(
                 trial.set_constraint(k, v)
         return (score(tuple(picks[name] for name, _ in units), choices), *(values[k] for k in keys))
 
+    def stop_at_deadline(study, trial) -> None:
+        # the seed plans (a few: one per width, the ilp's, the greedy one) are scored even late, so a time
+        # limit spent on seeding still ends with the ilp and greedy plans among the candidates
+        if deadline.passed() and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            study.stop()
+
     if hasattr(optuna.trial.Trial, "set_constraint"):
         sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
     else:  # Optuna < 5
@@ -79,17 +91,20 @@ def solve_evolutionary(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study = optuna.create_study(directions=["minimize"] * (1 + len(keys)), sampler=sampler)
-            for plan in _seed_plans(problem, solvers=seed_plans):
+            for plan in _seed_plans(problem, solvers=seed_plans, time_limit=time_limit):
                 study.enqueue_trial(_picks(units, plan), skip_if_exists=True)
-            study.optimize(objective, n_trials=trials)
+            study.optimize(objective, n_trials=trials, callbacks=[stop_at_deadline])
     finally:
         optuna.logging.set_verbosity(verbosity)
 
+    ran = sum(t.values is not None for t in study.trials)
+    stopped = deadline.hit and ran < trials
     done = [t for t in study.trials if t.values is not None and all(c <= 0 for c in t.user_attrs["constraint"])]
     if not done:
         raise BitplanError(
-            f"evolutionary found no plan within the budgets in {trials} trials",
-            "raise trials, keep seed_plans=True, or use the ilp solver")
+            f"evolutionary found no plan within the budgets in {ran} trials"
+            + (f" (stopped at its time limit, {time_limit:g} s)" if stopped else ""),
+            ("raise time_limit, " if stopped else "raise trials, ") + "keep seed_plans=True, or use the ilp solver")
     front = _non_dominated(done)
     best = min(done, key=lambda t: (t.values[0], t.number))
     choices = plan_of(best.params)
@@ -97,7 +112,7 @@ def solve_evolutionary(
         choices=choices,
         objective=best.values[0],
         cost=problem.totals(choices),
-        status="heuristic",
+        status="time_limit" if stopped else "heuristic",
         seconds=time.perf_counter() - start,
         frontier=[{"cost": problem.totals(c), "objective": t.values[0], "w_bits": {n: o.w_bits for n, o in c.items()}}
                   for t in front for c in [plan_of(t.params)]],
@@ -124,19 +139,21 @@ def _unit_options(problem: Problem, group: list[str], pruned: bool) -> list[dict
             for combo in product(*([o for o in options[n] if o.w_bits == w] for n in group))]
 
 
-def _seed_plans(problem: Problem, solvers: bool) -> list[dict[str, Option]]:
-    """One uniform plan per width (they spread along the cost axis), then the ILP and greedy plans."""
+def _seed_plans(problem: Problem, solvers: bool, time_limit: float | None = None) -> list[dict[str, Option]]:
+    """One uniform plan per width (they spread along the cost axis), then the ILP and greedy plans
+    (each given 30 s at most, and at most a quarter of ``time_limit``)."""
     from solver.greedy import greedy_choices, uniform_plans
     from solver.ilp import solve_ilp
 
     plans = list(uniform_plans(problem).values())
     if not solvers:
         return plans
+    share = 30.0 if time_limit is None else min(30.0, time_limit / 4)
     try:
-        plans.append(solve_ilp(problem, time_limit=30).choices)
+        plans.append(solve_ilp(problem, time_limit=share).choices)
     except BitplanError:
         pass
-    greedy = greedy_choices(problem)
+    greedy = greedy_choices(problem, deadline=Deadline(share))
     if greedy is not None:
         plans.append(greedy)
     return plans

@@ -15,26 +15,34 @@ import time
 from collections.abc import Mapping
 
 from bitplan.errors import BitplanError, InfeasibleError
-from solver.problem import Option, Problem, Solution
+from solver.problem import Deadline, Option, Problem, Solution
 
 _TOL = 1e-9
 
 
-def solve_greedy(problem: Problem, fill: bool = True) -> Solution:
+def solve_greedy(problem: Problem, fill: bool = True, time_limit: float | None = None) -> Solution:
+    """The greedy plan. Past ``time_limit`` seconds the lowering stops with an error (its plan does not
+    meet the budgets yet), and the filling stops with the plan so far (status "time_limit")."""
     start = time.perf_counter()
-    choices = greedy_choices(problem, fill=fill)
+    deadline = Deadline(time_limit)
+    choices = greedy_choices(problem, fill=fill, deadline=deadline)
     if choices is None:
         from solver.ilp import check_budgets
 
         check_budgets(problem)
+        if deadline.hit:
+            raise BitplanError(f"greedy stopped at its time limit ({time_limit:g} s) before the budgets held",
+                               "raise time_limit, or use the ilp solver")
         raise BitplanError(
             "greedy found no plan that meets every budget by lowering bits (the budgets pull against each other)",
             "the ilp solver finds the best plan whenever one exists",
         )
-    return _solution(problem, choices, start)
+    return _solution(problem, choices, start, "time_limit" if deadline.hit else "heuristic")
 
 
-def solve_uniform(problem: Problem) -> Solution:
+def solve_uniform(problem: Problem, time_limit: float | None = None) -> Solution:
+    """One width for every layer; ``time_limit`` is accepted like every solver's (the search is one pass
+    per width, well under a second even for thousands of layers)."""
     start = time.perf_counter()
     from solver.ilp import check_budgets
 
@@ -80,8 +88,10 @@ def uniform_plans(problem: Problem) -> dict[int, dict[str, Option]]:
     return plans
 
 
-def greedy_choices(problem: Problem, fill: bool = True) -> dict[str, Option] | None:
-    """The greedy plan, or None when lowering alone cannot meet the budgets."""
+def greedy_choices(problem: Problem, fill: bool = True, deadline: Deadline | None = None) -> dict[str, Option] | None:
+    """The greedy plan, or None when lowering alone cannot meet the budgets (or ``deadline`` passed
+    before they held; past it, filling stops where it is)."""
+    deadline = deadline or Deadline(None)
     units = _units(problem)
     if any(not unit.widths for unit in units.values()):
         return None  # a tie group without a common width
@@ -94,6 +104,8 @@ def greedy_choices(problem: Problem, fill: bool = True) -> dict[str, Option] | N
         over = {k for k in problem.budgets if totals[k] > _ceiling(problem, k)}
         if not over:
             break
+        if deadline.passed():
+            return None
         weights = {k: 1.0 / scale[k] for k in over}
         room = functools.partial(_room, problem, totals, over)
         heap = []
@@ -104,6 +116,8 @@ def greedy_choices(problem: Problem, fill: bool = True) -> dict[str, Option] | N
         heapq.heapify(heap)
         changed = False  # each unit has one entry in the heap, renewed when it moves
         while heap:
+            if deadline.passed():
+                return None
             _, uid, move = heapq.heappop(heap)
             if not units[uid].fits(choices, move, room()):  # the slack it counted on is gone
                 step = units[uid].best_step(choices, weights, room())
@@ -120,14 +134,16 @@ def greedy_choices(problem: Problem, fill: bool = True) -> dict[str, Option] | N
         if not changed:
             return None
     if fill:
-        _fill(problem, units, choices, totals, scale)
+        _fill(problem, units, choices, totals, scale, deadline)
     return {lay.name: choices[lay.name] for lay in problem.layers}
 
 
-def _fill(problem: Problem, units, choices, totals, scale) -> None:
+def _fill(problem: Problem, units, choices, totals, scale, deadline: Deadline) -> None:
     """Spend the slack: take the steps up that fit, the most objective bought per unit cost first."""
     weights = {k: 1.0 / scale[k] for k in problem.budgets}
     for _ in range(len(units) + 1):
+        if deadline.passed():
+            return
         steps = sorted(((ratio, uid, move, d_cost) for uid, unit in units.items()
                         for ratio, move, d_cost in unit.up_steps(choices, weights)), key=lambda s: (s[0], s[1]))
         changed = False
@@ -252,12 +268,12 @@ def _price(problem: Problem, layer, option: Option, weights: Mapping[str, float]
     return sum(problem.contribution(k, layer, option) * w for k, w in keys.items())
 
 
-def _solution(problem: Problem, choices: dict[str, Option], start: float) -> Solution:
+def _solution(problem: Problem, choices: dict[str, Option], start: float, status: str = "heuristic") -> Solution:
     return Solution(
         choices=choices,
         objective=sum(o.objective for o in choices.values()),
         cost=problem.totals(choices),
-        status="heuristic",
+        status=status,
         seconds=time.perf_counter() - start,
     )
 

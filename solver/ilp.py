@@ -19,6 +19,7 @@ Before the model is built, two reductions drop options no optimal plan needs:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 import pulp
 
 from bitplan.errors import BitplanError, InfeasibleError
-from solver.problem import Option, Problem, Solution
+from solver.problem import Deadline, Option, Problem, Solution
 
 #: Objective coefficients are rescaled so the largest is this, keeping the solvers' tolerances meaningful.
 _OBJECTIVE_SCALE = 1e6
@@ -82,10 +83,14 @@ def solve_ilp(
 ) -> Solution:
     """Optimal plan; with ``time_limit`` (seconds) the best plan found, status "time_limit", and its gap.
 
+    The limit covers the whole call: the greedy incumbent, the LP relaxation behind the reduced-cost
+    fixing (HiGHS's own time limit) and the MIP (CBC's or HiGHS's), which gets what is left (at least
+    half a second, so a plan is found). ``msg`` prints the MIP solver's log (Python callers only).
     With ``problem.max_objective`` set, the plan minimises ``problem.minimize`` instead, subject to the
     predicted loss increase (the summed objective) staying within that bound.
     """
     start = time.perf_counter()
+    deadline = Deadline(time_limit)
     if backend not in BACKENDS:
         raise BitplanError(f"unknown ilp backend '{backend}'", "valid backends: " + ", ".join(BACKENDS))
     if problem.max_objective is not None:
@@ -100,13 +105,13 @@ def solve_ilp(
     if reduce:
         from solver.greedy import greedy_choices
 
-        incumbent = greedy_choices(problem)
-        if incumbent is not None:
-            options, bound = reduced_options(problem, options, _objective(incumbent))
+        incumbent = greedy_choices(problem, deadline=deadline)
+        if incumbent is not None and not deadline.passed():
+            options, bound = reduced_options(problem, options, _objective(incumbent), time_limit=deadline.left())
 
-    left = None if time_limit is None else max(0.5, time_limit - (time.perf_counter() - start))
+    left = deadline.left()
     model = _Model(problem, options)
-    found = model.solve(backend, left, msg, incumbent)
+    found = model.solve(backend, None if left is None else max(0.5, left), msg, incumbent)
     if found is None:
         if model.infeasible:
             raise explain_infeasible(problem)
@@ -129,14 +134,18 @@ def solve_ilp(
     )
 
 
-def lagrangian_multipliers(problem: Problem, options: Mapping[str, tuple[Option, ...]]) -> dict[str, float]:
-    """Budget multipliers lambda >= 0 from the LP relaxation (HiGHS); any lambda >= 0 gives a valid bound."""
+def lagrangian_multipliers(problem: Problem, options: Mapping[str, tuple[Option, ...]],
+                           time_limit: float | None = None) -> dict[str, float]:
+    """Budget multipliers lambda >= 0 from the LP relaxation (HiGHS, stopped at ``time_limit`` seconds);
+    any lambda >= 0 gives a valid bound, so an LP stopped early still gives a usable (weaker) one."""
     import numpy as np
 
     keys = list(problem.budgets)
     if not keys:
         return {}
     highs = _new_highs()
+    if time_limit is not None:
+        highs.setOptionValue("time_limit", float(max(time_limit, 0.01)))
     objs, layer_rows, cols = [], [], 0
     contrib = {k: [] for k in keys}
     for layer in problem.layers:
@@ -158,15 +167,15 @@ def lagrangian_multipliers(problem: Problem, options: Mapping[str, tuple[Option,
         highs.addRow(-inf, problem.limit(k), cols, np.arange(cols, dtype=np.int32), np.asarray(contrib[k]))
     highs.run()
     duals = list(highs.getSolution().row_dual)[len(layer_rows):]
-    return {k: max(0.0, -d) / scale for k, d in zip(keys, duals)}
+    return {k: max(0.0, -d) / scale if math.isfinite(d) else 0.0 for k, d in zip(keys, duals)}
 
 
 def reduced_options(
-    problem: Problem, options: Mapping[str, tuple[Option, ...]], upper: float
+    problem: Problem, options: Mapping[str, tuple[Option, ...]], upper: float, time_limit: float | None = None
 ) -> tuple[dict[str, tuple[Option, ...]], float]:
     """Keep only options that can appear in a plan with objective <= ``upper``; also return the bound D(lambda)."""
     try:
-        lam = lagrangian_multipliers(problem, options)
+        lam = lagrangian_multipliers(problem, options, time_limit)
     except ImportError:  # without highspy, lambda = 0 still gives a (weak) valid bound
         lam = {k: 0.0 for k in problem.budgets}
     priced = []

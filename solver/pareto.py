@@ -9,7 +9,11 @@ exact  Layers (tie groups as one super-layer whose options are its common widths
 hull   The supported points of that frontier (its lower convex hull): merging every layer's hull
        segments by slope gives them all in O(N log N), and each is the optimal plan at its own
        cost. The chosen plan at the budget comes from the ILP, which is exact.
-auto   exact when the frontier stays under ``max_states``, else hull.
+auto   exact when the frontier stays under ``max_states`` (and is traced within half the time limit),
+       else hull.
+
+``time_limit`` (seconds) bounds the whole call: the exact merge checks it after every layer (and
+inside its slowest step), the ILP of hull mode gets what is left.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from itertools import product
 import numpy as np
 
 from bitplan.errors import BitplanError
-from solver.problem import AVG_BITS, Option, Problem, Solution
+from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
 
 METHODS = ("auto", "exact", "hull")
 _TOL = 1e-9
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _OutOfTime(Exception):
     pass
 
 
@@ -43,32 +51,48 @@ def solve_pareto(
     (spread evenly over cost, the chosen one always among them; None for all). ``backend`` and
     ``time_limit`` go to the ILP that finds the plan at the budget in hull mode."""
     start = time.perf_counter()
+    deadline = Deadline(time_limit)
     key = _frontier_key(problem, cost_key)
     if method not in METHODS:
         raise BitplanError(f"unknown pareto method '{method}'", "valid methods: " + ", ".join(METHODS))
     from solver.ilp import check_budgets
 
     check_budgets(problem)
-    # options are pruned by dominance on the budgets; the frontier's cost must be one of them
+    # options are pruned by dominance on the budgets; the frontier's cost must be one of them (with a
+    # bound every plan meets: the problem refuses an infinite one)
     traced = problem if key in problem.budgets else Problem(
-        problem.layers, {**problem.budgets, key: np.inf}, problem.fixed_cost, problem.pins, problem.ties)
+        problem.layers, {**problem.budgets, key: _most(problem, key)}, problem.fixed_cost, problem.pins, problem.ties)
     units = [_unit_options(traced, group) for group in problem.groups()]
     if method in ("auto", "exact"):
+        # auto keeps half the time for the hull and its ILP, should the exact merge not finish
+        exact_deadline = deadline if method == "exact" or time_limit is None else Deadline(time_limit / 2)
         try:
-            frontier = _exact(problem, key, units, max_states, foresee=method == "auto")
+            frontier = _exact(problem, key, units, max_states, foresee=method == "auto", deadline=exact_deadline)
         except _TooLarge as exc:
             if method == "exact":
                 raise BitplanError(
                     f"the exact frontier passed max_states={max_states} plans ({exc})",
                     "raise max_states, or use method='hull' (supported points + exact plan at the budget)",
                 ) from None
+        except _OutOfTime as exc:
+            if method == "exact":
+                raise BitplanError(
+                    f"the exact frontier was not traced within time_limit={time_limit:g} s ({exc})",
+                    "raise time_limit, or use method='hull' (supported points + exact plan at the budget)",
+                ) from None
         else:
             return _finish(problem, key, frontier, None, points, start)
     frontier = _hull(problem, key, units)
     from solver.ilp import solve_ilp
 
-    at_budget = solve_ilp(problem, time_limit=time_limit, backend=backend)
+    at_budget = solve_ilp(problem, time_limit=deadline.left(), backend=backend)
     return _finish(problem, key, frontier, at_budget, points, start)
+
+
+def _most(problem: Problem, key: str) -> float:
+    """The largest value ``key`` can take: a budget on it that every plan meets."""
+    fixed = 0.0 if key == AVG_BITS else problem.fixed_cost.get(key, 0.0)
+    return fixed + sum(max((problem.contribution(key, lay, o) for o in lay.options), default=0.0) for lay in problem.layers)
 
 
 def _frontier_key(problem: Problem, cost_key: str | None) -> str:
@@ -112,9 +136,12 @@ class _Frontier:
         self.cost, self.objective, self.fits, self.plan = cost, objective, fits, plan
 
 
-def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = False) -> _Frontier:
+def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = False,
+           deadline: Deadline | None = None) -> _Frontier:
     """The exact frontier, found by merging units one at a time. With ``foresee`` it gives up as soon
-    as linear growth from here would pass ``max_states`` (frontiers grow at least that fast)."""
+    as linear growth from here would pass ``max_states`` (frontiers grow at least that fast); past
+    ``deadline`` it gives up with _OutOfTime."""
+    deadline = deadline or Deadline(None)
     others = [k for k in problem.budgets if k != key]
     keys = [key, *others]
     vectors = [_vectors(problem, keys, opts) for opts in units]
@@ -125,6 +152,8 @@ def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = F
     cost, objective = np.zeros((1, len(keys))), np.zeros(1)
     steps: list[tuple[np.ndarray, np.ndarray]] = []  # per unit: (previous point, option) of each point
     for i, (c, v) in enumerate(vectors):
+        if deadline.passed():
+            raise _OutOfTime(f"{len(objective)} plans after {i} of {len(units)} layers")
         n_prev, n_opt = len(objective), len(v)
         cost = (cost[:, None, :] + c[None, :, :]).reshape(-1, len(keys))
         objective = (objective[:, None] + v[None, :]).ravel()
@@ -132,7 +161,9 @@ def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = F
         if others:  # a plan that cannot meet another budget even at its cheapest rest goes
             fits = np.all(cost[:, 1:] + rest[i + 1] <= limits * (1 + _TOL) + _TOL + 1e-12 * np.abs(limits), axis=1)
             cost, objective, prev, pick = cost[fits], objective[fits], prev[fits], pick[fits]
-        keep = _undominated(cost, objective)
+        keep = _undominated(cost, objective, deadline)
+        if keep is None:
+            raise _OutOfTime(f"in layer {i + 1} of {len(units)}")
         cost, objective, prev, pick = cost[keep], objective[keep], prev[keep], pick[keep]
         if len(objective) * (len(units) / (i + 1) if foresee else 1) > max_states:
             raise _TooLarge(f"{len(objective)} after {i + 1} of {len(units)} layers")
@@ -155,9 +186,10 @@ def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = F
                      lambda j: plan(key_only[j]))
 
 
-def _undominated(cost: np.ndarray, objective: np.ndarray) -> np.ndarray:
+def _undominated(cost: np.ndarray, objective: np.ndarray, deadline: Deadline | None = None) -> np.ndarray | None:
     """Indices (sorted by cost) of points no other point matches or beats in every coordinate
-    (of exact equals, the first stays)."""
+    (of exact equals, the first stays); None if ``deadline`` passed during the (quadratic) search
+    over three or more coordinates."""
     order = np.lexsort((objective, *cost.T[::-1]))
     sorted_obj = objective[order]
     if cost.shape[1] == 1:
@@ -170,6 +202,8 @@ def _undominated(cost: np.ndarray, objective: np.ndarray) -> np.ndarray:
     points = np.column_stack([sorted_cost, sorted_obj])
     kept: list[int] = []
     for i in range(len(points)):
+        if deadline is not None and i % 256 == 0 and deadline.passed():
+            return None
         if not kept or not np.any(np.all(points[kept] <= points[i], axis=1)):
             kept.append(i)
     return order[np.array(kept, dtype=int)]

@@ -9,6 +9,8 @@ parameter-weighted mean of the chosen w_bits.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,6 +19,32 @@ from itertools import product
 from bitplan.errors import BudgetError
 
 AVG_BITS = "avg_weight_bits"
+
+
+class NonFiniteError(BudgetError):
+    """An objective or cost that is NaN or infinite: no solver can rank such options (and HiGHS once
+    spun for minutes on them), so the problem is refused before any search starts."""
+
+    code = "bad_data"
+
+
+class Deadline:
+    """When a solver's ``time_limit`` (seconds; None: never) runs out, measured from construction."""
+
+    def __init__(self, time_limit: float | None) -> None:
+        self.time_limit = time_limit
+        self.end = None if time_limit is None else time.perf_counter() + time_limit
+        #: True once a check found the time up, i.e. once some search stopped because of it
+        self.hit = False
+
+    def left(self) -> float | None:
+        """Seconds left (never below zero), or None when unbounded."""
+        return None if self.end is None else max(0.0, self.end - time.perf_counter())
+
+    def passed(self) -> bool:
+        if self.end is not None and time.perf_counter() >= self.end:
+            self.hit = True
+        return self.hit
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,7 @@ class Problem:
     minimize: str = "size_bytes"
 
     def __post_init__(self) -> None:
+        self._check_finite()
         names = [layer.name for layer in self.layers]
         known = set(names)
         if len(known) != len(names):
@@ -82,6 +111,29 @@ class Problem:
                     f"budget '{key}' has no cost in this problem",
                     "costs present: " + ", ".join(sorted(cost_keys | {AVG_BITS})),
                 )
+
+    def _check_finite(self) -> None:
+        """Refuse NaN and infinity in objectives, costs, budgets, fixed costs and max_objective, naming the first."""
+        for layer in self.layers:
+            for o in layer.options:
+                label = f"{o.w_bits}-bit" if o.a_bits == 16 else f"w{o.w_bits}/a{o.a_bits}"
+                if not _finite(o.objective):
+                    raise NonFiniteError(
+                        f"layer {layer.name}, {label} option: objective is {_shown(o.objective)}",
+                        "the sensitivity scores contain NaN or infinity; check the calibration data",
+                    )
+                for key, value in o.cost.items():
+                    if not _finite(value):
+                        raise NonFiniteError(
+                            f"layer {layer.name}, {label} option: cost {key} is {_shown(value)}",
+                            "costs must be finite numbers; check the latency table and the layer sizes",
+                        )
+        for what, values in (("budget", self.budgets), ("fixed cost", self.fixed_cost)):
+            for key, value in values.items():
+                if not _finite(value):
+                    raise BudgetError(f"{what} {key} is {_shown(value)}", f"a {what} must be a finite number")
+        if self.max_objective is not None and not _finite(self.max_objective):
+            raise BudgetError(f"max_objective is {_shown(self.max_objective)}", "the bound must be a finite number")
 
     @cached_property
     def _by_name(self) -> dict[str, Layer]:
@@ -266,3 +318,14 @@ class Problem:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except TypeError:  # not a number at all: the solver's arithmetic will say so
+        return True
+
+
+def _shown(value) -> str:
+    return repr(float(value)) if isinstance(value, (int, float)) else repr(value)

@@ -162,6 +162,8 @@ def resolve(db: Database, blobs: BlobStore, job: Job) -> JobSpec:
         eval_data = s.get(DatasetFile, job.eval_dataset_id) if job.eval_dataset_id else None
         if model is None:
             raise BitplanError("the job's model was deleted", "upload it again and resubmit")
+    from workers.app import settings as worker_settings
+
     r = job.request
     if data is not None:
         data_path, data_sha = str(blobs.path(data.sha256)), data.sha256
@@ -174,6 +176,7 @@ def resolve(db: Database, blobs: BlobStore, job: Job) -> JobSpec:
         sensitivity=r["sensitivity"]["method"], sensitivity_params=r["sensitivity"].get("params", {}),
         solver=r["solver"]["method"], solver_params=r["solver"].get("params", {}), clip=r.get("clip", "mse"),
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), validate_plan=r.get("validate", True),
+        time_limit_s=worker_settings().job_time_limit_s,  # the solver stops in time to hand back its best plan
     )
     names = [layer["name"] for layer in model.description.get("layers", [])]
     if eval_data is not None:

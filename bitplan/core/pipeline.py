@@ -28,7 +28,7 @@ from bitplan.schemas import (
     SensitivityTable,
     SolverInfo,
 )
-from solver import Layer, Option, Problem, get_solver
+from solver import Layer, Option, Problem, SolverParams, get_info, get_solver, parse_solver_params
 
 
 @dataclass
@@ -141,8 +141,24 @@ def compute_sensitivity(prep: Prepared, ctx: SensitivityContext, request: PlanRe
     return run_sensitivity(request.sensitivity, request.sensitivity_params, ctx)
 
 
+#: The least time a solver is given when the run's own limit is (nearly) spent: enough to return a plan.
+MIN_SOLVER_SECONDS = 1.0
+
+
+def solver_params_for(request: PlanRequest, elapsed: float = 0.0) -> SolverParams:
+    """The request's solver parameters, validated, with ``time_limit`` the smaller of the solver's own and
+    what is left of ``request.time_limit_s`` after ``elapsed`` seconds (at least MIN_SOLVER_SECONDS)."""
+    params = parse_solver_params(request.solver, request.solver_params)
+    limits = [params.time_limit] if params.time_limit is not None else []
+    if request.time_limit_s is not None:
+        limits.append(max(MIN_SOLVER_SECONDS, request.time_limit_s - elapsed))
+    return params.model_copy(update={"time_limit": min(limits)}) if limits else params
+
+
 def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
               sensitivity: SensitivitySource | None = None) -> PlanFile:
+    started = time.perf_counter()
+    parse_solver_params(request.solver, request.solver_params)  # fail fast, before loading anything
     torch.manual_seed(request.seed)
     timer = Timer()
     with timer.stage("load"):
@@ -159,12 +175,16 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
     with timer.stage("solve"):
         progress("solve", 0.0, request.solver)
         problem = build_problem(prep, table, request)
-        params = dict(request.solver_params)
-        if request.solver == "evolutionary" and params.pop("measured", True):
+        params = solver_params_for(request, time.perf_counter() - started)
+        hooks = {}
+        if request.solver == "evolutionary" and params.measured:
             progress("solve", 0.05, "evolutionary search scored by measured calibration loss")
-            params["evaluate"] = measured_evaluator(prep, request)
-        solution = get_solver(request.solver)(problem, **params)
-        frontier = solution.frontier if solution.frontier is not None else frontier_around(problem)
+            hooks["evaluate"] = measured_evaluator(prep, request)
+        solution = get_info(request.solver).run(problem, params, **hooks)
+        frontier = solution.frontier
+        if frontier is None:
+            left = None if request.time_limit_s is None else request.time_limit_s - (time.perf_counter() - started)
+            frontier = frontier_around(problem, time_limit=None if left is None else max(MIN_SOLVER_SECONDS, left))
         progress("solve", 1.0, solution.status)
     assignment = {name: (o.w_bits, o.a_bits) for name, o in solution.choices.items()}
     measured = None
@@ -180,7 +200,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         seed=request.seed,
         sensitivity=SensitivityInfo(method=table.method, params=table.params, seconds=table.seconds, notes=table.notes),
         solver=SolverInfo(method=request.solver, status=solution.status, seconds=solution.seconds,
-                          objective=solution.objective, gap=solution.gap),
+                          objective=solution.objective, gap=solution.gap, time_limit_s=params.time_limit),
         layers=[
             PlanLayer(name=info.name, kind=info.kind, params=info.params, macs=info.macs,
                       w_bits=assignment[info.name][0], a_bits=assignment[info.name][1],
@@ -194,12 +214,12 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
     )
 
 
-def frontier_around(problem: Problem, cost_key: str | None = None) -> list[dict] | None:
+def frontier_around(problem: Problem, cost_key: str | None = None, time_limit: float | None = None) -> list[dict] | None:
     """The Pareto frontier of predicted loss vs the budget's cost, for solvers that give none (ilp, greedy,
     uniform): every plan should come with the trade-off around it. None if it cannot be traced (several
     budgets and no cost key)."""
     try:
-        return get_solver("pareto")(problem, cost_key=cost_key, points=40).frontier
+        return get_solver("pareto")(problem, cost_key=cost_key, points=40, time_limit=time_limit).frontier
     except BitplanError:
         return None
 
