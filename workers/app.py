@@ -36,6 +36,10 @@ def configure(settings: Settings | None = None) -> Celery:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         broker_transport_options={"visibility_timeout": 6 * 3600},
         result_expires=24 * 3600,
+        # Backstops for a prefork worker whose own loop hung: the job's child is killed at the job's time limit
+        # by jobs.run_untrusted; these end the task itself a little later (the solo pool ignores them).
+        task_soft_time_limit=_settings.job_time_limit_s + 120,
+        task_time_limit=_settings.job_time_limit_s + 300,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

@@ -266,8 +266,14 @@ def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None
     if isinstance(exc, BitplanError):
         finish(db, job_id, "failed", lease=lease, message=exc.message, hint=exc.hint)
         return
+    from celery.exceptions import SoftTimeLimitExceeded
+
     from storage import Unavailable
 
+    if isinstance(exc, SoftTimeLimitExceeded):  # Celery's backstop fired: the task outlived the job's time limit
+        finish(db, job_id, "failed", lease=lease, message="the job ran longer than the worker's time limit",
+               hint="use a cheaper sensitivity method or fewer probes/samples (e.g. params max_probes, max_samples)")
+        return
     if isinstance(exc, Unavailable):  # leave it running: its heartbeat stops and the reconciler requeues it
         log.warning("job %s interrupted: %s", job_id, exc)
         return

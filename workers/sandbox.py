@@ -162,10 +162,11 @@ class Sandbox:
         buffer = b""
         total = 0
         answer: dict | None = None
+        poller = select.poll()  # (not select(): a busy API process may hand out descriptors above 1024)
+        poller.register(read_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
             while True:
-                ready, _, _ = select.select([read_fd], [], [], poll_s)
-                if ready:
+                if poller.poll(poll_s * 1000):
                     chunk = os.read(read_fd, 1 << 16)
                     if not chunk:
                         break
@@ -219,14 +220,14 @@ def _death(code: int | None, limits: Limits, workdir: Path) -> str:
         log.warning("sandboxed process ended with code %s; its last output:\n%s", code, tail)
     if code == -signal.SIGKILL:
         memory = f" (memory limit {limits.memory_mb} MB)" if limits.memory_mb else ""
-        return f"the process reading the model was killed, most likely for running out of memory{memory}"
+        return f"the sandboxed process running the model was killed, most likely for running out of memory{memory}"
     if code == -signal.SIGXCPU:
-        return "the process reading the model used up its CPU-time limit"
+        return "the sandboxed process running the model used up its CPU-time limit"
     if code is not None and code < 0:
-        return f"the process reading the model crashed (signal {-code})"
+        return f"the sandboxed process running the model crashed (signal {-code})"
     if tail and "MemoryError" in tail:
-        return f"the process reading the model ran out of memory (limit {limits.memory_mb} MB)"
-    return f"the process reading the model stopped without an answer (exit code {code})"
+        return f"the sandboxed process running the model ran out of memory (limit {limits.memory_mb} MB)"
+    return f"the sandboxed process running the model stopped without an answer (exit code {code})"
 
 
 def _kill(pid: int) -> None:

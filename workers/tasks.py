@@ -49,8 +49,9 @@ def enqueue(job_id: str) -> None:
 
 
 def pending_job_ids(limit: int = 20_000) -> set[str] | None:
-    """Ids of the jobs whose ``run_job`` message the broker still holds (waiting, or taken by a worker that has not
-    acknowledged it); None when this broker cannot be inspected. Redis and the in-process memory broker can."""
+    """Ids of the jobs whose ``run_job`` message waits in the broker's queue; None when this broker cannot be
+    inspected (Redis and the in-process memory broker can). Messages a worker took and has not acknowledged are
+    not counted: that worker may be dead (the reconciler decides by the job's heartbeat)."""
     with app.connection_for_read() as conn:
         channel = conn.default_channel
         queue = app.conf.task_default_queue or "celery"
@@ -62,9 +63,6 @@ def pending_job_ids(limit: int = 20_000) -> set[str] | None:
             keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps]
             raw = [m for key in keys for m in client.lrange(key, 0, limit - 1)]
             messages = [json.loads(m) for m in raw]
-            for value in client.hvals(channel.unacked_key):
-                entry = json.loads(value)
-                messages.append(entry[0] if isinstance(entry, list) and entry else {})
         else:
             return None
     ids: set[str] = set()

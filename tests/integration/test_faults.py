@@ -45,9 +45,12 @@ def test_worker_killed_mid_sensitivity_job_finishes_once_elsewhere(digits_files,
         running = wait_until(in_sensitivity, timeout=120)
         assert running["attempts"] == 1
         victim = next(p for p in stack.workers if _runs(stack, p, job["id"]))
+        orphans = _sandboxed_jobs(stack)
         os.kill(victim.pid, signal.SIGKILL)
         killed = time.monotonic()
         victim.wait()
+        wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=15)  # its sandbox dies with it
+        print(f"\n[fault] the killed worker's sandboxed job process was gone {time.monotonic() - killed:.2f} s later")
         done = team.wait(job["id"], timeout=300)
         print(f"\n[fault] worker killed at sensitivity {running['progress']:.0%}; job succeeded "
               f"{time.monotonic() - killed:.1f} s later on the other worker, attempts {done['attempts']}")
@@ -61,6 +64,29 @@ def test_worker_killed_mid_sensitivity_job_finishes_once_elsewhere(digits_files,
         plan = team.http.get(f"/v1/jobs/{job['id']}/plan").json()
         assert plan["sensitivity"]["notes"] and plan["cost"]["avg_weight_bits"] <= 4 + 1e-9
     hooks.close()
+
+
+def _sandboxed_jobs(stack: DevStack) -> list[int]:
+    """Pids of the stack's sandboxed job processes (their working directories are in its TMPDIR's sandbox)."""
+    root = str(stack.tmp_dir / "bitplan-sandbox") + "/"
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd.startswith(root + "plan-") or cwd.startswith(root + "shard-"):
+                pids.append(int(entry))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"  # a zombie is dead, only not yet reaped
+    except OSError:
+        return False
 
 
 def _runs(stack: DevStack, proc, job_id: str) -> bool:
@@ -131,7 +157,16 @@ def test_api_restart_loses_nothing_and_time_limit_fails_clearly(digits_files, tm
         print(f"\n[fault] API killed and restarted ({time.monotonic() - down:.1f} s to ready); every job still listed")
         ids = {j["id"] for j in team.http.get("/v1/jobs").json()["items"]}
         assert {long["id"], *(q["id"] for q in quick)} <= ids
+        wait_until(lambda: _sandboxed_jobs(stack), timeout=120)  # the long job's process, running
+        child = _sandboxed_jobs(stack)[0]
         timed_out = team.wait(long["id"], timeout=120)
+        failed = time.monotonic()
+        wait_until(lambda: not _alive(child), timeout=10)
+        killed = time.monotonic() - failed
+        wait_until(lambda: any(team.http.get(f"/v1/jobs/{q['id']}").json()["state"] != "queued"
+                                              for q in quick), timeout=30)
+        print(f"[fault] time limit: the job's sandboxed process was gone {killed:.2f} s after the job failed; "
+              f"the next job left the queue {time.monotonic() - failed:.2f} s after it failed")
         assert timed_out["state"] == "failed" and "time limit of 8 s" in timed_out["error"]["message"]
         assert "max_probes" in timed_out["error"]["hint"]
         for q in quick:
