@@ -249,6 +249,8 @@ def _script_to_graph(script, sample: Dataset, name: str) -> tuple[torch.fx.Graph
     try:
         with warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
+            # Safe: the converter and .module() below generate Python from the script's attribute and argument
+            # names, which check_torchscript required to be plain (no quotes, backslashes or control characters).
             program = TS2EPConverter(script, args).convert()
     except Exception as exc:
         raise ModelFormatError(
