@@ -43,6 +43,13 @@ def configure(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
+    # Connections pooled for an earlier broker would keep sending there: drop them all (kombu keeps them globally),
+    # as Celery does after a fork.
+    from kombu import pools
+
+    pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
     runtime.cache_clear()
     return app
 

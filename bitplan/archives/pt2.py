@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bitplan.archives.names import check_fqn
 from bitplan.archives.program import ITEM_BYTES, ProgramCheck, TensorMetaCheck
-from bitplan.archives.zips import EXPORT_HINT, MAX_JSON_BYTES, Members, Refused, check_torch_save, members, shown
+from bitplan.archives.zips import EXPORT_HINT, MAX_JSON_BYTES, Members, Refused, check_torch_save, open_archive, shown
 from bitplan.errors import ModelFormatError
 
 _PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
@@ -34,13 +34,8 @@ class CheckedPt2:
 
 def check_pt2(path: str | Path, label: str | None = None) -> CheckedPt2:
     """Check a ``torch.export`` archive; raise :class:`UnsafeModelError` (or ModelFormatError) saying what is wrong."""
-    path = Path(path)
-    label = label or path.name
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ModelFormatError(f"{label} is truncated or corrupt ({exc})", "upload the complete file again") from None
-    m = members(zf, label)
+    label = label or Path(path).name
+    m = open_archive(path, label)
     for rel in m.infos:
         if rel not in _PT2_FIXED and not any(p.match(rel) for p in _PT2_PATTERNS):
             raise Refused(label, f"member {shown(m.root + '/' + rel)} is not part of a plain torch.export program "

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import ast
 import re
-import zipfile
 from pathlib import Path
 
 from bitplan.archives.names import ATOM
-from bitplan.archives.zips import MAX_JSON_BYTES, PLAIN, Refused, members, pickle_ops, shown
+from bitplan.archives.zips import MAX_JSON_BYTES, PLAIN, Refused, open_archive, pickle_ops, shown
 from bitplan.errors import ModelFormatError
 
 _TS_FIXED = {"data.pkl", "constants.pkl", "version", ".data/version", "byteorder", ".data/serialization_id"}
@@ -31,13 +30,8 @@ def check_torchscript(path: str | Path, label: str | None = None) -> None:
     and its code (parsed with :mod:`ast`, never run): attribute names reach generated Python later, when
     bitplan converts the script to a graph, so they must be plain; calls through ``ops.<namespace>`` are
     limited to torch's own namespaces, and custom classes (torchbind) are refused."""
-    path = Path(path)
-    label = label or path.name
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ModelFormatError(f"{label} is truncated or corrupt ({exc})", "upload the complete file again") from None
-    m = members(zf, label)
+    label = label or Path(path).name
+    m = open_archive(path, label)
     hint = "save it with torch.jit.save(torch.jit.script(model), 'model.ts'), or send a torch.export (.pt2) archive"
     for rel in m.infos:
         if rel not in _TS_FIXED and not any(p.match(rel) for p in _TS_PATTERNS):

@@ -11,6 +11,7 @@ import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from bitplan.errors import BitplanError, DataError, ModelFormatError, UnsafeModelError
 
@@ -94,6 +95,16 @@ class Members:
             raise UnsafeModelError(f"{self.root}/{rel} is {info.file_size / 1e6:,.0f} MB, more than the "
                                    f"{limit / 1e6:,.0f} MB bitplan reads for it", EXPORT_HINT)
         return self.zf.read(info)
+
+
+def open_archive(path: str | Path, label: str | None = None) -> Members:
+    """The zip at ``path`` with its members checked (:func:`members`); ``label`` names it in messages."""
+    label = label or Path(path).name
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelFormatError(f"{label} is truncated or corrupt ({exc})", "upload the complete file again") from None
+    return members(zf, label)
 
 
 def members(zf: zipfile.ZipFile, label: str) -> Members:

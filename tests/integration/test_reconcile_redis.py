@@ -36,26 +36,16 @@ def test_pending_job_ids_reads_the_redis_queue(redis_broker):
 def test_a_backlog_in_redis_is_not_sent_again(redis_broker, tmp_path):
     import datetime as dt
 
-    from storage import Database
-    from storage.models import Job, ModelFile, Team, utcnow
+    from storage.models import utcnow
+    from tests.rows import database_with_jobs
     from workers.reconcile import reconcile_once
     from workers.tasks import enqueue, pending_job_ids
 
     settings = load_settings(data_dir=str(tmp_path / "data"), requeue_after_s=0.0)
-    db = Database(settings.database_url)
-    db.migrate()
-    with db.session() as s:
-        team = Team(name="vision")
-        s.add(team)
-        s.flush()
-        model = ModelFile(team_id=team.id, sha256="0" * 64, name="m.pt2", format="pt2", size_bytes=1, description={})
-        s.add(model)
-        s.flush()
-        jobs = [Job(team_id=team.id, model_id=model.id, request={}, state="queued",
-                    enqueued_at=utcnow() - dt.timedelta(seconds=5)) for _ in range(3)]
-        s.add_all(jobs)
-    for job in jobs:
-        enqueue(job.id)
+    earlier = utcnow() - dt.timedelta(seconds=5)
+    db, jobs = database_with_jobs(settings, *({"state": "queued", "enqueued_at": earlier} for _ in range(3)))
+    for job_id in jobs:
+        enqueue(job_id)
     for _ in range(5):  # every pass finds them due (requeue_after_s=0) and still waiting in Redis
         assert reconcile_once(db, enqueue, settings, pending=pending_job_ids)["requeued"] == 0
     assert redis_broker.llen("celery") == 3

@@ -4,6 +4,8 @@ while the broker is down (stored, sent later by the reconciler)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -11,6 +13,7 @@ from bitplan.settings import load_settings
 from service.app import create_app
 from storage import Database
 from storage.models import Job
+from tests.rows import database_with_jobs
 from workers.reconcile import reconcile_once
 
 
@@ -113,23 +116,14 @@ def test_submit_while_the_broker_is_down_is_kept_and_sent_later(tmp_path, model_
 def test_reconciler_resends_lost_work_and_gives_up_after_max_attempts(tmp_path):
     import datetime as dt
 
-    from storage.models import ModelFile, Team, utcnow
+    from storage.models import utcnow
 
     settings = load_settings(data_dir=str(tmp_path / "data"), heartbeat_stale_s=30, max_attempts=3)
-    db = Database(settings.database_url)
-    db.migrate()
     old = utcnow() - dt.timedelta(seconds=120)
-    with db.session() as s:
-        team = Team(name="vision")
-        s.add(team)
-        s.flush()
-        model = ModelFile(team_id=team.id, sha256="0" * 64, name="m.pt2", format="pt2", size_bytes=1, description={})
-        s.add(model)
-        s.flush()
-        rows = {name: Job(team_id=team.id, model_id=model.id, request={}, state="running", heartbeat_at=beat,
-                          attempts=attempts, started_at=old, enqueued_at=old)
-                for name, beat, attempts in (("lost", old, 1), ("alive", utcnow(), 1), ("doomed", old, 3))}
-        s.add_all(rows.values())
+    runs = {"lost": (old, 1), "alive": (utcnow(), 1), "doomed": (old, 3)}
+    db, ids = database_with_jobs(settings, *({"state": "running", "heartbeat_at": beat, "attempts": attempts,
+                                              "started_at": old, "enqueued_at": old} for beat, attempts in runs.values()))
+    rows = {name: SimpleNamespace(id=job_id) for name, job_id in zip(runs, ids)}
     sent: list[str] = []
     assert reconcile_once(db, sent.append, settings) == {"requeued": 1, "failed": 1, "still_queued": 0}
     assert sent == [rows["lost"].id]
@@ -143,24 +137,14 @@ def _backlog(tmp_path, **overrides):
     """A queued job due for a resend and a running job whose worker went silent, both long enough ago."""
     import datetime as dt
 
-    from storage.models import ModelFile, Team, utcnow
+    from storage.models import utcnow
 
     settings = load_settings(data_dir=str(tmp_path / "data"), heartbeat_stale_s=30, requeue_after_s=10, **overrides)
-    db = Database(settings.database_url)
-    db.migrate()
     old = utcnow() - dt.timedelta(seconds=120)
-    with db.session() as s:
-        team = Team(name="vision")
-        s.add(team)
-        s.flush()
-        model = ModelFile(team_id=team.id, sha256="0" * 64, name="m.pt2", format="pt2", size_bytes=1, description={})
-        s.add(model)
-        s.flush()
-        waiting = Job(team_id=team.id, model_id=model.id, request={}, state="queued", enqueued_at=old)
-        lost = Job(team_id=team.id, model_id=model.id, request={}, state="running", heartbeat_at=old, attempts=1,
-                   started_at=old, enqueued_at=old)
-        s.add_all([waiting, lost])
-    return db, settings, waiting.id, lost.id
+    db, (waiting, lost) = database_with_jobs(
+        settings, {"state": "queued", "enqueued_at": old},
+        {"state": "running", "heartbeat_at": old, "attempts": 1, "started_at": old, "enqueued_at": old})
+    return db, settings, waiting, lost
 
 
 def test_reconciler_does_not_pile_duplicates_on_a_backlog(tmp_path):
