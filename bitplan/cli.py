@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from bitplan.errors import BitplanError
 from bitplan.files import write_atomic
+from bitplan.methods import DEFAULT_SENSITIVITY
 
 if TYPE_CHECKING:
     from bitplan.client import Client
@@ -74,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             solver_params=_parse_params(args.solver_param),
             clip=args.clip, seed=args.seed,
             latency_table=load_latency_table(args.latency_table) if args.latency_table else None,
-            validate_plan=not args.no_validate,
+            validate_plan=not args.no_validate, refine_seconds=args.refine_seconds, distill=args.distill,
         )
     except ValidationError as exc:
         raise BitplanError(_validation_message(exc)) from None
@@ -127,6 +128,9 @@ def _summary(plan) -> str:
             lines.append(f"  {label:<15} loss {x.loss:.5f}  kl {x.kl:.5f}  top1 agreement {x.top1_agreement:.4f}{acc}")
         if m.uniform is None:
             lines.append("  (no uniform bit width fits the budget)")
+    if plan.uniform_check is not None:
+        lines.append(f"against uniform precision: {plan.uniform_check.outcome.replace('_', ' ')}. "
+                     f"{plan.uniform_check.message}")
     lines.append("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in plan.timings.items()))
     return "\n".join(lines)
 
@@ -235,7 +239,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(entry.export(), str(out / f"{entry.name}.pt2"))
     calib = entry.dataset("calib")
-    script = torch.jit.script(entry.build()) if entry.name.startswith("digits") else None
+    script = torch.jit.script(entry.build()) if entry.name in ("digits_cnn", "digits_resnet", "digits_mobilenet") else None
     if script is not None:
         torch.jit.save(script, str(out / f"{entry.name}.ts"))
     for split in ("calib", "eval"):
@@ -294,7 +298,7 @@ def _job_fields(args: argparse.Namespace) -> dict:
         "w_bits": _parse_bits(args.wbits) if args.wbits else None,
         "a_bits": _parse_bits(args.abits) if args.abits else None,
         "pins": _parse_pins(args.pin) or None,
-        "sensitivity": _method_field(args.sensitivity, args.param, "hessian_trace"),
+        "sensitivity": _method_field(args.sensitivity, args.param, DEFAULT_SENSITIVITY),
         "solver": _method_field(args.solver, args.solver_param, "ilp"),
         "clip": args.clip,
         "seed": args.seed,
@@ -416,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abits", default="16", help="activation bits: one value for every layer (4, 8 or 16 = full "
                    "precision), or a list to choose from (needs --param activations=true)")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
-    p.add_argument("--sensitivity", default="hessian_trace", help="sensitivity method")
+    p.add_argument("--sensitivity", default=DEFAULT_SENSITIVITY, help=f"sensitivity method (default: {DEFAULT_SENSITIVITY})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
     p.add_argument("--solver", default="ilp", help="ilp, pareto, evolutionary, greedy or uniform")
     p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE",
@@ -424,7 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="weight clipping")
     p.add_argument("--latency-table", help="JSON {layer: {bits: ms}} for a latency_ms budget")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-validate", action="store_true", help="skip measuring the plan")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip measuring the plan (and with it the check against uniform precision)")
+    p.add_argument("--distill", action="store_true",
+                   help="optimise the calibration inputs to match the model's BatchNorm statistics (ZeroQ's distilled "
+                        "data); without --data, start from random inputs shaped like the model's")
+    p.add_argument("--refine-seconds", type=float, default=120.0,
+                   help="time cap of the measured refinement that runs when the plan measures worse than uniform "
+                        "precision (default: 120; 0: return the best uniform plan at once)")
     p.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
     p.add_argument("--out", help="write the plan file (JSON, schema bitplan.plan/v1)")
     p.set_defaults(func=cmd_plan)
@@ -432,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sensitivity", help="score every layer's sensitivity to each bit width")
     p.add_argument("model", help="model.pt2, model.ts or catalog:NAME")
     p.add_argument("--data", help="calibration data (default for catalog models: their own)")
-    p.add_argument("--method", default="hessian_trace", help="hessian_trace, hessian_eigen, fisher, taylor, lrp, perturbation")
+    p.add_argument("--method", default=DEFAULT_SENSITIVITY,
+                   help="auto, hessian_trace, hessian_eigen, fisher, taylor, lrp, perturbation (default: auto)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     p.add_argument("--wbits", default="2,3,4,5,6,8")
     p.add_argument("--clip", default="mse", choices=["mse", "minmax"])

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bitplan.errors import BitplanError
 from bitplan.schemas import SensitivityLayer, SensitivityTable
 
+#: The sensitivity method a plan uses when none is named (CLI, API, web form).
+DEFAULT_SENSITIVITY = "auto"
+
 
 class HessianTraceParams(BaseModel):
     """Hutchinson estimate of each layer's Hessian trace (HAWQ-V2/V3)."""
@@ -35,6 +38,9 @@ class HessianTraceParams(BaseModel):
         "auto", description="auto: exact double backward, else the math form of SDPA, else finite differences"
     )
     activations: bool = Field(False, description="also score each layer's input activation (HAWQ-V2), for --abits choices")
+    omega: Literal["diagonal", "trace"] = Field(
+        "diagonal", description="diagonal: sum of diag(H) x squared error, weight by weight; trace: HAWQ-V3's "
+                                "Tr(H)/n x ||Q(W) - W||^2")
 
 
 class HessianEigenParams(BaseModel):
@@ -88,6 +94,20 @@ class PerturbationParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     max_samples: int = Field(256, ge=1)
     loss: Literal["task", "kl"] = "task"
+    screen: float = Field(0.0, ge=0, description="once a layer's measured damage is below this, its higher bit widths "
+                                                 "are scaled from it by the quantization error, not measured")
+
+
+class AutoParams(BaseModel):
+    """Picks the method per model: measured KL per option when it fits the time, else the KL Hessian diagonal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    measure_seconds: float = Field(90.0, ge=0, le=86_400, description="measure every option when that is predicted "
+                                                                       "to take at most this long")
+    max_samples: int = Field(128, ge=1, description="calibration samples for the measurements (halved, down to 32, "
+                                                    "while the predicted time is over half of measure_seconds)")
+    screen: float = Field(1e-4, ge=0, description="the measured method's screen (see perturbation)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,14 @@ METHODS: dict[str, MethodInfo] = {
         PerturbationParams,
         "bitplan.core.sensitivity.perturbation:perturbation",
         shardable=True,  # each layer's loss increase is measured with that layer alone quantized
+    ),
+    "auto": MethodInfo(
+        "auto",
+        "the default: measured KL per (layer, bits) (perturbation, loss=kl) when its predicted time fits "
+        "measure_seconds, else the Hessian diagonal of the KL (hessian_trace, loss=kl); the table's notes say which "
+        "and why",
+        AutoParams,
+        "bitplan.core.sensitivity.auto:auto",
     ),
 }
 

@@ -145,6 +145,10 @@ class Metrics(_Frozen):
 class Measured(_Frozen):
     data: str = Field(description="which data the figures were measured on")
     samples: int
+    held_out: Literal["given", "split", "none"] = Field(
+        "given", description="given: held-out data (--eval-data, or a catalog model's evaluation split); split: samples "
+                             "kept aside from the calibration data, unseen by the search; none: too few samples to keep "
+                             "some aside, so the figures are on the data the search used")
     loss_kind: Literal["cross_entropy", "kl"]
     fp: Metrics
     plan: Metrics
@@ -152,6 +156,23 @@ class Measured(_Frozen):
     uniform_w_bits: int | None
     uniform_a_bits: int | None = None
     uniform_cost: Cost | None
+
+
+class UniformCheck(_Frozen):
+    """How the returned plan compares with uniform precision at the same budget (the guarantee)."""
+
+    outcome: Literal["plan_better", "plan_level", "refined", "uniform_returned", "no_uniform_fits"] = Field(
+        description="plan_better / plan_level: the solver's plan measured better than / level with the best uniform "
+                    "plan that fits (and the measured local search may have improved it further); refined: it "
+                    "measured worse, and the measured refinement found one that is not; "
+                    "uniform_returned: nothing better was found (on the search data, or on the held-out data), so the "
+                    "best uniform plan is returned; no_uniform_fits: no single bit width fits the budget")
+    message: str = Field(description="one sentence for people")
+    uniform: str | None = Field(None, description="the best uniform plan that fits, e.g. 'uniform 4-bit'")
+    search_data: str = Field(description="the data the comparison and refinement were measured on")
+    search: dict[str, Metrics] = Field(default_factory=dict, description="measured on the search data, by label")
+    solver_plan: dict[str, int] | None = Field(None, description="the solver's weight bits per layer, when replaced")
+    refine: dict[str, float | int | str] | None = Field(None, description="rounds, evaluations, seconds, stopped")
 
 
 class PlanLayer(_Frozen):
@@ -198,6 +219,7 @@ class PlanFile(BaseModel):
     layers: list[PlanLayer]
     cost: Cost
     measured: Measured | None
+    uniform_check: UniformCheck | None = Field(None, description="how the plan compares with uniform precision")
     frontier: list[dict] | None = Field(None, description="non-dominated plans around the chosen one, if the solver gives them")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
 
@@ -213,12 +235,13 @@ class PlanRequest(BaseModel):
     model: str = Field(description="a .pt2 / TorchScript path, or catalog:NAME")
     model_name: str | None = Field(None, description="the name the plan shows (default: the file name)")
     data: str | None = Field(None, description="calibration .npz/.safetensors; a catalog model's own by default")
-    eval_data: str | None = Field(None, description="held-out data for the measured figures; default: the calibration data")
+    eval_data: str | None = Field(None, description="held-out data for the measured figures; default: every 5th "
+                                                      "calibration sample, kept aside from the search")
     budget: Budget
     w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     a_bits: tuple[int, ...] = (16,)
     pins: dict[str, int] = Field(default_factory=dict)
-    sensitivity: str = "hessian_trace"
+    sensitivity: str = "auto"  # bitplan.methods.DEFAULT_SENSITIVITY (methods imports this module)
     sensitivity_params: dict = Field(default_factory=dict)
     solver: str = "ilp"
     solver_params: dict = Field(default_factory=dict)
@@ -227,10 +250,20 @@ class PlanRequest(BaseModel):
         description="seconds the run may take (a service job's limit): the solver stops by what is left of it, "
                     "or by its own time_limit parameter if that is smaller; none: only the solver's own limit")
     clip: Literal["mse", "minmax"] = "mse"
+    distill: bool = Field(False, description="optimise the calibration inputs to match the model's BatchNorm "
+                                             "statistics (ZeroQ's distilled data); without data, start from random "
+                                             "inputs")
     latency_table: dict[str, dict[int, float]] | None = None
     seed: int = 0
     batch_size: int = Field(64, ge=1, description="evaluation batch size")
     validate_plan: bool = True
+    guarantee: bool = Field(
+        True, description="measure the plan against the best uniform plan that fits; refine it or return uniform "
+                          "precision when it is worse (needs validate_plan)")
+    refine_seconds: float = Field(
+        120.0, ge=0, le=86_400, allow_inf_nan=False,
+        description="time cap of the measured refinement that runs when the plan measures worse than uniform "
+                    "(0: return the best uniform plan at once)")
 
     @field_validator("w_bits")
     @classmethod

@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
-from bitplan.methods import get_method, parse_params
+from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params
 from bitplan.schemas import ACT_BITS, BUDGET_KEYS, WEIGHT_BITS, Budget, LayerInfo
 from service.errors import ApiError
 
@@ -71,14 +71,20 @@ class JobCreate(BaseModel):
     w_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1, max_length=8)
     a_bits: list[int] = Field([16], min_length=1, max_length=3)
     pins: dict[str, int] = Field(default_factory=dict)
-    sensitivity: MethodChoice = MethodChoice(method="hessian_trace")
+    sensitivity: MethodChoice = MethodChoice(method=DEFAULT_SENSITIVITY)
     solver: MethodChoice = MethodChoice(method="ilp")
     clip: Literal["mse", "minmax"] = "mse"
     latency_table: dict[str, dict[int, FiniteMs]] | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    validate_plan: bool = Field(True, alias="validate", description="measure the plan on the eval data")
+    validate_plan: bool = Field(True, alias="validate", description="measure the plan on the eval data (and check it "
+                                                                    "against uniform precision)")
+    refine_seconds: float = Field(120.0, ge=0, le=3600, allow_inf_nan=False,
+                                  description="time cap of the measured refinement that runs when the plan measures "
+                                              "worse than uniform precision (0: return the best uniform plan at once)")
     shards: int = Field(1, ge=1, le=64, description="split a shardable method's sensitivity work over this many workers")
     synthetic_samples: int = Field(64, ge=1, le=4096)
+    distill: bool | None = Field(None, description="optimise the calibration inputs to match the model's BatchNorm "
+                                                   "statistics (ZeroQ); default: true for synthetic data, else false")
     reuse_sensitivity: bool = Field(True, description="reuse a cached sensitivity table computed with the same inputs")
     callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
 

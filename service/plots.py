@@ -40,7 +40,9 @@ def plan_view(plan: dict) -> dict:
     m = plan.get("measured")
     if m:
         measured.append({"label": "full precision", **m["fp"]})
-        measured.append({"label": "this plan", **m["plan"], "chosen": True})
+        check = plan.get("uniform_check") or {}
+        label = "this plan" if check.get("outcome") != "uniform_returned" else f"this plan ({check.get('uniform')})"
+        measured.append({"label": label, **m["plan"], "chosen": True})
         if m.get("uniform"):
             measured.append({"label": f"uniform {m['uniform_w_bits']}-bit", **m["uniform"]})
     return {"rows": rows, "costs": costs, "measured": measured, "frontier_svg": frontier_svg(plan),
@@ -60,7 +62,8 @@ def frontier_svg(plan: dict, width: int = 560, height: int = 320) -> str | None:
     points = plan.get("frontier") or []
     key = next(iter(plan["budget"]), "avg_weight_bits")
     pts = [(p["cost"].get(key), p["objective"]) for p in points if p.get("cost", {}).get(key) is not None]
-    chosen = (plan["cost"].get(key), plan["solver"]["objective"])
+    # the returned plan (the guarantee may have replaced the solver's): its predicted loss from its layers
+    chosen = (plan["cost"].get(key), sum(layer["sensitivity"] for layer in plan["layers"]))
     if not pts or chosen[0] is None:
         return None
     xs = [x for x, _ in pts] + [chosen[0], plan["budget"][key]]

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from starlette.datastructures import UploadFile
 
-from bitplan.methods import METHODS
+from bitplan.methods import DEFAULT_SENSITIVITY, METHODS
 from bitplan.schemas import ACT_BITS, BUDGET_KEYS, WEIGHT_BITS
 from service import plots
 from service.errors import ApiError
@@ -217,7 +217,7 @@ def _choices(request: Request, team: Team) -> dict:
 
 def _defaults() -> dict:
     return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
-            "w_bits": DEFAULT_W_BITS, "a_bits": "16", "pins": "", "sensitivity": "hessian_trace", "solver": "ilp"}
+            "w_bits": DEFAULT_W_BITS, "a_bits": "16", "pins": "", "sensitivity": DEFAULT_SENSITIVITY, "solver": "ilp"}
 
 
 def _values_from_job(job: Job) -> dict:
@@ -258,7 +258,7 @@ async def submit(request: Request):
         "model_id": str(form.get("model_id", "")), "dataset_id": str(form.get("dataset_id", "synthetic")),
         "budget_kind": str(form.get("budget_kind", "avg_weight_bits")), "budget_value": str(form.get("budget_value", "")).strip(),
         "w_bits": [int(b) for b in form.getlist("w_bits") if str(b).isdigit()], "a_bits": str(form.get("a_bits", "16")),
-        "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", "hessian_trace")),
+        "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", DEFAULT_SENSITIVITY)),
         "solver": str(form.get("solver", "ilp")),
     }
     errors: dict[str, str] = {}

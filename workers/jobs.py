@@ -33,7 +33,7 @@ from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, Sensiti
 from workers.callbacks import schedule_callback
 
 log = logging.getLogger("bitplan.worker")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tables are computed on the search part of the data (every 5th sample held out)
 
 
 class JobCancelled(Exception):
@@ -150,7 +150,8 @@ class JobSpec:
         params = parse_params(get_method(self.request.sensitivity), self.request.sensitivity_params)
         spec = {"v": CACHE_VERSION, "model": self.model_sha256, "data": self.data_sha256,
                 "method": self.request.sensitivity, "params": params.model_dump(mode="json"),
-                "w_bits": list(self.request.w_bits), "clip": self.request.clip, "seed": self.request.seed}
+                "w_bits": list(self.request.w_bits), "clip": self.request.clip, "seed": self.request.seed,
+                "distill": self.request.distill}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(), spec
 
 
@@ -176,15 +177,18 @@ def resolve(db: Database, blobs: BlobStore, job: Job) -> JobSpec:
         sensitivity=r["sensitivity"]["method"], sensitivity_params=r["sensitivity"].get("params", {}),
         solver=r["solver"]["method"], solver_params=r["solver"].get("params", {}), clip=r.get("clip", "mse"),
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), validate_plan=r.get("validate", True),
+        refine_seconds=r.get("refine_seconds", 120.0),
+        distill=r["distill"] if r.get("distill") is not None else data is None,  # ZeroQ for synthetic data
         time_limit_s=worker_settings().job_time_limit_s,  # the solver stops in time to hand back its best plan
     )
     names = [layer["name"] for layer in model.description.get("layers", [])]
     if eval_data is not None:
         label = f"{eval_data.name} (held-out data)"
     elif data is not None:
-        label = f"{data.name} (the calibration data: no held-out data given)"
+        label = f"{data.name} (every 5th sample, kept aside from the search)"
     else:
-        label = f"synthetic inputs ({r.get('synthetic_samples', 64)} samples; no data given)"
+        label = (f"synthetic inputs ({r.get('synthetic_samples', 64)} samples"
+                 + (", distilled" if r.get("distill") is not False else "") + ", every 5th kept aside; no data given)")
     return JobSpec(request, model.sha256, data_sha, names, int(r.get("shards", 1)), bool(r.get("reuse_sensitivity", True)),
                    label)
 
@@ -343,7 +347,10 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
         store_table(db, key, key_spec, SensitivityTable.model_validate(result["table"]))
     plan = PlanFile.model_validate(result["plan"])
     if plan.measured is not None:
-        plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": spec.eval_label})})
+        label = spec.eval_label
+        if plan.measured.held_out == "none":  # fewer samples than it takes to keep some aside
+            label = label.split(" (")[0] + " (the calibration data: too few samples to keep some aside)"
+        plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": label})})
     attempt.check()
     finish(db, job.id, "succeeded", lease=attempt.lease, plan=plan.model_dump(mode="json", by_alias=True))
     return "succeeded"

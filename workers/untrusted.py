@@ -109,7 +109,7 @@ def _shard(args: dict, progress) -> dict:
     from bitplan.schemas import PlanRequest
 
     r = PlanRequest.model_validate(args["request"])
-    prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name)
+    prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name, r.distill, r.seed)
     ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress,
                              only=frozenset(args["layers"]))
     table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)

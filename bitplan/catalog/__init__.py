@@ -1,5 +1,6 @@
-"""Reference models shipped with bitplan, with deterministic calibration and
-held-out evaluation data: ``catalog:digits_cnn`` and ``catalog:minilm``.
+"""Reference models shipped with bitplan, with deterministic calibration and held-out evaluation
+data: CNNs on the digits (``digits_cnn``, ``digits_resnet``, ``digits_mobilenet``), small
+transformers trained here (``digits_vit``, ``tiny_gpt``) and the pretrained ``minilm``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ class CatalogEntry:
 
 
 def _entries() -> dict[str, CatalogEntry]:
-    from bitplan.catalog import digits, minilm
+    from bitplan.catalog import digits, minilm, tiny
 
-    return {e.name: e for e in (digits.ENTRY, digits.RESNET_ENTRY, minilm.ENTRY)}
+    return {e.name: e for e in (digits.ENTRY, digits.RESNET_ENTRY, digits.MOBILENET_ENTRY, tiny.VIT_ENTRY,
+                                tiny.GPT_ENTRY, minilm.ENTRY)}
 
 
-CATALOG_NAMES = ("digits_cnn", "digits_resnet", "minilm")
+CATALOG_NAMES = ("digits_cnn", "digits_resnet", "digits_mobilenet", "digits_vit", "tiny_gpt", "minilm")
 
 
 def get_entry(name: str) -> CatalogEntry:

@@ -1,5 +1,6 @@
-"""``catalog:digits_cnn`` — a small CNN with BatchNorm — and ``catalog:digits_resnet`` —
-a small CNN with residual connections — trained on scikit-learn's bundled 8x8
+"""``catalog:digits_cnn`` — a small CNN with BatchNorm —, ``catalog:digits_resnet`` —
+a small CNN with residual connections — and ``catalog:digits_mobilenet`` — depthwise-separable
+blocks with BatchNorm — trained on scikit-learn's bundled 8x8
 digits. The trained weights ship as ``NAME.safetensors``;
 ``python -m bitplan.catalog.digits [NAME]`` retrains them deterministically.
 
@@ -76,6 +77,32 @@ class DigitsResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class DigitsMobileNet(nn.Module):
+    """MobileNet-style: a stem conv, then two depthwise-separable blocks (3x3 depthwise conv, BN, ReLU,
+    1x1 pointwise conv, BN, ReLU), global average pooling and a linear head. Every conv is followed by
+    BatchNorm, and the depthwise kernels hold 9 weights per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.dw1 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pw1 = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.dw2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.pw2 = nn.Conv2d(32, 64, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn2(self.pw1(torch.relu(self.bn1(self.dw1(x))))))
+        x = torch.relu(self.bn4(self.pw2(torch.relu(self.bn3(self.dw2(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
 @lru_cache(maxsize=1)
 def _arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
@@ -94,10 +121,10 @@ def split(name: str) -> Dataset:
         raise ValueError(f"unknown split {name}")
     xs, ys = x[parts[name]], y[parts[name]]
     digest = hashlib.sha256(b"digits:" + name.encode() + xs.tobytes() + ys.tobytes()).hexdigest()
-    return Dataset({POSITIONAL: torch.from_numpy(xs.copy())}, torch.from_numpy(ys.copy()), f"catalog:digits_cnn/{name}", digest)
+    return Dataset({POSITIONAL: torch.from_numpy(xs.copy())}, torch.from_numpy(ys.copy()), f"catalog:digits/{name}", digest)
 
 
-ARCHITECTURES = {"digits_cnn": DigitsCNN, "digits_resnet": DigitsResNet}
+ARCHITECTURES = {"digits_cnn": DigitsCNN, "digits_resnet": DigitsResNet, "digits_mobilenet": DigitsMobileNet}
 
 
 def weights_path(name: str) -> Path:
@@ -142,6 +169,8 @@ def _entry(name: str, summary: str) -> CatalogEntry:
 
 ENTRY = _entry("digits_cnn", "3-conv + 2-linear CNN with BatchNorm on scikit-learn digits (8x8, 10 classes)")
 RESNET_ENTRY = _entry("digits_resnet", "residual CNN (stem, 3 basic blocks, strided conv, linear head) on the same digits")
+MOBILENET_ENTRY = _entry("digits_mobilenet", "MobileNet-style CNN (stem, 2 depthwise-separable blocks, all with "
+                                             "BatchNorm, linear head) on the same digits")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ integer ``targets``. Never unpickled: npz is read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,11 +48,37 @@ class Dataset:
             end = min(start + batch_size, n)
             yield self.slice(start, end)
 
+    def take(self, index: torch.Tensor, label: str) -> Dataset:
+        """The samples at ``index`` as a data set of their own (``label`` names the part in ``source``)."""
+        return Dataset({k: v[index] for k, v in self.inputs.items()},
+                       None if self.targets is None else self.targets[index],
+                       f"{self.source} [{label}]", hashlib.sha256(f"{self.sha256}:{label}".encode()).hexdigest())
+
     def slice(self, start: int, end: int) -> Batch:
         parts = {k: v[start:end] for k, v in self.inputs.items()}
         args = (parts.pop(POSITIONAL),) if POSITIONAL in parts else ()
         targets = None if self.targets is None else self.targets[start:end]
         return Batch(args, parts, targets, end - start)
+
+
+#: Calibration data with at least this many samples keeps every HOLDOUT_EVERY-th sample aside from the
+#: search, so that the figures reported for the plan come from data the search did not see.
+HOLDOUT_MIN_SAMPLES = 40
+HOLDOUT_EVERY = 5
+
+
+def holdout_split(data: Dataset) -> tuple[Dataset, Dataset | None]:
+    """(search part, held-out part): every 5th sample (indices 4, 9, ...) is held out, the rest searched.
+
+    Interleaved rather than a tail, so data sorted by class or length splits evenly. None for the held-out
+    part when there are fewer than HOLDOUT_MIN_SAMPLES samples: then everything is searched.
+    """
+    n = len(data)
+    if n < HOLDOUT_MIN_SAMPLES:
+        return data, None
+    index = torch.arange(n)
+    held = index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    return data.take(index[~held], "search"), data.take(index[held], f"held out: every {HOLDOUT_EVERY}th sample")
 
 
 def _data_format(path: Path) -> str:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from bitplan.core.data import Dataset, conform, load_data
+from bitplan.core.data import Dataset, conform, holdout_split, load_data
 from bitplan.core.evaluate import Reference, calibrate_activations, check_targets, measure, measure_macs, set_activation_bits
 from bitplan.core.loading import LoadedModel, load_model
 from bitplan.core.quant import WeightBank
+from bitplan.core.refine import TIE, Scorer, local_search, no_worse, uniform_plans
 from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
@@ -27,6 +28,7 @@ from bitplan.schemas import (
     SensitivityInfo,
     SensitivityTable,
     SolverInfo,
+    UniformCheck,
 )
 from solver import Layer, Option, Problem, SolverParams, get_info, get_solver, parse_solver_params
 
@@ -41,6 +43,27 @@ class Prepared:
     layers: list[LayerInfo]
     costs: CostModel
     bank: WeightBank
+    held_out: str = "given"  # how eval_data was obtained: "given", "split" (kept aside from data) or "none"
+    notes: list[str] = field(default_factory=list)  # what was done to the data (e.g. distilled), for the plan
+
+
+#: random inputs made (then distilled) when a plan has no calibration data
+DISTILL_SAMPLES = 128
+
+
+def random_inputs(model: LoadedModel, samples: int, seed: int) -> Dataset:
+    """Random inputs shaped like the model's (the service's synthetic data), to be distilled."""
+    import tempfile
+
+    from bitplan.synthetic import write_synthetic
+
+    specs = [spec.model_dump() for spec in model.inputs]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/random.npz"
+        write_synthetic(specs, samples, seed, path)
+        data = load_data(path)
+    data.source = f"{samples} random inputs"
+    return data
 
 
 def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
@@ -50,26 +73,42 @@ def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
         from bitplan.catalog import get_entry
 
         return get_entry(model_ref.removeprefix("catalog:")).dataset(split)
-    raise BitplanError("no calibration data given", "pass --data FILE (.npz or .safetensors with 'inputs' [and 'targets'])")
+    raise BitplanError("no calibration data given", "pass --data FILE (.npz or .safetensors with 'inputs' [and "
+                                                    "'targets']), or --distill to make inputs from the model itself")
 
 
 def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
-            latency_table: dict | None = None, clip: str = "mse", model_name: str | None = None) -> Prepared:
+            latency_table: dict | None = None, clip: str = "mse", model_name: str | None = None,
+            distill: bool = False, seed: int = 0) -> Prepared:
     """Load the model and its data, check them against each other, measure the layer table.
 
     ``model_name`` replaces the file name in the plan (the service stores uploads under their sha256).
+    ``distill``: the calibration inputs are optimised to match the model's BatchNorm statistics (ZeroQ); with
+    no ``data_path`` (and not a catalog model) they start as random inputs shaped like the model's.
     """
-    data = resolve_data(model_ref, data_path, "calib")
-    model = load_model(model_ref, sample=data)
+    notes = []
+    if distill and data_path is None and not model_ref.startswith("catalog:"):
+        model = load_model(model_ref)
+        data = random_inputs(model, DISTILL_SAMPLES, seed)
+    else:
+        data = resolve_data(model_ref, data_path, "calib")
+        model = load_model(model_ref, sample=data)
     if model_name:
         model.info = model.info.model_copy(update={"name": model_name})
     data = conform(data, model.inputs)
+    if distill:
+        from bitplan.core.distill import distil
+
+        data, note = distil(model, data)
+        notes.append(note)
+    held_out = "given"
     if eval_path is None and data_path is None and model_ref.startswith("catalog:"):
         eval_data = conform(resolve_data(model_ref, None, "eval"), model.inputs)
     elif eval_path is not None:
         eval_data = conform(load_data(eval_path), model.inputs)
-    else:
-        eval_data = data
+    else:  # keep part of the calibration data aside: the search must not see what the plan is judged on
+        data, kept = holdout_split(data)
+        eval_data, held_out = (kept, "split") if kept is not None else (data, "none")
     check_targets(model, data)
     check_targets(model, eval_data)
     macs = measure_macs(model, data.slice(0, min(len(data), 4)))
@@ -80,7 +119,7 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
     ]
     costs = CostModel(tuple(layers), model.fixed_bytes(), latency_table)
     bank = WeightBank({g.weight_key: model.weight(g) for g in model.layers}, clip=clip)
-    return Prepared(model, data, eval_data, layers, costs, bank)
+    return Prepared(model, data, eval_data, layers, costs, bank, held_out, notes)
 
 
 def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest) -> Problem:
@@ -107,17 +146,6 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
         for info in prep.layers
     )
     return Problem(layers=layers, budgets=limits, fixed_cost=prep.costs.fixed_cost(), pins=request.pins)
-
-
-def uniform_baseline(prep: Prepared, request: PlanRequest) -> tuple[int, int] | None:
-    """The highest single (w_bits, a_bits) whose plan fits every budget."""
-    limits = request.budget.limits()
-    for bits in sorted(request.w_bits, reverse=True):
-        for a_bits in sorted(request.a_bits, reverse=True):
-            cost = prep.costs.plan_cost({info.name: (bits, a_bits) for info in prep.layers})
-            if all(getattr(cost, key) <= limit * (1 + 1e-9) for key, limit in limits.items()):
-                return bits, a_bits
-    return None
 
 
 class Timer:
@@ -164,7 +192,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
     with timer.stage("load"):
         progress("load", 0.0, request.model_name or request.model)
         prep = prepare(request.model, request.data, request.eval_data, request.latency_table, request.clip,
-                       request.model_name)
+                       request.model_name, request.distill, request.seed)
         progress("load", 1.0, f"{len(prep.layers)} layers")
     unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
     if unknown:
@@ -187,10 +215,19 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
             frontier = frontier_around(problem, time_limit=None if left is None else max(MIN_SOLVER_SECONDS, left))
         progress("solve", 1.0, solution.status)
     assignment = {name: (o.w_bits, o.a_bits) for name, o in solution.choices.items()}
+    check = None
+    if request.guarantee and request.validate_plan:  # the check measures; --no-validate skips all measuring
+        with timer.stage("guarantee"):
+            left = None if request.time_limit_s is None else request.time_limit_s - (time.perf_counter() - started)
+            cap = request.refine_seconds if left is None else max(0.0, min(request.refine_seconds, left - 5.0))
+            assignment, check = check_against_uniform(prep, request, assignment, cap, progress)
     measured = None
     if request.validate_plan:
         with timer.stage("validate"):
             measured = validate(prep, request, assignment, progress)
+        if request.guarantee and check is not None:
+            assignment, measured, check = held_out_check(prep, request, assignment, measured, check)
+    omega_of = {layer.name: {(o.w_bits, o.a_bits): o.objective for o in layer.options} for layer in problem.layers}
     return PlanFile(
         model=prep.model.info,
         budget=request.budget.limits(),
@@ -198,17 +235,19 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         a_bits_options=list(request.a_bits),
         pins=dict(request.pins),
         seed=request.seed,
-        sensitivity=SensitivityInfo(method=table.method, params=table.params, seconds=table.seconds, notes=table.notes),
+        sensitivity=SensitivityInfo(method=table.method, params=table.params, seconds=table.seconds,
+                                    notes=[*prep.notes, *table.notes]),
         solver=SolverInfo(method=request.solver, status=solution.status, seconds=solution.seconds,
                           objective=solution.objective, gap=solution.gap, time_limit_s=params.time_limit),
         layers=[
             PlanLayer(name=info.name, kind=info.kind, params=info.params, macs=info.macs,
                       w_bits=assignment[info.name][0], a_bits=assignment[info.name][1],
-                      sensitivity=solution.choices[info.name].objective)
+                      sensitivity=omega_of[info.name][assignment[info.name]])
             for info in prep.layers
         ],
         cost=prep.costs.plan_cost(assignment),
         measured=measured,
+        uniform_check=check,
         frontier=frontier,
         timings=timer.seconds,
     )
@@ -249,21 +288,140 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
 
     plan = run(assignment)
     progress("validate", 0.66, "uniform")
-    uniform_pair = uniform_baseline(prep, request)
-    uniform = uniform_cost = uniform_bits = None
-    if uniform_pair is not None:
-        uniform_bits = uniform_pair[0]
-        uni = {info.name: uniform_pair for info in prep.layers}
-        uniform, uniform_cost = run(uni), prep.costs.plan_cost(uni)
+    uniform = uniform_cost = uniform_pair = None
+    for uni in uniform_plans(prep, request.w_bits, request.a_bits, _fits(prep, request), request.pins):
+        m = run(uni)
+        if uniform is None or m.kl < uniform.kl:
+            free = [pair for name, pair in uni.items() if name not in request.pins] or list(uni.values())
+            uniform, uniform_pair, uniform_cost = m, free[0], prep.costs.plan_cost(uni)
     progress("validate", 1.0, "done")
     return Measured(
         data=prep.eval_data.source,
         samples=len(prep.eval_data),
+        held_out=prep.held_out,
         loss_kind="cross_entropy" if prep.eval_data.targets is not None else "kl",
-        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=uniform_bits,
+        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=uniform_pair[0] if uniform_pair else None,
         uniform_a_bits=uniform_pair[1] if uniform_pair else None, uniform_cost=uniform_cost,
     )
 
+
+def _fits(prep: Prepared, request: PlanRequest):
+    limits = request.budget.limits()
+
+    def fits(assign: dict[str, tuple[int, int]]) -> bool:
+        cost = prep.costs.plan_cost(assign)
+        return all(getattr(cost, key) is not None and getattr(cost, key) <= limit * (1 + 1e-9)
+                   for key, limit in limits.items())
+
+    return fits
+
+
+def _scalar_cost(prep: Prepared, request: PlanRequest):
+    limits = request.budget.limits()
+
+    def cost_of(assign: dict[str, tuple[int, int]]) -> float:
+        cost = prep.costs.plan_cost(assign)
+        return sum((getattr(cost, key) or 0.0) / limit for key, limit in limits.items())
+
+    return cost_of
+
+
+def _label(assign: dict[str, tuple[int, int]]) -> str:
+    """'uniform 4-bit': the most common weight width (pinned layers may differ), with the activation width if any."""
+    widths = [w for w, _ in assign.values()]
+    w = max(set(widths), key=widths.count)
+    a = next(iter(assign.values()))[1]
+    return f"uniform {w}-bit" + (f" (activations {a}-bit)" if a < 16 else "")
+
+
+#: Calibration samples the guarantee's measurements use at most.
+GUARANTEE_SAMPLES = 256
+
+
+def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[int, int]],
+                          cap_seconds: float, progress: ProgressFn = no_progress) -> tuple[dict, UniformCheck]:
+    """Measure the solver's plan against every uniform plan that fits, on the search (calibration) data, then
+    run the measured local search (re-scoring each layer in the context of the others' bits) from the better of
+    them for up to ``cap_seconds``. Returns the best plan found if it is no worse than the best uniform plan,
+    else that uniform plan; the UniformCheck says which and why."""
+    fits = _fits(prep, request)
+    uniforms = uniform_plans(prep, request.w_bits, request.a_bits, fits, request.pins)
+    data = prep.data if len(prep.data) <= GUARANTEE_SAMPLES else _head(prep.data, GUARANTEE_SAMPLES)
+    search_label = f"{prep.data.source}, {len(data)} samples"
+    if not uniforms:
+        return assignment, UniformCheck(outcome="no_uniform_fits", search_data=search_label,
+                                        message="No single bit width fits this budget, so there is no uniform plan "
+                                                "to compare with.")
+    progress("guarantee", 0.0, "measuring the plan against uniform precision")
+    if min(request.a_bits) < 16:
+        calibrate_activations(prep.model, prep.data, request.batch_size)
+    scorer = Scorer(prep, data, request.batch_size)
+    has_targets = data.targets is not None
+    plan_m = scorer(assignment)
+    best_uni = min(uniforms, key=lambda u: scorer(u).kl)
+    uni_m, uni_label = scorer(best_uni), _label(best_uni)
+    search = {"solver plan": plan_m} | {_label(u): scorer(u) for u in uniforms}
+    first_ok = no_worse(plan_m, uni_m, has_targets)
+    solver_plan = {name: w for name, (w, _) in assignment.items()}
+    versus = f"(KL {plan_m.kl:.4g} vs {uni_m.kl:.4g})"
+    result = None
+    if cap_seconds > 0:
+        word = "no worse than" if first_ok else "worse than"
+        progress("guarantee", 0.0, f"the plan measured {word} {uni_label}; measured local search for up to "
+                                   f"{cap_seconds:.0f} s")
+        movable = [info.name for info in prep.layers if info.name not in request.pins]
+        result = local_search(scorer, [assignment, *uniforms], sorted(request.w_bits), movable, fits,
+                              _scalar_cost(prep, request), time.perf_counter() + cap_seconds, target=uni_m,
+                              has_targets=has_targets, progress=progress)
+        search["refined plan"] = result.metrics
+    refine = None if result is None else {"rounds": result.rounds, "evaluations": result.evaluations,
+                                          "seconds": round(result.seconds, 2), "stopped": result.stopped}
+    found = result is not None and result.assignment not in uniforms and no_worse(result.metrics, uni_m, has_targets)
+    if first_ok:
+        final, final_m = assignment, plan_m
+        if found and result.metrics.kl < plan_m.kl * (1 - TIE) and (not has_targets or result.metrics.loss <= plan_m.loss):
+            final, final_m = result.assignment, result.metrics
+        outcome = "plan_better" if final_m.kl < uni_m.kl * (1 - TIE) else "plan_level"
+        word = "better than" if outcome == "plan_better" else "level with"
+        polished = "" if final is assignment else (
+            f"; re-scoring its layers in the context of the others' bits improved it to KL {final_m.kl:.4g}")
+        return final, UniformCheck(
+            outcome=outcome, uniform=uni_label, search_data=search_label, search=search, refine=refine,
+            solver_plan=None if final is assignment else solver_plan,
+            message=f"The solver's plan measured {word} {uni_label} on the search data {versus}{polished}.")
+    if found:
+        return result.assignment, UniformCheck(
+            outcome="refined", uniform=uni_label, search_data=search_label, search=search, solver_plan=solver_plan,
+            refine=refine,
+            message=f"The solver's plan measured worse than {uni_label} on the search data {versus}; the measured "
+                    f"refinement found this plan (KL {result.metrics.kl:.4g}).")
+    return best_uni, UniformCheck(
+        outcome="uniform_returned", uniform=uni_label, search_data=search_label, search=search,
+        solver_plan=solver_plan, refine=refine,
+        message=f"The solver's plan measured worse than {uni_label} on the search data {versus} and the refinement "
+                f"found nothing better, so {uni_label} is returned.")
+
+
+def held_out_check(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[int, int]], measured: Measured,
+                   check: UniformCheck) -> tuple[dict, Measured, UniformCheck]:
+    """The final word: on the held-out data, a plan worse than the best uniform plan is replaced by it."""
+    if measured.uniform is None or check.outcome in ("uniform_returned", "no_uniform_fits"):
+        return assignment, measured, check
+    has_targets = prep.eval_data.targets is not None
+    if no_worse(measured.plan, measured.uniform, has_targets):
+        return assignment, measured, check
+    pair = (measured.uniform_w_bits, measured.uniform_a_bits)
+    uni_label = _label({"": pair})
+    where = "the held-out data" if measured.held_out != "none" else "the calibration data (no held-out data)"
+    worse = f"KL {measured.plan.kl:.4g} vs {measured.uniform.kl:.4g}"
+    if has_targets:
+        worse += f", loss {measured.plan.loss:.4g} vs {measured.uniform.loss:.4g}"
+    check = check.model_copy(update={
+        "outcome": "uniform_returned", "uniform": uni_label,
+        "solver_plan": check.solver_plan or {name: w for name, (w, _) in assignment.items()},
+        "message": f"The plan measured worse than {uni_label} on {where} ({worse}), so {uni_label} is returned."})
+    measured = measured.model_copy(update={"plan": measured.uniform})
+    return {info.name: (request.pins.get(info.name, pair[0]), pair[1]) for info in prep.layers}, measured, check
 
 
 def measured_evaluator(prep: Prepared, request: PlanRequest, limit: int = 256):

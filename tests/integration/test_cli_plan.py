@@ -59,14 +59,18 @@ def test_plan_file_has_the_v1_fields(plans):
     assert plan["schema"] == "bitplan.plan/v1"
     assert set(plan["model"]) == {"sha256", "format", "name"} and len(plan["model"]["sha256"]) == 64
     assert plan["budget"] == {"avg_weight_bits": 4.0}
-    assert plan["sensitivity"]["method"] == "hessian_trace" and plan["sensitivity"]["seconds"] > 0
+    assert plan["sensitivity"]["method"] == "auto" and plan["sensitivity"]["seconds"] > 0
+    assert plan["sensitivity"]["notes"][0].startswith("auto: measured KL per option")
     assert plan["solver"]["method"] == "ilp" and plan["solver"]["status"] == "optimal"
     assert set(plan["layers"][0]) >= {"name", "kind", "params", "macs", "w_bits", "a_bits", "sensitivity"}
     assert set(plan["cost"]) >= {"size_bytes", "avg_weight_bits", "bops"}
     for key in ("fp", "plan", "uniform"):
         assert set(plan["measured"][key]) == {"loss", "kl", "top1_agreement", "accuracy"}
     assert plan["measured"]["fp"]["kl"] == 0 and plan["measured"]["fp"]["top1_agreement"] == 1
-    assert set(plan["timings"]) == {"load", "sensitivity", "solve", "validate"}
+    assert set(plan["timings"]) == {"load", "sensitivity", "solve", "guarantee", "validate"}
+    check = plan["uniform_check"]
+    assert check["outcome"] == "plan_better" and check["uniform"] == "uniform 4-bit"
+    assert check["search_data"].endswith("256 samples") and plan["measured"]["held_out"] == "given"
 
 
 def test_size_budget_activation_bits_and_pins(digits_files, tmp_path):

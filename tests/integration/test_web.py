@@ -80,7 +80,7 @@ def test_sign_in_submit_watch_and_read_the_plan(server, digits_files, tmp_path):
         assert cookie["httpOnly"] and driver.execute_script("return document.cookie") == ""
         assert server.key not in cookie["value"] and driver.get_cookie("bitplan_key") is None
         # defaults come from the registries
-        assert driver.find_element(By.CSS_SELECTOR, "input[name=sensitivity][value=hessian_trace]").is_selected()
+        assert driver.find_element(By.CSS_SELECTOR, "input[name=sensitivity][value=auto]").is_selected()
         assert driver.find_element(By.CSS_SELECTOR, "input[name=solver][value=ilp]").is_selected()
         screenshot(driver, "form")
 

@@ -93,11 +93,75 @@ def test_trace_matches_exact_hessian_within_its_standard_error(tmp_path, hvp, la
     assert any(("finite differences" if hvp == "finite_difference" else "exact") in n for n in table.notes)
 
 
+def _exact_block_diagonals(module: nn.Module, x) -> dict[str, torch.Tensor]:
+    """diag of each weight's Hessian block of the KL to full precision, exactly."""
+    names = [n for n, _ in module.named_parameters() if n.endswith("weight")]
+    base = dict(module.named_parameters())
+    with torch.no_grad():
+        ref = F.log_softmax(module(x), -1)
+
+    def loss(*ws):
+        logp = F.log_softmax(torch.func.functional_call(module, {**base, **dict(zip(names, ws))}, (x,)), -1)
+        return (ref.exp() * (ref - logp)).sum(-1).mean()
+
+    weights = tuple(base[n].detach() for n in names)
+    hess = torch.autograd.functional.hessian(loss, weights)
+    return {n[: -len(".weight")]: hess[i][i].reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
+            for i, (n, w) in enumerate(zip(names, weights))}
+
+
+def test_default_omega_is_the_hessian_diagonal_weighted_by_each_weights_error(tmp_path):
+    """Omega(l, b) = sum_i H_ii (Q_b(W) - W)_i^2: the Hutchinson diagonal estimate converges to the exact one."""
+    module = MLP()
+    x = torch.randn(64, 6)
+    model, data, bank = _setup(tmp_path, module, x, None)
+    diag = _exact_block_diagonals(module, x)
+    table = _table(model, data, bank, max_probes=3000, min_probes=3000, probes_per_pass=100, batch_size=64)
+    for layer, g in zip(table.layers, model.layers):
+        for b in (2, 4, 8):
+            exact = float((diag[layer.name] * (bank.get(g.weight_key, b) - model.weight(g)).pow(2)).sum())
+            assert layer.omega[b] == pytest.approx(exact, rel=0.1), (layer.name, b)
+    assert any("diag(H)" in n for n in table.notes)
+
+
+def test_diagonal_omega_ignores_a_per_channel_rescaling_that_fools_the_trace(tmp_path):
+    """A BatchNorm folded into a layer scales its output channels. Scaling fc1's rows by s and fc2's
+    columns by 1/s (a purely linear model, so the function is unchanged) changes Tr(H)/n x ||dW||^2
+    fourfold here but not sum_i H_ii dW_i^2: per-row quantization error scales with s, H_ii with 1/s^2."""
+
+    class Lin2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 5, bias=False)
+            self.fc2 = nn.Linear(5, 3, bias=False)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    x = torch.randn(64, 6)
+    plain = Lin2()
+    scaled = Lin2()
+    s = torch.tensor([2.0, 0.5, 1.0, 2.0, 0.5])
+    with torch.no_grad():
+        scaled.fc1.weight.copy_(plain.fc1.weight * s[:, None])
+        scaled.fc2.weight.copy_(plain.fc2.weight / s[None, :])
+    tables = {}
+    for label, module in (("plain", plain), ("scaled", scaled)):
+        (tmp_path / label).mkdir()
+        model, data, bank = _setup(tmp_path / label, module, x, None)
+        for omega in ("diagonal", "trace"):
+            tables[label, omega] = _table(model, data, bank, omega=omega, max_probes=4000, min_probes=4000,
+                                          probes_per_pass=100, batch_size=64).omega()["fc1"][2]
+    # fc1's per-row quantization error scales with s and its Hessian diagonal with 1/s^2: the product is invariant
+    assert tables["scaled", "diagonal"] == pytest.approx(tables["plain", "diagonal"], rel=0.15)
+    assert abs(tables["scaled", "trace"] / tables["plain", "trace"] - 1) > 0.5
+
+
 def test_omega_is_trace_per_weight_times_quantization_error(tmp_path):
     module = MLP()
     x = torch.randn(32, 6)
     model, data, bank = _setup(tmp_path, module, x, None)
-    table = _table(model, data, bank, max_probes=16)
+    table = _table(model, data, bank, max_probes=16, omega="trace")
     for layer, g in zip(table.layers, model.layers):
         n = model.weight(g).numel()
         for b in (2, 4, 8):

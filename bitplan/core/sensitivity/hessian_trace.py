@@ -41,12 +41,21 @@ def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> Sensit
     refs = reference_logp(ctx, batches)
     gen = torch.Generator().manual_seed(ctx.seed)
     estimates: list[list[float]] = []  # one row per probe, one column per layer
+    bits = list(ctx.w_bits)
+    # diagonal weighting: per probe, sum_i v_i (Hv)_i (Q_b(W) - W)_i^2 for every bit width b
+    err2 = {key: {b: (ctx.bank.get(key, b) - weights[key]).double().pow(2) for b in bits} for key in keys} \
+        if params.omega == "diagonal" else {}
+    weighted: dict[str, dict[int, float]] = {key: {b: 0.0 for b in bits} for key in keys}
     with HessianOracle(ctx, batches, refs, weights, params.hvp) as oracle:
         while len(estimates) < params.max_probes:
             k = min(params.probes_per_pass, params.max_probes - len(estimates))
             probes = [{key: rademacher(weights[key], gen) for key in keys} for _ in range(k)]
             for v, hv in zip(probes, oracle.joint(probes)):
                 estimates.append([float((v[key] * hv[key]).sum()) for key in keys])
+                for key in err2:
+                    diag = (v[key] * hv[key]).double()
+                    for b in bits:
+                        weighted[key][b] += float((diag * err2[key][b]).sum())
             worst = worst_relative_se(estimates)
             ctx.progress("sensitivity", len(estimates) / params.max_probes,
                          f"{len(estimates)} probes, worst rel. SE {worst:.3f}")
@@ -66,9 +75,15 @@ def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> Sensit
             clamped.append(layer.name)
         n = weights[layer.weight_key].numel()
         stats[layer.name] = mean
-        omega[layer.name] = {b: max(mean, 0.0) / n * ctx.bank.error_sq(layer.weight_key, b) for b in ctx.w_bits}
+        if params.omega == "diagonal":
+            omega[layer.name] = {b: max(weighted[layer.weight_key][b] / n_probes, 0.0) for b in ctx.w_bits}
+        else:
+            omega[layer.name] = {b: max(mean, 0.0) / n * ctx.bank.error_sq(layer.weight_key, b) for b in ctx.w_bits}
         detail[layer.name] = {"trace_se": std(column) / math.sqrt(n_probes), "probes": n_probes, "params": n}
-    if clamped:
+    if params.omega == "diagonal":
+        notes.append("Omega = sum_i diag(H)_i (Q_b(W) - W)_i^2, the Hutchinson diagonal weighted by each weight's own "
+                     "error (invariant to per-channel scales such as a BatchNorm folded into the conv)")
+    elif clamped:
         notes.append("negative trace estimates (non-convex loss) clamped to 0 for: " + ", ".join(clamped))
     omega_act = None
     if params.activations:
