@@ -99,15 +99,19 @@ class PerturbationParams(BaseModel):
 
 
 class AutoParams(BaseModel):
-    """Picks the method per model: measured KL per option when it fits the time, else the KL Hessian diagonal."""
+    """Picks the method per model: measured KL per option when the work fits, else the KL Hessian diagonal."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    measure_seconds: float = Field(90.0, ge=0, le=86_400, description="measure every option when that is predicted "
-                                                                       "to take at most this long")
-    max_samples: int = Field(128, ge=1, description="calibration samples for the measurements (halved, down to 32, "
-                                                    "while the predicted time is over half of measure_seconds)")
+    measure_gmacs: float = Field(
+        5_000.0, ge=0, description="measure every option when that takes at most this many giga multiply-accumulates "
+                                    "(options x samples x the model's MACs per sample); about 100 s on 2 CPU cores")
+    max_samples: int = Field(256, ge=1, description="calibration samples for the measurements at most (fewer - 128, "
+                                                    "64 or 32 - when measuring on more would exceed half of "
+                                                    "measure_gmacs)")
     screen: float = Field(1e-4, ge=0, description="the measured method's screen (see perturbation)")
+    activations: bool = Field(False, description="also score activations, for --abits choices: uses hessian_trace "
+                                                 "(loss=kl, activations=true), the method that scores them")
 
 
 @dataclass(frozen=True)
@@ -166,9 +170,8 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "auto": MethodInfo(
         "auto",
-        "the default: measured KL per (layer, bits) (perturbation, loss=kl) when its predicted time fits "
-        "measure_seconds, else the Hessian diagonal of the KL (hessian_trace, loss=kl); the table's notes say which "
-        "and why",
+        "the default: measured KL per (layer, bits) (perturbation, loss=kl) when that work fits measure_gmacs, else "
+        "the Hessian diagonal of the KL (hessian_trace, loss=kl); the table's notes say which and why",
         AutoParams,
         "bitplan.core.sensitivity.auto:auto",
     ),

@@ -130,7 +130,8 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
     choose_a = len(request.a_bits) > 1
     if choose_a and not all(layer.omega_act for layer in table.layers):
         raise BitplanError(f"choosing activation bits from {list(request.a_bits)} needs activation sensitivity",
-                           "use --sensitivity hessian_trace --param activations=true, or give one --abits value")
+                           "add --param activations=true (auto and hessian_trace score activations), or give one "
+                           "--abits value")
     omega_act = {layer.name: layer.omega_act for layer in table.layers}
     layers = tuple(
         Layer(
@@ -220,6 +221,8 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         with timer.stage("guarantee"):
             left = None if request.time_limit_s is None else request.time_limit_s - (time.perf_counter() - started)
             cap = request.refine_seconds if left is None else max(0.0, min(request.refine_seconds, left - 5.0))
+            if request.solver == "uniform":  # the baseline was asked for: check it, never search away from it
+                cap = 0.0
             assignment, check = check_against_uniform(prep, request, assignment, cap, progress)
     measured = None
     if request.validate_plan:

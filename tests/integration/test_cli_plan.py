@@ -215,6 +215,7 @@ def test_every_solver_plans_minilm(solver, tmp_path):
     out = tmp_path / "p.json"
     extra = ["--solver-param", "trials=12"] if solver == "evolutionary" else []
     result = run_cli("plan", "catalog:minilm", "--budget", "avg_weight_bits=4", "--solver", solver, *extra,
+                     "--sensitivity", "hessian_trace",
                      "--param", "max_probes=4", "--param", "min_probes=2", "--param", "max_samples=16",
                      "--no-validate", "--out", str(out))
     assert result.returncode == 0, result.stderr

@@ -63,7 +63,8 @@ def test_two_teams_at_once_and_isolated_both_ways(teams):
     for me, other in ((a, b), (b, a)):
         plan = PlanFile.model_validate(me.http.get(f"/v1/jobs/{jobs[me.name]}/plan").json())
         assert plan.cost.avg_weight_bits <= 4 + 1e-9 and plan.measured is not None
-        assert plan.measured.data == "digits_cnn_calib.npz (the calibration data: no held-out data given)"
+        assert plan.measured.data == "digits_cnn_calib.npz (every 5th sample, kept aside from the search)"
+        assert plan.measured.held_out == "split" and plan.uniform_check is not None
         assert plan.frontier and plan.model.name == "digits_cnn.pt2"
         mine = {j["id"] for j in me.http.get("/v1/jobs").json()["items"]}
         assert jobs[me.name] in mine and jobs[other.name] not in mine

@@ -107,6 +107,8 @@ def test_sign_in_submit_watch_and_read_the_plan(server, digits_files, tmp_path):
         budget = driver.find_element(By.ID, "budget_value")
         budget.clear()
         budget.send_keys("3")
+        # hessian_trace takes seconds here (the default, auto, about one), long enough to watch the stages change
+        driver.find_element(By.CSS_SELECTOR, "input[name=sensitivity][value=hessian_trace]").click()
         driver.find_element(By.ID, "submit").click()
         wait_for(lambda: "/jobs/j_" in driver.current_url, timeout=60)
         driver.execute_script("window.__noReload = true")
@@ -140,7 +142,10 @@ def test_sign_in_submit_watch_and_read_the_plan(server, digits_files, tmp_path):
         assert int(svg.get_attribute("data-points")) >= 3
         assert len(driver.find_elements(By.CSS_SELECTOR, "svg.frontier circle[data-chosen]")) == 1
         quality = driver.find_element(By.CSS_SELECTOR, "table.quality").text
-        assert "full precision" in quality and "this plan" in quality and "uniform 3-bit" in quality
+        # fc2 is pinned to 8 bits, so the uniform baseline (pins kept) that fits 3 average bits is 2-bit
+        assert "full precision" in quality and "this plan" in quality and "uniform 2-bit" in quality
+        verdict = driver.find_element(By.ID, "uniform-check").text
+        assert verdict.startswith(("Beats uniform precision.", "Level with uniform precision.")) and "uniform 2-bit" in verdict
         screenshot(driver, "plan")
 
         driver.find_element(By.ID, "download-json").click()

@@ -182,8 +182,8 @@ def test_perturbation_screen_scales_small_damages_instead_of_measuring_them():
 def test_auto_falls_back_to_the_kl_hessian_when_measuring_would_take_too_long():
     prep = prepare("catalog:digits_cnn", None)
     ctx = SensitivityContext(prep.model, prep.data, [2, 4, 8], prep.bank, 0)
-    table = run_sensitivity("auto", {"measure_seconds": 0}, ctx)
+    table = run_sensitivity("auto", {"measure_gmacs": 0}, ctx)
     assert table.method == "auto" and table.params["chose"] == "hessian_trace"
-    assert "exceeds measure_seconds=0" in table.notes[0]
+    assert "exceeds measure_gmacs=0" in table.notes[0]
     measured = run_sensitivity("auto", {}, ctx)
-    assert measured.params["chose"] == "perturbation" and "within measure_seconds" in measured.notes[0]
+    assert measured.params["chose"] == "perturbation" and "within measure_gmacs" in measured.notes[0]
