@@ -174,6 +174,8 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[int], mov
             if m.kl < best_metrics.kl * (1 - TIE) and loss_ok:
                 best, best_metrics = cand, m
         if best is None:
+            if time.perf_counter() >= deadline:  # the cap cut this round short: not a local optimum
+                stopped = "time_cap"
             break
         state, base = best, best_metrics
     return SearchResult(state, base, rounds, scorer.evaluations, time.perf_counter() - start, stopped)
