@@ -432,19 +432,13 @@ def measured_evaluator(prep: Prepared, request: PlanRequest, limit: int = 256):
 
     Candidates are scored on calibration data, never on the held-out data the plan is reported on.
     """
-    data = prep.data
-    ref = Reference.compute(prep.model, data if len(data) <= limit else _head(data, limit), request.batch_size)
+    data = prep.data if len(prep.data) <= limit else _head(prep.data, limit)
     if min(request.a_bits) < 16:
         calibrate_activations(prep.model, prep.data, request.batch_size)
+    scorer = Scorer(prep, data, request.batch_size)  # the uniform check's scorer: each plan measured once
 
     def evaluate(choices) -> float:
-        assign = {name: (o.w_bits, o.a_bits) for name, o in choices.items()}
-        set_activation_bits(prep.model, {name: a for name, (_, a) in assign.items()})
-        try:
-            metrics = measure(prep.model, ref, overrides_for(prep, assign))
-        finally:
-            set_activation_bits(prep.model, {})
-        return metrics.loss
+        return scorer({name: (o.w_bits, o.a_bits) for name, o in choices.items()}).loss
 
     return evaluate
 
