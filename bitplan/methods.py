@@ -77,11 +77,16 @@ class TaylorParams(BaseModel):
 
 
 class LRPParams(BaseModel):
-    """Layer-wise relevance propagation contribution scores (LRP-QViT), rules from zennit."""
+    """Layer-wise relevance propagation contribution scores (LRP-QViT), AttnLRP's rules for transformers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    composite: Literal["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"] = "epsilon_plus"
+    rules: Literal["auto", "attnlrp", "zennit"] = Field(
+        "auto", description="auto: zennit's composite where every op between layers is linear, ReLU or BatchNorm, "
+                            "AttnLRP's rules otherwise (attention, LayerNorm, GELU, products of activations)")
+    epsilon: float = Field(1e-6, gt=0, description="the epsilon rule's stabiliser (rules=attnlrp)")
+    composite: Literal["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"] = Field(
+        "epsilon_plus", description="zennit's rule set (rules=zennit)")
     batch_size: int = Field(32, ge=1, le=4096)
     max_samples: int = Field(256, ge=1)
 

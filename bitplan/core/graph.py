@@ -43,11 +43,13 @@ class LayerProbe(nn.Module):
         self.macs_total = 0
         self.inputs: list[torch.Tensor] | None = None  # when a list: every call's input is kept
         self.as_module: nn.Module | None = None  # when set: run this real nn.Linear/Conv instead (for LRP rules)
+        self.wrap_output = None  # when set: applied to the op's output (LRP's epsilon rule)
 
     def forward(self, x, weight, *args, **kwargs):
-        if self.inputs is not None:
-            if x.grad_fn is None and x.is_floating_point() and torch.is_grad_enabled():
-                x = x.detach().requires_grad_(True)  # so gradients w.r.t. this activation exist
+        if self.inputs is not None and x.is_floating_point() and torch.is_grad_enabled():
+            # A tensor of this op's own, so that gradients w.r.t. it count only what flows through this
+            # op: q, k and v projections (or a residual branch) often read the same activation.
+            x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
             self.inputs.append(x)
         if self.observe:
             lo, hi = float(x.detach().min()), float(x.detach().max())
@@ -58,6 +60,8 @@ class LayerProbe(nn.Module):
             y = self.as_module(x)
         else:
             y = self.op(x, weight, *args, **kwargs)
+        if self.wrap_output is not None:
+            y = self.wrap_output(y)
         if self.count_macs:
             # per call: one MAC per output element per weight element feeding it
             self.macs_total += y.numel() * weight[0].numel()
