@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="2.5,3,3.5,4")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--wbits", default="2,3,4,5,6,8")
-    parser.add_argument("--solver", default="ilp")
+    parser.add_argument("--solver", default="ilp", help="one solver, or several separated by commas "
+                        "(then the method column reads method / solver)")
     parser.add_argument("--refine-seconds", type=float, default=120.0)
     parser.add_argument("--brute-max", type=int, default=50_000, help="largest plan count to brute-force")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,14 +120,16 @@ def main() -> None:
         held = Scorer(prep, prep.eval_data, 64)
         for bits in (float(b) for b in args.budgets.split(",")):
             optimum = None
-            for spec, (method, params, table) in tables.items():
+            solvers = args.solver.split(",")
+            for (spec, (method, params, table)), solver in itertools.product(tables.items(), solvers):
+                label = spec if len(solvers) == 1 else f"{spec} / {solver}"
                 request = PlanRequest(model=f"catalog:{name}", budget=Budget(avg_weight_bits=bits), w_bits=w_bits,
-                                      sensitivity=method, sensitivity_params=params, solver=args.solver,
+                                      sensitivity=method, sensitivity_params=params, solver=solver,
                                       refine_seconds=args.refine_seconds, seed=args.seed)
                 if optimum is None:
                     opt = brute_force(prep, request, list(w_bits), args.brute_max)
                     optimum = held(opt).kl if opt is not None else float("nan")
-                solution = get_solver(args.solver)(build_problem(prep, table, request))
+                solution = get_solver(solver)(build_problem(prep, table, request))
                 first = {n: (o.w_bits, o.a_bits) for n, o in solution.choices.items()}
                 start = time.perf_counter()
                 returned, check = check_against_uniform(prep, request, first, args.refine_seconds)
@@ -134,7 +137,7 @@ def main() -> None:
                 returned, measured, check = held_out_check(prep, request, returned, measured, check)
                 check_s = time.perf_counter() - start
                 uni = measured.uniform
-                row = {"model": name, "bits": bits, "method": spec, "first_kl": held(first).kl,
+                row = {"model": name, "bits": bits, "method": label, "first_kl": held(first).kl,
                        "kl": measured.plan.kl, "uniform_kl": uni.kl if uni else None,
                        "loss": measured.plan.loss, "uniform_loss": uni.loss if uni else None,
                        "outcome": check.outcome, "optimum_kl": optimum, "sensitivity_s": table.seconds,

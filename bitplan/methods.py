@@ -162,7 +162,8 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "lrp": MethodInfo(
         "lrp",
-        "LRP-QViT: share of relevance through each layer (zennit rules) x relative quantization error",
+        "LRP-QViT: share of relevance through each layer (AttnLRP rules on transformers, zennit on CNNs) "
+        "x relative quantization error",
         LRPParams,
         "bitplan.core.sensitivity.lrp:lrp",
     ),

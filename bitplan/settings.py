@@ -1,6 +1,10 @@
 """One place for configuration: environment variables read by the CLI, the API
 server and the workers alike (so ``bitplan submit`` and ``bitplan serve`` agree).
 
+Typed and checked once, at start (pydantic-settings): a malformed value stops the process with a
+message naming the variable, and an explicit override always wins, 0 included
+(``BITPLAN_RATE_LIMIT=0`` switches the rate limit off).
+
 | variable               | default                                   | used by            |
 |------------------------|-------------------------------------------|--------------------|
 | BITPLAN_DATA_DIR       | ./bitplan-data                            | server, workers    |
@@ -18,6 +22,8 @@ server and the workers alike (so ``bitplan submit`` and ``bitplan serve`` agree)
 | BITPLAN_MAX_JSON_KB    | 1024: larger JSON request bodies answer 413 | server           |
 | BITPLAN_WORKER_MEMORY_MB | 3/4 of RAM: address-space limit of the model reader and job processes (0: none) | server, workers |
 | BITPLAN_SESSION_HOURS  | 168: web sign-in sessions last this long  | server             |
+| BITPLAN_MAX_ATTEMPTS   | 3: a job whose worker died this often fails | server, workers  |
+| BITPLAN_RATE_BURST     | 200 requests per key in a burst           | server             |
 | BITPLAN_URL            | http://127.0.0.1:8000                     | client verbs       |
 | BITPLAN_API_KEY        | $BITPLAN_DATA_DIR/local-key if present    | client verbs       |
 """
@@ -25,30 +31,78 @@ server and the workers alike (so ``bitplan submit`` and ``bitplan serve`` agree)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bitplan.errors import BitplanError
 
 
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    database_url: str
-    broker_url: str
-    result_backend: str
-    max_upload_bytes: int
-    url: str
-    api_key: str | None
-    job_time_limit_s: float = 3600.0
-    max_active_jobs: int = 20
-    rate_limit: float = 50.0
-    rate_burst: int = 200
-    heartbeat_stale_s: float = 60.0
-    requeue_after_s: float = 60.0
-    max_attempts: int = 3  # a job whose worker died this many times fails instead of killing another
-    callback_allow: tuple[str, ...] = ()  # hosts or CIDRs a callback may reach although not public
-    max_json_bytes: int = 1 << 20
-    worker_memory_mb: int = 0  # 0: no address-space limit on the processes that read models
-    session_hours: float = 168.0
+def _default_memory_mb() -> int:
+    """Three quarters of the machine's memory: a hostile or huge model fails its own job, not the machine."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75 / (1 << 20))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class Settings(BaseSettings):
+    """Every setting, from keyword overrides, else ``BITPLAN_<NAME>``, else the default."""
+
+    model_config = SettingsConfigDict(env_prefix="BITPLAN_", frozen=True, extra="forbid", env_ignore_empty=True)
+
+    data_dir: Path = Path("bitplan-data")
+    database_url: str = Field("", description="empty: SQLite in data_dir")
+    broker_url: str = "memory://"
+    result_backend: str = Field("", description="empty: the broker when it is Redis, else in-process")
+    max_upload_mb: float = Field(512.0, gt=0)
+    url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    job_time_limit_s: float = Field(3600.0, gt=0)
+    max_active_jobs: int = Field(20, ge=1)
+    rate_limit: float = Field(50.0, ge=0, description="requests per second per key; 0 switches the limit off")
+    rate_burst: int = Field(200, ge=1)
+    heartbeat_stale_s: float = Field(60.0, gt=0)
+    requeue_after_s: float = Field(60.0, ge=0)
+    max_attempts: int = Field(3, ge=1, description="a job whose worker died this often fails instead of killing another")
+    callback_allow: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="hosts or CIDRs a callback may reach although not public")
+    max_json_kb: float = Field(1024.0, gt=0)
+    worker_memory_mb: int = Field(default_factory=_default_memory_mb, ge=0,
+                                  description="address-space limit of the processes that read models; 0: none")
+    session_hours: float = Field(168.0, gt=0)
+
+    @field_validator("callback_allow", mode="before")
+    @classmethod
+    def _words(cls, value):
+        """A list setting: a sequence, or a string separated by commas or spaces."""
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v).strip() for v in value if str(v).strip())
+        return tuple(part for part in str(value or "").replace(",", " ").split() if part)
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        data_dir = self.data_dir.resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'bitplan.db'}")
+        if not self.result_backend:
+            redis = self.broker_url.startswith(("redis://", "rediss://"))
+            object.__setattr__(self, "result_backend", self.broker_url if redis else "cache+memory://")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        if self.api_key is None and (data_dir / "local-key").is_file():
+            object.__setattr__(self, "api_key", (data_dir / "local-key").read_text().strip() or None)
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_kb * 1024)
 
     @property
     def embedded(self) -> bool:
@@ -61,48 +115,17 @@ class Settings:
 
 
 def load_settings(**overrides) -> Settings:
-    env = os.environ
-    data_dir = Path(overrides.get("data_dir") or env.get("BITPLAN_DATA_DIR") or "bitplan-data").resolve()
-    database_url = overrides.get("database_url") or env.get("BITPLAN_DATABASE_URL") or f"sqlite:///{data_dir / 'bitplan.db'}"
-    broker_url = overrides.get("broker_url") or env.get("BITPLAN_BROKER_URL") or "memory://"
-    result_backend = overrides.get("result_backend") or env.get("BITPLAN_RESULT_BACKEND") or (
-        broker_url if broker_url.startswith(("redis://", "rediss://")) else "cache+memory://"
-    )
-    max_mb = float(overrides.get("max_upload_mb") or env.get("BITPLAN_MAX_UPLOAD_MB") or 512)
-    url = (overrides.get("url") or env.get("BITPLAN_URL") or "http://127.0.0.1:8000").rstrip("/")
-    key = overrides.get("api_key") or env.get("BITPLAN_API_KEY")
-    if key is None:
-        local = data_dir / "local-key"
-        if local.is_file():
-            key = local.read_text().strip() or None
+    """The settings, with ``overrides`` (keyword: value; None means "not given") over the environment.
 
-    def num(name: str, default: float) -> float:
-        raw = overrides.get(name.lower())
-        if raw is None:  # an override of 0 is still an override
-            raw = env.get(f"BITPLAN_{name}")
-        return float(raw) if raw not in (None, "") else default
-
-    return Settings(data_dir, database_url, broker_url, result_backend, int(max_mb * 1e6), url, key,
-                    job_time_limit_s=num("JOB_TIME_LIMIT_S", 3600.0), max_active_jobs=int(num("MAX_ACTIVE_JOBS", 20)),
-                    rate_limit=num("RATE_LIMIT", 50.0), rate_burst=int(num("RATE_BURST", 200)),
-                    heartbeat_stale_s=num("HEARTBEAT_STALE_S", 60.0), requeue_after_s=num("REQUEUE_AFTER_S", 60.0),
-                    max_attempts=int(num("MAX_ATTEMPTS", 3)),
-                    callback_allow=_words(overrides.get("callback_allow", env.get("BITPLAN_CALLBACK_ALLOW", ""))),
-                    max_json_bytes=int(num("MAX_JSON_KB", 1024) * 1024),
-                    worker_memory_mb=int(num("WORKER_MEMORY_MB", _default_memory_mb())),
-                    session_hours=num("SESSION_HOURS", 168.0))
-
-
-def _words(value) -> tuple[str, ...]:
-    """A list setting: a sequence, or a string separated by commas or spaces."""
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v).strip() for v in value if str(v).strip())
-    return tuple(part for part in str(value or "").replace(",", " ").split() if part)
-
-
-def _default_memory_mb() -> int:
-    """Three quarters of the machine's memory: a hostile or huge model fails its own job, not the machine."""
+    A bad value raises a BitplanError naming the variable and what it must be."""
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75 / (1 << 20))
-    except (ValueError, OSError, AttributeError):
-        return 0
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            source = name if name in given else f"BITPLAN_{name.upper()}"
+            problems.append(f"{source}: {err['msg']} (got {err.get('input')!r})")
+        raise BitplanError("invalid setting: " + "; ".join(problems),
+                           "fix the environment variable (README, 'Configuration')") from None
