@@ -14,7 +14,7 @@ from service.jobspec import JobCreate
 from service.operations import cancel_job, create_job, owned, store_upload
 from service.plots import plan_csv
 from storage import Database
-from storage.models import JOB_STATES, DatasetFile, Job, ModelFile, Team
+from storage.models import ACTIVE_STATES, JOB_STATES, DatasetFile, Job, JobState, ModelFile, Team
 from storage.views import dataset_dict, job_dict, model_dict
 
 router = APIRouter(prefix="/v1")
@@ -110,7 +110,7 @@ def _accepted(job: Job, replay: bool = False) -> JSONResponse:
 
 @router.get("/jobs", summary="The team's jobs, newest first")
 def list_jobs(request: Request, team: TeamDep, s: SessionDep,
-              state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+              state: Annotated[JobState | None, Query()] = None,
               model_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 20, offset: Annotated[int, Query(ge=0, le=10**9)] = 0):
     where = [Job.team_id == team.id]
@@ -134,9 +134,9 @@ def get_job(job_id: str, team: TeamDep, s: SessionDep):
 
 
 def _plan_of(job: Job) -> dict:
-    if job.state != "succeeded" or job.plan is None:
+    if job.state != JobState.SUCCEEDED or job.plan is None:
         why = f"job {job.id} is {job.state}" + (f": {job.error_message}" if job.error_message else "")
-        hint = "poll GET /v1/jobs/{id} until state is succeeded" if job.state in ("queued", "running") else (
+        hint = "poll GET /v1/jobs/{id} until state is succeeded" if job.state in ACTIVE_STATES else (
             job.error_hint or "submit the job again")
         raise ApiError(409, f"no plan: {why}", hint)
     return job.plan

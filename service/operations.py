@@ -16,7 +16,7 @@ from service.errors import ApiError
 from service.jobspec import JobCreate, check_against_model, check_methods
 from service.uploads import describe
 from storage import TooLarge
-from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, Team, utcnow
+from storage.models import ACTIVE_STATES, TERMINAL_STATES, DatasetFile, Job, JobState, ModelFile, Team, move, utcnow
 from storage.views import dataset_dict, model_dict
 from workers.callbacks import CallbackError, check_callback_url
 
@@ -108,7 +108,7 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
                 return earlier, True
         s.get(Team, team.id, with_for_update=True)  # one submit per team at a time (PostgreSQL): the quota holds
         active = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team.id,
-                                                                       Job.state.in_(("queued", "running"))))
+                                                                       Job.state.in_(ACTIVE_STATES)))
         limit = state.settings.max_active_jobs
         if active >= limit:
             raise ApiError(429, f"your team has {active} jobs queued or running, the most it may have at once ({limit})",
@@ -132,7 +132,7 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
         log.warning("could not enqueue %s now (%s); the reconciler will", job.id, exc)
         with state.db.session() as s:
             row = s.get(Job, job.id)
-            if row is not None and row.state == "queued":
+            if row is not None and row.state == JobState.QUEUED:
                 row.enqueued_at = None
     return job, False
 
@@ -143,7 +143,7 @@ def cancel_job(state, team: Team, job_id: str) -> Job:
         s.refresh(job, with_for_update=True)
         if job.state in TERMINAL_STATES:
             raise ApiError(409, f"job {job.id} already {job.state}", "only queued or running jobs can be cancelled")
-        job.state, job.finished_at = "cancelled", utcnow()
+        move(job, JobState.CANCELLED)
         job.error_message, job.error_hint = "cancelled by the user", None
     state.revoke(job_id)
     return job

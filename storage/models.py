@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from enum import StrEnum
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -73,8 +74,46 @@ class DatasetFile(_Upload, Base):
     description: Mapped[dict] = mapped_column(JSON, doc="samples, inputs and has_targets")
 
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+class JobState(StrEnum):
+    """A job's life. Every change of state goes through :func:`move`, which allows only these steps:
+
+    * queued -> running (a worker takes it) or cancelled;
+    * running -> succeeded, failed or cancelled; running -> running when a worker takes over a job whose
+      worker stopped sending heartbeats (a new lease);
+    * succeeded, failed and cancelled are final.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_STATES = tuple(state.value for state in JobState)
+TERMINAL_STATES = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+ACTIVE_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that :data:`TRANSITIONS` does not allow: a bug in the caller, never a user's mistake."""
+
+
+def move(job: Job, new: JobState, now: dt.datetime | None = None) -> None:
+    """Set ``job``'s state to ``new`` if the state machine allows it; a final state also sets ``finished_at``."""
+    old = JobState(job.state)
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"job {job.id}: {old.value} -> {new.value} is not allowed")
+    job.state = new.value
+    if new.value in TERMINAL_STATES:
+        job.finished_at = now or utcnow()
 
 
 class Job(Base):

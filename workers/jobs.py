@@ -29,7 +29,7 @@ from sqlalchemy import select
 from bitplan.errors import BitplanError
 from bitplan.schemas import Budget, PlanFile, PlanRequest, SensitivityTable
 from storage import BlobStore, Database
-from storage.models import TERMINAL_STATES, DatasetFile, Job, ModelFile, SensitivityEntry, utcnow
+from storage.models import TERMINAL_STATES, DatasetFile, Job, JobState, ModelFile, SensitivityEntry, move, utcnow
 from workers.callbacks import schedule_callback
 
 log = logging.getLogger("bitplan.worker")
@@ -73,7 +73,7 @@ class Attempt:
     def beat(self) -> None:
         with self.db.session() as s:
             job = s.get(Job, self.job_id)
-            if job is None or job.state != "running" or job.lease != self.lease:
+            if job is None or job.state != JobState.RUNNING or job.lease != self.lease:
                 self.stopped = "the job ended or was taken over elsewhere"
                 return
             job.heartbeat_at = utcnow()
@@ -81,7 +81,7 @@ class Attempt:
             over = (utcnow() - started).total_seconds() > self.time_limit_s
         if over:
             self.stopped = "time limit"
-            finish(self.db, self.job_id, "failed", lease=self.lease,
+            finish(self.db, self.job_id, JobState.FAILED, lease=self.lease,
                    message=f"the job ran longer than the time limit of {self.time_limit_s:g} s",
                    hint="use a cheaper sensitivity method or fewer probes/samples (e.g. params max_probes, max_samples), "
                         "or ask the operator to raise BITPLAN_JOB_TIME_LIMIT_S")
@@ -102,8 +102,8 @@ class Attempt:
             except Exception as exc:  # database briefly away: keep working, the heartbeat decides later
                 log.warning("could not check job %s: %s", self.job_id, exc)
                 return None
-            if row is None or row.state != "running" or row.lease != self.lease:
-                self.stopped = f"the job is {row.state if row else 'gone'}" if (row is None or row.state != "running") \
+            if row is None or row.state != JobState.RUNNING or row.lease != self.lease:
+                self.stopped = f"the job is {row.state if row else 'gone'}" if (row is None or row.state != JobState.RUNNING) \
                     else "the job was taken over by another attempt"
         return self.stopped
 
@@ -125,7 +125,7 @@ class Reporter:
         self._stage, self._last = stage, now
         with self.db.session() as s:
             job = s.get(Job, self.job_id)
-            if job is None or job.state != "running" or job.lease != self.attempt.lease:
+            if job is None or job.state != JobState.RUNNING or job.lease != self.attempt.lease:
                 raise JobCancelled(self.job_id)
             job.stage, job.progress = stage, max(0.0, min(1.0, float(fraction)))
             job.detail = (self.prefix + detail)[:500]
@@ -230,10 +230,11 @@ def start(db: Database, job_id: str, stale_s: float) -> tuple[Job, str] | None:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.state in TERMINAL_STATES:
             return None
-        if job.state == "running" and job.heartbeat_at is not None and _age(job.heartbeat_at) < stale_s:
+        if job.state == JobState.RUNNING and job.heartbeat_at is not None and _age(job.heartbeat_at) < stale_s:
             return None
         lease = secrets.token_hex(8)
-        job.state, job.stage, job.progress, job.detail = "running", "load", 0.0, ""
+        move(job, JobState.RUNNING)
+        job.stage, job.progress, job.detail = "load", 0.0, ""
         if job.attempts:
             job.detail = f"attempt {job.attempts + 1} (the previous worker stopped)"
         job.started_at = job.started_at or utcnow()
@@ -249,16 +250,17 @@ def _age(moment: dt.datetime) -> float:
     return (utcnow() - moment).total_seconds()
 
 
-def finish(db: Database, job_id: str, state: str, *, lease: str | None = None, plan: dict | None = None,
+def finish(db: Database, job_id: str, state: JobState, *, lease: str | None = None, plan: dict | None = None,
            message: str | None = None, hint: str | None = None) -> bool:
     """End a running job (only by the attempt holding ``lease``, when given); False if it was not running any more
     (cancelled, timed out or taken over meanwhile)."""
     with db.session() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.state != "running" or (lease is not None and job.lease != lease):
+        if job is None or job.state != JobState.RUNNING or (lease is not None and job.lease != lease):
             return False
-        job.state, job.finished_at, job.heartbeat_at = state, utcnow(), utcnow()
-        if state == "succeeded":
+        move(job, state)
+        job.heartbeat_at = job.finished_at
+        if state == JobState.SUCCEEDED:
             job.plan, job.stage, job.progress, job.detail = plan, "done", 1.0, ""
         else:
             job.error_message, job.error_hint = message, hint
@@ -268,14 +270,14 @@ def finish(db: Database, job_id: str, state: str, *, lease: str | None = None, p
 
 def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None) -> None:
     if isinstance(exc, BitplanError):
-        finish(db, job_id, "failed", lease=lease, message=exc.message, hint=exc.hint)
+        finish(db, job_id, JobState.FAILED, lease=lease, message=exc.message, hint=exc.hint)
         return
     from celery.exceptions import SoftTimeLimitExceeded
 
     from storage import Unavailable
 
     if isinstance(exc, SoftTimeLimitExceeded):  # Celery's backstop fired: the task outlived the job's time limit
-        finish(db, job_id, "failed", lease=lease, message="the job ran longer than the worker's time limit",
+        finish(db, job_id, JobState.FAILED, lease=lease, message="the job ran longer than the worker's time limit",
                hint="use a cheaper sensitivity method or fewer probes/samples (e.g. params max_probes, max_samples)")
         return
     if isinstance(exc, Unavailable):  # leave it running: its heartbeat stops and the reconciler requeues it
@@ -289,7 +291,7 @@ def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None
     else:
         log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
         name, first = type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]
-    finish(db, job_id, "failed", lease=lease, message=f"internal error: {name}: {first}"[:1000],
+    finish(db, job_id, JobState.FAILED, lease=lease, message=f"internal error: {name}: {first}"[:1000],
            hint="this is a bug in bitplan, not in your input; the worker log has the traceback")
 
 
@@ -352,7 +354,7 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
             label = label.split(" (")[0] + " (the calibration data: too few samples to keep some aside)"
         plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": label})})
     attempt.check()
-    finish(db, job.id, "succeeded", lease=attempt.lease, plan=plan.model_dump(mode="json", by_alias=True))
+    finish(db, job.id, JobState.SUCCEEDED, lease=attempt.lease, plan=plan.model_dump(mode="json", by_alias=True))
     return "succeeded"
 
 
@@ -422,7 +424,7 @@ def _holding(db: Database, job_id: str, lease: str) -> Job | None:
     """The job if it is running under ``lease`` (shards and the merge continue the attempt that split it)."""
     with db.session() as s:
         job = s.get(Job, job_id)
-        return job if job is not None and job.state == "running" and job.lease == lease else None
+        return job if job is not None and job.state == JobState.RUNNING and job.lease == lease else None
 
 
 def _runtime() -> tuple[Database, BlobStore]:

@@ -25,7 +25,7 @@ from sqlalchemy import or_, select
 
 from bitplan.settings import Settings
 from storage import Database
-from storage.models import Job, utcnow
+from storage.models import Job, JobState, move, utcnow
 from workers.callbacks import schedule_callback
 
 log = logging.getLogger("bitplan.reconcile")
@@ -43,10 +43,11 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
     send: list[str] = []
     waiting: set[str] | None = None
     with db.session() as s:
-        queued = s.scalars(select(Job).where(Job.state == "queued",
+        queued = s.scalars(select(Job).where(Job.state == JobState.QUEUED,
                                              or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited))
                            .with_for_update(skip_locked=True).limit(500)).all()
-        lost = s.scalars(select(Job).where(Job.state == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+        lost = s.scalars(select(Job).where(Job.state == JobState.RUNNING,
+                                           or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
                          .with_for_update(skip_locked=True).limit(500)).all()
         if (queued or lost) and pending is not None:
             waiting = _pending(pending)
@@ -100,7 +101,8 @@ def _aware(moment: dt.datetime) -> dt.datetime:
 
 
 def _fail(job: Job, now: dt.datetime, message: str, hint: str) -> None:
-    job.state, job.finished_at, job.error_message, job.error_hint = "failed", now, message, hint
+    move(job, JobState.FAILED, now)
+    job.error_message, job.error_hint = message, hint
 
 
 class Reconciler:
