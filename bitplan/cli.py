@@ -18,11 +18,16 @@ from pydantic import ValidationError
 from bitplan.errors import BitplanError
 from bitplan.files import write_atomic
 from bitplan.methods import DEFAULT_SENSITIVITY
+from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS
 
 if TYPE_CHECKING:
     from bitplan.client import Client
 
 EXIT_USER_ERROR = 2
+
+
+def _bits_text(bits) -> str:
+    return ",".join(str(b) for b in bits)
 
 
 def _parse_bits(text: str) -> list[int]:
@@ -299,7 +304,7 @@ def _job_fields(args: argparse.Namespace) -> dict:
         "a_bits": _parse_bits(args.abits) if args.abits else None,
         "pins": _parse_pins(args.pin) or None,
         "sensitivity": _method_field(args.sensitivity, args.param, DEFAULT_SENSITIVITY),
-        "solver": _method_field(args.solver, args.solver_param, "ilp"),
+        "solver": _method_field(args.solver, args.solver_param, DEFAULT_SOLVER),
         "clip": args.clip,
         "seed": args.seed,
         "validate": False if args.no_validate else None,
@@ -403,6 +408,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text
+        return f"{text} (default: %(default)s)" if shown and action.option_strings else text
+
+
+def _formatted(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` and every sub-command parser under it use :class:`_Help`."""
+    parser.formatter_class = _Help
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _formatted(child)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bitplan import __version__
 
@@ -413,16 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="find the per-layer bit widths that fit a budget, and measure them")
     p.add_argument("model", help="model.pt2 (torch.export), model.ts (TorchScript) or catalog:NAME")
     p.add_argument("--data", help="calibration data .npz/.safetensors (default for catalog models: their own)")
-    p.add_argument("--eval-data", help="held-out data for the measured figures (default: the calibration data)")
+    p.add_argument("--eval-data", help="held-out data for the measured figures (default: every 5th calibration sample, "
+                   "kept aside from the search)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="avg_weight_bits, size_bytes, bops or latency_ms; repeatable")
-    p.add_argument("--wbits", default="2,3,4,5,6,8", help="allowed weight bit widths (16 = full precision)")
-    p.add_argument("--abits", default="16", help="activation bits: one value for every layer (4, 8 or 16 = full "
-                   "precision), or a list to choose from (needs --param activations=true)")
+    p.add_argument("--wbits", default=_bits_text(DEFAULT_W_BITS), help="allowed weight bit widths (16 = full precision)")
+    p.add_argument("--abits", default=_bits_text(DEFAULT_A_BITS),
+                   help="activation bits: one value for every layer (4, 8 or 16 = full precision), or a list to choose "
+                        "from (needs --param activations=true)")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
     p.add_argument("--sensitivity", default=DEFAULT_SENSITIVITY, help=f"sensitivity method (default: {DEFAULT_SENSITIVITY})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
-    p.add_argument("--solver", default="ilp", help="ilp, pareto, evolutionary, greedy or uniform")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help="ilp, pareto, evolutionary, greedy or uniform")
     p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE",
                    help="solver parameter, e.g. time_limit=10 (evolutionary: trials=100, measured=false)")
     p.add_argument("--clip", default="mse", choices=["mse", "minmax"], help="weight clipping")
@@ -446,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULT_SENSITIVITY,
                    help="auto, hessian_trace, hessian_eigen, fisher, taylor, lrp, perturbation (default: auto)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
-    p.add_argument("--wbits", default="2,3,4,5,6,8")
+    p.add_argument("--wbits", default=_bits_text(DEFAULT_W_BITS))
     p.add_argument("--clip", default="mse", choices=["mse", "minmax"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
@@ -461,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="solve a problem JSON (your own scores and costs) without a model")
     p.add_argument("problem")
-    p.add_argument("--solver", default="ilp", help="ilp, pareto, evolutionary, greedy or uniform")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help="ilp, pareto, evolutionary, greedy or uniform")
     p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out")
     p.set_defaults(func=cmd_solve)
@@ -529,11 +555,19 @@ def build_parser() -> argparse.ArgumentParser:
     from bitplan.cli_service import add_commands
 
     add_commands(sub)
-    return parser
+    return _formatted(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["catalog"]:
+        argv = ["catalog", "list"]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or (len(argv) == 1 and argv[0] in commands):  # a bare command: its help, not a usage error
+        (commands[argv[0]] if argv else parser).print_help()
+        return EXIT_USER_ERROR
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except BitplanError as exc:

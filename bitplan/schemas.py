@@ -17,6 +17,10 @@ SENSITIVITY_SCHEMA = "bitplan.sensitivity/v1"
 
 #: Bit widths a weight may take; 16 means "keep full precision" (counted as 16-bit).
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+#: the defaults of every entry point (CLI, API, web form): the one place they are written
+DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+DEFAULT_A_BITS: tuple[int, ...] = (16,)
+DEFAULT_SOLVER = "ilp"
 #: Bit widths an activation may take; 16 means "keep full precision".
 ACT_BITS = (4, 8, 16)
 
@@ -238,12 +242,12 @@ class PlanRequest(BaseModel):
     eval_data: str | None = Field(None, description="held-out data for the measured figures; default: every 5th "
                                                       "calibration sample, kept aside from the search")
     budget: Budget
-    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-    a_bits: tuple[int, ...] = (16,)
+    w_bits: tuple[int, ...] = DEFAULT_W_BITS
+    a_bits: tuple[int, ...] = DEFAULT_A_BITS
     pins: dict[str, int] = Field(default_factory=dict)
     sensitivity: str = "auto"  # bitplan.methods.DEFAULT_SENSITIVITY (methods imports this module)
     sensitivity_params: dict = Field(default_factory=dict)
-    solver: str = "ilp"
+    solver: str = DEFAULT_SOLVER
     solver_params: dict = Field(default_factory=dict)
     time_limit_s: float | None = Field(
         None, gt=0, allow_inf_nan=False,

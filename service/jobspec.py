@@ -15,7 +15,16 @@ from pydantic_core import PydanticCustomError
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
 from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params
-from bitplan.schemas import ACT_BITS, BUDGET_KEYS, WEIGHT_BITS, Budget, LayerInfo
+from bitplan.schemas import (
+    ACT_BITS,
+    BUDGET_KEYS,
+    DEFAULT_A_BITS,
+    DEFAULT_SOLVER,
+    DEFAULT_W_BITS,
+    WEIGHT_BITS,
+    Budget,
+    LayerInfo,
+)
 from service.errors import ApiError
 
 
@@ -68,11 +77,11 @@ class JobCreate(BaseModel):
                             description="an uploaded dataset, or 'synthetic' (random inputs shaped like the model's)")
     eval_dataset_id: str | None = Field(None, max_length=64, description="held-out data for the measured figures")
     budgets: Budgets
-    w_bits: list[int] = Field([2, 3, 4, 5, 6, 8], min_length=1, max_length=8)
-    a_bits: list[int] = Field([16], min_length=1, max_length=3)
+    w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
+    a_bits: list[int] = Field(list(DEFAULT_A_BITS), min_length=1, max_length=3)
     pins: dict[str, int] = Field(default_factory=dict)
     sensitivity: MethodChoice = MethodChoice(method=DEFAULT_SENSITIVITY)
-    solver: MethodChoice = MethodChoice(method="ilp")
+    solver: MethodChoice = MethodChoice(method=DEFAULT_SOLVER)
     clip: Literal["mse", "minmax"] = "mse"
     latency_table: dict[str, dict[int, FiniteMs]] | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from starlette.datastructures import UploadFile
 
 from bitplan.methods import DEFAULT_SENSITIVITY, METHODS
-from bitplan.schemas import ACT_BITS, BUDGET_KEYS, WEIGHT_BITS
+from bitplan.schemas import ACT_BITS, BUDGET_KEYS, DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS, WEIGHT_BITS
 from service import plots
 from service.errors import ApiError
 from service.jobspec import JobCreate
@@ -48,7 +48,6 @@ router = APIRouter(include_in_schema=False)
 COOKIE = "bitplan_session"
 LEGACY_COOKIE = "bitplan_key"  # older versions kept the API key itself here: browsers are told to drop it
 DEFAULT_PORTS = {"http": 80, "https": 443}
-DEFAULT_W_BITS = [2, 3, 4, 5, 6, 8]
 PAGE_SIZE = 50
 
 
@@ -217,7 +216,8 @@ def _choices(request: Request, team: Team) -> dict:
 
 def _defaults() -> dict:
     return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
-            "w_bits": DEFAULT_W_BITS, "a_bits": "16", "pins": "", "sensitivity": DEFAULT_SENSITIVITY, "solver": "ilp"}
+            "w_bits": list(DEFAULT_W_BITS), "a_bits": str(DEFAULT_A_BITS[0]), "pins": "", "sensitivity": DEFAULT_SENSITIVITY,
+            "solver": DEFAULT_SOLVER}
 
 
 def _values_from_job(job: Job) -> dict:
@@ -259,7 +259,7 @@ async def submit(request: Request):
         "budget_kind": str(form.get("budget_kind", "avg_weight_bits")), "budget_value": str(form.get("budget_value", "")).strip(),
         "w_bits": [int(b) for b in form.getlist("w_bits") if str(b).isdigit()], "a_bits": str(form.get("a_bits", "16")),
         "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", DEFAULT_SENSITIVITY)),
-        "solver": str(form.get("solver", "ilp")),
+        "solver": str(form.get("solver", DEFAULT_SOLVER)),
     }
     errors: dict[str, str] = {}
     state = request.app.state

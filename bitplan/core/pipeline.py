@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,7 @@ from bitplan.core.quant import WeightBank
 from bitplan.core.refine import TIE, Scorer, local_search, no_worse, uniform_plans
 from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
 from bitplan.costs import CostModel
-from bitplan.errors import BitplanError
+from bitplan.errors import BitplanError, ModelFormatError
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import (
     LayerInfo,
@@ -31,6 +32,7 @@ from bitplan.schemas import (
     UniformCheck,
 )
 from solver import Layer, Option, Problem, SolverParams, get_info, get_solver, parse_solver_params
+from solver.ilp import explain_infeasible
 
 
 @dataclass
@@ -87,6 +89,8 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
     no ``data_path`` (and not a catalog model) they start as random inputs shaped like the model's.
     """
     notes = []
+    if not model_ref.startswith("catalog:") and not Path(model_ref).is_file():  # say so before asking for data
+        raise ModelFormatError(f"model file '{model_ref}' not found", "give a .pt2 or TorchScript file, or catalog:NAME")
     if distill and data_path is None and not model_ref.startswith("catalog:"):
         model = load_model(model_ref)
         data = random_inputs(model, DISTILL_SAMPLES, seed)
@@ -95,7 +99,7 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
         model = load_model(model_ref, sample=data)
     if model_name:
         model.info = model.info.model_copy(update={"name": model_name})
-    data = conform(data, model.inputs)
+    data = _conformed(data, model, "calibration", notes)
     if distill:
         from bitplan.core.distill import distil
 
@@ -105,7 +109,7 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
     if eval_path is None and data_path is None and model_ref.startswith("catalog:"):
         eval_data = conform(resolve_data(model_ref, None, "eval"), model.inputs)
     elif eval_path is not None:
-        eval_data = conform(load_data(eval_path), model.inputs)
+        eval_data = _conformed(load_data(eval_path), model, "held-out", notes)
     else:  # keep part of the calibration data aside: the search must not see what the plan is judged on
         data, kept = holdout_split(data)
         eval_data, held_out = (kept, "split") if kept is not None else (data, "none")
@@ -122,31 +126,51 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
     return Prepared(model, data, eval_data, layers, costs, bank, held_out, notes)
 
 
+def _conformed(data: Dataset, model: LoadedModel, label: str, notes: list[str]) -> Dataset:
+    """``data`` checked against the model's inputs; a dtype cast (float64 -> float32, say) is noted, not silent."""
+    before = {k: v.dtype for k, v in data.inputs.items()}
+    out = conform(data, model.inputs)
+    casts = [f"{k or 'inputs'} {str(before[k]).removeprefix('torch.')} -> {str(v.dtype).removeprefix('torch.')}"
+             for k, v in out.inputs.items() if k in before and before[k] != v.dtype]
+    if casts:
+        notes.append(f"{label} inputs converted to the model's dtypes: {', '.join(casts)}")
+    return out
+
+
 def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest) -> Problem:
     omega = table.omega()
-    limits = request.budget.limits()
-    if "latency_ms" in limits and request.latency_table is None:
-        raise BitplanError("a latency_ms budget needs a latency lookup table", "pass --latency-table FILE")
     choose_a = len(request.a_bits) > 1
     if choose_a and not all(layer.omega_act for layer in table.layers):
         raise BitplanError(f"choosing activation bits from {list(request.a_bits)} needs activation sensitivity",
                            "add --param activations=true (auto and hessian_trace score activations), or give one "
                            "--abits value")
     omega_act = {layer.name: layer.omega_act for layer in table.layers}
+    return _problem(prep, request, lambda name, b, a: omega[name][b] + (omega_act[name][a] if choose_a else 0.0))
+
+
+def _problem(prep: Prepared, request: PlanRequest, objective) -> Problem:
+    limits = request.budget.limits()
+    if "latency_ms" in limits and request.latency_table is None:
+        raise BitplanError("a latency_ms budget needs a latency lookup table", "pass --latency-table FILE")
     layers = tuple(
         Layer(
             name=info.name,
             params=info.params,
-            options=tuple(
-                Option(w_bits=b, a_bits=a,
-                       objective=omega[info.name][b] + (omega_act[info.name][a] if choose_a else 0.0),
-                       cost=prep.costs.option_cost(info, b, a))
-                for b in request.w_bits for a in request.a_bits
-            ),
+            options=tuple(Option(w_bits=b, a_bits=a, objective=objective(info.name, b, a),
+                                 cost=prep.costs.option_cost(info, b, a))
+                          for b in request.w_bits for a in request.a_bits),
         )
         for info in prep.layers
     )
     return Problem(layers=layers, budgets=limits, fixed_cost=prep.costs.fixed_cost(), pins=request.pins)
+
+
+def check_budget_fits(prep: Prepared, request: PlanRequest) -> None:
+    """Refuse, before any sensitivity is computed, a budget that no plan can meet (as the API does at submit);
+    the error names the smallest achievable value."""
+    problem = _problem(prep, request, lambda name, b, a: 0.0)
+    if any(problem.minimum(key) > limit * (1 + 1e-9) + 1e-9 for key, limit in problem.budgets.items()):
+        raise explain_infeasible(problem)
 
 
 class Timer:
@@ -198,6 +222,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
     unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
     if unknown:
         raise BitplanError(f"--pin names unknown layer(s) {unknown}", "see the names with: bitplan inspect MODEL")
+    check_budget_fits(prep, request)
     with timer.stage("sensitivity"):
         ctx = SensitivityContext(prep.model, prep.data, list(request.w_bits), prep.bank, request.seed, progress)
         table = sensitivity(prep, ctx) if sensitivity else compute_sensitivity(prep, ctx, request)
