@@ -18,12 +18,18 @@ from pydantic import ValidationError
 from bitplan.errors import BitplanError
 from bitplan.files import write_atomic
 from bitplan.methods import DEFAULT_SENSITIVITY
+from bitplan.params import message_of
 from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS
 
 if TYPE_CHECKING:
     from bitplan.client import Client
 
 EXIT_USER_ERROR = 2
+#: an error's request field -> the option that sets it (errors name fields; the CLI names its options)
+OPTIONS = {"data": "--data", "eval_data": "--eval-data", "dataset_id": "--data", "eval_dataset_id": "--eval-data",
+           "pins": "--pin", "budgets": "--budget", "w_bits": "--wbits", "a_bits": "--abits",
+           "latency_table": "--latency-table", "sensitivity": "--sensitivity / --param",
+           "solver": "--solver / --solver-param", "callback_url": "--callback-url"}
 
 
 def _bits_text(bits) -> str:
@@ -64,7 +70,7 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {message_of(e)}" for e in exc.errors())
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -408,6 +414,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_line(exc: BitplanError) -> str:
+    """The error's message and hint, and the option to change when it is about one."""
+    option = OPTIONS.get(exc.field or "")
+    return exc.one_line() + (f" [option {option}]" if option else "")
+
+
 class _Help(argparse.HelpFormatter):
     """Help that shows each option's default, where it has one worth showing."""
 
@@ -571,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BitplanError as exc:
-        print(f"bitplan: error: {exc.one_line()}", file=sys.stderr)
+        print(f"bitplan: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("bitplan: interrupted", file=sys.stderr)

@@ -30,12 +30,8 @@ def _database(settings: Settings):
     try:
         db.migrate()
     except Unavailable as exc:
-        raise BitplanError(str(exc), "check BITPLAN_DATABASE_URL and that the database server runs") from None
-    except Exception as exc:
-        if "could not connect" in str(exc).lower() or "connection" in type(exc).__name__.lower():
-            raise BitplanError(f"cannot reach the database: {str(exc).splitlines()[0]}",
-                               "check BITPLAN_DATABASE_URL and that the database server runs") from None
-        raise
+        raise BitplanError(str(exc), "check BITPLAN_DATABASE_URL and that the database server runs",
+                           code="database_unavailable") from None
     return db
 
 

@@ -33,11 +33,9 @@ class ClientError(BitplanError):
     code = "client"
 
     def __init__(self, message: str, hint: str | None = None, status: int | None = None, code: str | None = None,
-                 fields: list[dict] | None = None) -> None:
-        super().__init__(message, hint)
+                 fields: list[dict] | None = None, field: str | None = None, **extra) -> None:
+        super().__init__(message, hint, field=field, code=code or None, **extra)
         self.status = status
-        if code:
-            self.code = code
         self.fields = fields or []
 
     @property
@@ -60,12 +58,15 @@ def _error_from_response(response: httpx.Response) -> ClientError:
         body: Any = response.json()
     except ValueError:
         body = None
-    message = hint = code = None
+    message = hint = code = field = None
     fields: list[dict] = []
+    extra: dict = {}
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         message, hint, code = error.get("message"), error.get("hint"), error.get("code")
+        field = error.get("field") if isinstance(error.get("field"), str) else None
         fields = [f for f in error.get("fields") or [] if isinstance(f, dict)]
+        extra = {k: v for k, v in error.items() if k not in ("message", "hint", "code", "field", "fields")}
     elif isinstance(body, dict) and "detail" in body:  # FastAPI's own shape, should a route skip the mapping
         detail = body["detail"]
         if isinstance(detail, list):
@@ -82,7 +83,7 @@ def _error_from_response(response: httpx.Response) -> ClientError:
         message = f"{message}: " + "; ".join(_field_text(f) for f in fields)
     if response.status_code == 401:
         hint = HINT_UNAUTHORIZED
-    return ClientError(message, hint, status=response.status_code, code=code, fields=fields)
+    return ClientError(message, hint, status=response.status_code, code=code, fields=fields, field=field, **extra)
 
 
 class Client:

@@ -63,7 +63,8 @@ class CostModel:
         if row is None or w_bits not in row:
             raise BudgetError(
                 f"latency table has no entry for layer '{name}' at {w_bits} bits",
-                "give every layer a time for every bit width in --wbits",
+                "give every layer a time for every allowed weight bit width",
+                field="latency_table",
             )
         return row[w_bits]
 

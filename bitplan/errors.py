@@ -1,27 +1,67 @@
-"""One error family for every user-facing failure.
+"""One error family for every user-facing failure, from the core to the CLI, the API and the web form.
 
-The CLI prints ``error: <message>`` (and ``hint: <hint>``) and exits 2; the API
-will map the same errors to a 4xx JSON body. Tracebacks are for bugs only.
+An error carries a stable ``code`` (what went wrong, for programs), a ``message`` (what, for people), a
+``hint`` (what to do, in words that suit every front end: no CLI flags, no HTTP routes), the request
+``field`` it is about when there is one (``data``, ``pins``, ``budgets``, ``sensitivity``, ...), and any
+``extra`` facts a client can use (``minimums`` of an infeasible budget). Front ends route by code and
+field, never by the message text: the CLI names the option for the field, the API returns every part as
+JSON, and the web form shows the message beside the field. Tracebacks are for bugs only.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 
 class BitplanError(Exception):
     """A failure the user can act on: ``message`` says what, ``hint`` what to do."""
 
     code = "bad_input"
+    _by_code: ClassVar[dict[str, type[BitplanError]]] = {}
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, field: str | None = None, code: str | None = None,
+                 **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.field = field
+        self.extra = extra
+        if code is not None:
+            self.code = code
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        BitplanError._by_code.setdefault(cls.code, cls)
 
     def __str__(self) -> str:
         return self.one_line()
 
     def one_line(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every part, JSON-ready: what the API answers and what a sandboxed process sends to its parent."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message, "hint": self.hint}
+        if self.field is not None:
+            out["field"] = self.field
+        return {**out, **self.extra}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> BitplanError:
+        """The error :meth:`to_dict` described, as the class its code belongs to."""
+        known = {"code", "message", "hint", "field", "kind"}
+        code = str(data.get("code") or "bad_input")
+        cls = BitplanError._by_code.get(code, BitplanError)
+        extra = {k: v for k, v in data.items() if k not in known}
+        message, hint, field = str(data.get("message") or ""), data.get("hint"), data.get("field")
+        try:
+            return cls._rebuild(message, hint, field, code, dict(extra))
+        except TypeError:  # a subclass whose constructor takes other arguments: the base class carries it all
+            return BitplanError(message, hint, field=field, code=code, **extra)
+
+    @classmethod
+    def _rebuild(cls, message, hint, field, code, extra) -> BitplanError:
+        return cls(message, hint, field=field, code=code, **extra)
 
 
 class UnsafeModelError(BitplanError):
@@ -47,6 +87,18 @@ class InfeasibleError(BitplanError):
 
     code = "infeasible"
 
-    def __init__(self, message: str, hint: str | None = None, minimums: dict | None = None):
-        super().__init__(message, hint)
-        self.minimums = minimums or {}
+    def __init__(self, message: str, hint: str | None = None, minimums: dict | None = None, *,
+                 field: str | None = "budgets", **extra: Any) -> None:
+        extra.pop("code", None)
+        super().__init__(message, hint, field=field, minimums=dict(minimums or {}), **extra)
+
+    @property
+    def minimums(self) -> dict:
+        return self.extra["minimums"]
+
+    @classmethod
+    def _rebuild(cls, message, hint, field, code, extra) -> BitplanError:
+        return cls(message, hint, extra.pop("minimums", None), field=field, **extra)
+
+
+BitplanError._by_code["bad_input"] = BitplanError

@@ -11,9 +11,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from bitplan.errors import BitplanError
+from bitplan.params import parse_model
 from bitplan.schemas import SensitivityLayer, SensitivityTable
 
 #: The sensitivity method a plan uses when none is named (CLI, API, web form).
@@ -188,15 +189,13 @@ def get_method(name: str) -> MethodInfo:
     try:
         return METHODS[name]
     except KeyError:
-        raise BitplanError(f"unknown sensitivity method '{name}'", "valid methods: " + ", ".join(METHODS)) from None
+        raise BitplanError(f"unknown sensitivity method '{name}'", "valid methods: " + ", ".join(METHODS),
+                           code="unknown_method", field="sensitivity") from None
 
 
 def parse_params(info: MethodInfo, raw: dict) -> BaseModel:
-    try:
-        return info.params(**raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise BitplanError(f"bad parameters for {info.name}: {problems}", f"see the fields of {info.params.__name__}") from None
+    """``raw`` checked against the method's parameters; errors list the valid ones with their ranges."""
+    return parse_model(info.params, raw, f"sensitivity method '{info.name}'", "sensitivity")
 
 
 def shardable_methods() -> list[str]:

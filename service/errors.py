@@ -1,5 +1,6 @@
 """Every error the API answers is JSON with a message a user can act on:
-``{"error": {"code", "message", "hint"}}`` (422s also list the failing ``fields``).
+``{"error": {"code", "message", "hint"}}``, with the request ``field`` it is about when there is one and any
+extra facts (``minimums`` of an infeasible budget); request-validation 422s also list the failing ``fields``.
 
 Whatever a request holds, the answer stays small: messages are cut to ``MAX_MESSAGE_CHARS``, and a
 422 lists at most ``MAX_FIELDS`` fields, each cut to ``MAX_FIELD_CHARS``. An exception no handler
@@ -31,12 +32,24 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
 
 
 class ApiError(Exception):
+    """An answer other than 2xx: ``{"error": {"code", "message", "hint", ["field",] **extra}}``."""
+
     def __init__(self, status: int, message: str, hint: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, **extra) -> None:
+                 headers: dict[str, str] | None = None, field: str | None = None, **extra) -> None:
         super().__init__(message)
         self.status, self.message, self.hint, self.headers = status, message, hint, headers
         self.code = code or STATUS_CODES.get(status, "error")
+        self.field = field
         self.extra = extra
+
+    @classmethod
+    def from_error(cls, exc: BitplanError, status: int = 422, message: str | None = None) -> ApiError:
+        """``exc`` as an answer: its code, hint, field and extra facts (``minimums``) kept."""
+        return cls(status, exc.message if message is None else message, exc.hint, code=exc.code, field=exc.field,
+                   **exc.extra)
+
+    def body(self) -> dict:
+        return {"field": self.field, **self.extra} if self.field is not None else dict(self.extra)
 
 
 def error_response(status: int, code: str, message: str, hint: str | None = None, headers=None, **extra) -> JSONResponse:
@@ -62,11 +75,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
-        return error_response(exc.status, exc.code, exc.message, exc.hint, headers=headers, **exc.extra)
+        return error_response(exc.status, exc.code, exc.message, exc.hint, headers=headers, **exc.body())
 
     @app.exception_handler(BitplanError)
     async def _bitplan_error(_req: Request, exc: BitplanError):
-        return error_response(422, exc.code, exc.message, exc.hint)
+        api = ApiError.from_error(exc)
+        return error_response(api.status, api.code, api.message, api.hint, **api.body())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
-from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params
+from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params, shardable_methods
 from bitplan.schemas import (
     ACT_BITS,
     BUDGET_KEYS,
@@ -196,31 +196,24 @@ def check_methods(job: JobCreate) -> dict:
     try:
         info = get_method(job.sensitivity.method)
     except BitplanError as exc:
-        raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
-    valid = list(info.params.model_fields)
-    unknown = sorted(set(job.sensitivity.params) - set(valid))
-    if unknown:
-        raise ApiError(422, f"sensitivity method '{info.name}' has no parameter(s) {_some(unknown)}",
-                       f"valid parameters of '{info.name}': " + (", ".join(valid) or "none"), code="invalid_request")
+        raise ApiError.from_error(exc) from None
     _refuse_non_finite(job.sensitivity.params, "sensitivity.params")
     _refuse_non_finite(job.solver.params, "solver.params")
-    try:
+    try:  # unknown names, types and bounds: refused here, not by a failed job
         parse_params(info, job.sensitivity.params)
     except BitplanError as exc:
-        raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
+        raise ApiError.from_error(exc) from None
     if job.solver.method not in SOLVERS:
         raise ApiError(422, f"unknown solver '{job.solver.method}'", "valid solvers: " + ", ".join(SOLVERS),
-                       code="invalid_request")
+                       code="unknown_method", field="solver")
     try:  # types and bounds too: {"time_limit": "abc"} is refused here, not by a failed job
         parse_solver_params(job.solver.method, job.solver.params)
     except BitplanError as exc:
-        raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
+        raise ApiError.from_error(exc) from None
     if job.shards > 1 and not info.shardable:
-        from bitplan.methods import METHODS
-
-        shardable = [m.name for m in METHODS.values() if m.shardable]
+        shardable = shardable_methods()
         raise ApiError(422, f"sensitivity method '{info.name}' cannot be split into shards",
-                       "use shards=1, or one of: " + ", ".join(shardable), code="invalid_request")
+                       "use shards=1, or one of: " + ", ".join(shardable), code="invalid_request", field="shards")
     request = job.model_dump(mode="json", by_alias=True)
     request["budgets"] = job.budgets.limits()
     return request
@@ -231,7 +224,7 @@ def _refuse_non_finite(params: dict, where: str) -> None:
     bad = sorted(f"{where}.{k}" for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
         raise ApiError(422, ", ".join(bad) + (" must be a finite number" if len(bad) == 1 else " must be finite numbers"),
-                       "send ordinary numbers (not NaN or Infinity)", code="invalid_request")
+                       "send ordinary numbers (not NaN or Infinity)", code="invalid_request", field=where.split(".")[0])
 
 
 def check_against_model(job: JobCreate, model: dict, dataset: Callable[[str], dict] | None = None) -> None:
@@ -246,7 +239,7 @@ def check_against_model(job: JobCreate, model: dict, dataset: Callable[[str], di
         return
     for role, data_id in (("dataset", job.dataset_id), ("eval dataset", job.eval_dataset_id)):
         if data_id and data_id != "synthetic":
-            check_data_fits(model, dataset(data_id), role)
+            check_data_fits(model, dataset(data_id), role, "dataset_id" if role == "dataset" else "eval_dataset_id")
 
 
 def _check_budget(job: JobCreate, description: dict) -> None:
@@ -258,23 +251,23 @@ def _check_budget(job: JobCreate, description: dict) -> None:
     unknown = sorted(set(job.pins) - names)
     if unknown:
         raise ApiError(422, f"pins name unknown layer(s) {_some(unknown, as_list=True)}",
-                       "the model's layers are listed by GET /v1/models/{id}", code="invalid_request")
+                       "the model's layers are listed by GET /v1/models/{id}", code="invalid_request", field="pins")
     bad_bits = {n: b for n, b in job.pins.items() if b not in WEIGHT_BITS}
     if bad_bits:
         shown = "{" + ", ".join(f"{_cut(n)!r}: {b}" for n, b in list(bad_bits.items())[:SHOWN_NAMES]) + "}"
         more = f" and {len(bad_bits) - SHOWN_NAMES} more" if len(bad_bits) > SHOWN_NAMES else ""
         raise ApiError(422, f"pinned bit widths {shown}{more} not supported", f"choose from {list(WEIGHT_BITS)}",
-                       code="invalid_request")
+                       code="invalid_request", field="pins")
     limits = job.budgets.limits()
     if "latency_ms" in limits and job.latency_table is None:
         raise ApiError(422, "a latency_ms budget needs a latency_table", "add latency_table: {layer: {bits: ms}}",
-                       code="invalid_request")
+                       code="invalid_request", field="latency_table")
     costs = CostModel(layers, float(description.get("other_bytes") or 0.0), job.latency_table)
     lowest = {layer.name: (job.pins.get(layer.name, min(job.w_bits)), min(job.a_bits)) for layer in layers}
     try:
         cost = costs.plan_cost(lowest).model_dump()
     except BitplanError as exc:
-        raise ApiError(422, exc.message, exc.hint, code="invalid_request") from None
+        raise ApiError.from_error(exc) from None
     over = {key: (limit, cost[key]) for key, limit in limits.items()
             if cost.get(key) is not None and cost[key] > limit * (1 + 1e-9)}
     if over:
@@ -282,7 +275,7 @@ def _check_budget(job: JobCreate, description: dict) -> None:
                  for key, (limit, least) in over.items()]
         raise ApiError(422, "; ".join(parts) + f" (every layer at {min(job.w_bits)} bits"
                        + (" except the pinned ones)" if job.pins else ")"),
-                       "raise the budget, allow lower bit widths, or unpin layers", code="infeasible",
+                       "raise the budget, allow lower bit widths, or unpin layers", code="infeasible", field="budgets",
                        minimums={key: least for key, (_, least) in over.items()})
 
 
@@ -297,14 +290,13 @@ def _shape(shape: list) -> str:
     return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
 
 
-def check_data_fits(model: dict, data: dict, role: str = "dataset") -> None:
+def check_data_fits(model: dict, data: dict, role: str = "dataset", field: str = "dataset_id") -> None:
     """Refuse data the worker's ``conform()`` would refuse, from the two descriptions, without torch.
 
     The same rules in the same order: one positional ``inputs`` for a one-input model, else the names
     must be the model's; then rank, every dim the model fixes, and the dtype family. A TorchScript
     model is traced again with the job's data, so only its input names are fixed. Descriptions
-    without inputs (older rows) are left to the worker. (Messages keep the word "model" to the hint,
-    so the web form shows them beside the dataset field.)
+    without inputs (older rows) are left to the worker. Errors name ``field``, the request field they are about.
     """
     spec, given = model.get("inputs") or [], data.get("inputs") or []
     if not spec or not given:
@@ -316,27 +308,30 @@ def check_data_fits(model: dict, data: dict, role: str = "dataset") -> None:
         if len(spec) != 1:
             raise ApiError(422, f"{label} has one positional 'inputs', but {len(spec)} named inputs are expected: "
                            + ", ".join(s["name"] for s in spec),
-                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request")
+                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request",
+                           field=field)
         pairs = [("", spec[0])]
     else:
         names = {s["name"] for s in spec}
         if set(by_name) != names:
             raise ApiError(422, f"{label} has inputs {sorted(by_name)}, but the inputs expected are {sorted(names)}",
-                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request")
+                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request",
+                           field=field)
         pairs = [(s["name"], s) for s in spec]
     if model.get("format") == "torchscript":
         return
     for key, s in pairs:
-        _check_input(label, f"'inputs.{key}'" if key else "'inputs'", by_name[key], s)
+        _check_input(label, f"'inputs.{key}'" if key else "'inputs'", by_name[key], s, field)
 
 
-def _check_input(label: str, name: str, given: dict, spec: dict) -> None:
+def _check_input(label: str, name: str, given: dict, spec: dict, field: str) -> None:
     want, shape = list(spec["shape"]), list(given["shape"])
     if len(shape) != len(want) or any(e is not None and e != g for e, g in zip(want, shape)):
         raise ApiError(422, f"{label}: {name} has shape {_shape(shape)}, "
                        f"but the expected shape is {_shape(want)} {spec['dtype']}",
                        "N is the number of samples; the other dims must match the model's input (GET /v1/models/{id})",
-                       code="invalid_request")
+                       code="invalid_request", field=field)
     if _kind(given["dtype"]) != _kind(spec["dtype"]):
         raise ApiError(422, f"{label}: {name} has dtype {given['dtype']}, but the expected dtype is {spec['dtype']}",
-                       f"save {name} as {spec['dtype']}, the dtype of the model's input", code="invalid_request")
+                       f"save {name} as {spec['dtype']}, the dtype of the model's input", code="invalid_request",
+                       field=field)

@@ -25,11 +25,12 @@ TORCHSCRIPT_HINT = ("upload calibration data first and send its id as dataset_id
                     "or send a torch.export (.pt2) archive")
 
 
-def owned(s: Session, cls, row_id: str, team: Team, what: str):
-    """The team's own row, else 404 (never 403: another team's ids must not be confirmed)."""
+def owned(s: Session, cls, row_id: str, team: Team, what: str, field: str | None = None):
+    """The team's own row, else 404 (never 403: another team's ids must not be confirmed); ``field``: the request
+    field that named it."""
     row = s.get(cls, row_id) if "\x00" not in row_id else None  # PostgreSQL text cannot hold NUL
     if row is None or row.team_id != team.id:
-        raise ApiError(404, f"no {what} '{row_id}' for this team", f"list yours with GET /v1/{what}s")
+        raise ApiError(404, f"no {what} '{row_id}' for this team", f"list yours with GET /v1/{what}s", field=field)
     return row
 
 
@@ -68,7 +69,7 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
             desc = describe("model" if kind == "model" else "data", staged.tmp, name, data_path,
                             memory_mb=state.settings.worker_memory_mb)
         except ApiError as exc:
-            if "input shapes are not stored" in exc.message and data_path is None:
+            if exc.code == "needs_sample_inputs" and data_path is None:
                 exc.hint = TORCHSCRIPT_HINT
             raise
         staged.commit()
@@ -100,7 +101,8 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
         try:
             check_callback_url(body.callback_url, state.settings.callback_allow)
         except CallbackError as exc:
-            raise ApiError(422, exc.message, exc.hint, code="bad_callback") from None
+            exc.field = exc.field or "callback_url"
+            raise ApiError.from_error(exc) from None
     with state.db.session() as s:
         if idempotency_key:
             earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
@@ -114,9 +116,12 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
             raise ApiError(429, f"your team has {active} jobs queued or running, the most it may have at once ({limit})",
                            "wait for one to finish (or cancel one with DELETE /v1/jobs/{id}), then submit again",
                            code="quota_exceeded", headers={"Retry-After": "10"})
-        model = owned(s, ModelFile, body.model_id, team, "model")
-        check_against_model(body, model_dict(model), lambda i: dataset_dict(owned(s, DatasetFile, i, team, "dataset")))
-        dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset").id
+        model = owned(s, ModelFile, body.model_id, team, "model", "model_id")
+        check_against_model(body, model_dict(model),
+                            lambda i: dataset_dict(owned(s, DatasetFile, i, team, "dataset",
+                                                         "dataset_id" if i == body.dataset_id else "eval_dataset_id")))
+        dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset",
+                                                                       "dataset_id").id
         eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
         job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
                   idempotency_key=idempotency_key, callback_url=body.callback_url, enqueued_at=utcnow())

@@ -36,8 +36,8 @@ def describe(kind: str, path: Path, name: str, data_path: Path | None = None, me
     except SandboxError as exc:
         raise ApiError(422, f"{name} could not be read: {exc.message}", READ_HINT, code="unreadable") from None
     except BitplanError as exc:
-        message = f"reading {name} {exc.message}" if exc.code == "out_of_memory" else exc.message
-        raise ApiError(422, message, exc.hint, code=exc.code) from None
+        message = f"reading {name} {exc.message}" if exc.code == "out_of_memory" else None
+        raise ApiError.from_error(exc, message=message) from None
     except InternalError as exc:  # describe turns every failure into a BitplanError; this is a bug
         log.error("upload reader failed on %s:\n%s", name, exc.traceback)
         raise ApiError(422, f"{name} could not be read ({exc.type_name})", READ_HINT, code="unreadable") from None

@@ -315,7 +315,7 @@ async def submit(request: Request):
             for e in exc.errors():
                 errors.setdefault(_field_of(e.get("loc", ())), str(e.get("msg", "")).removeprefix("Value error, "))
         except ApiError as exc:
-            errors[_field_of_message(exc)] = _say(exc)
+            errors[_field_of_error(exc)] = _say(exc)
     return page(request, "form.html", status=422, values=values, errors=errors, **_choices(request, team))
 
 
@@ -342,23 +342,20 @@ def _pins(text: str) -> tuple[dict[str, int], str | None]:
     return pins, None
 
 
+#: the request's fields (an error's ``field``, a validation error's first ``loc``) -> the form's inputs
+FORM_FIELDS = {"budgets": "budget_value", "w_bits": "w_bits", "pins": "pins", "model_id": "model",
+               "dataset_id": "dataset", "eval_dataset_id": "dataset", "latency_table": "latency_table",
+               "sensitivity": "sensitivity", "solver": "solver"}
+
+
 def _field_of(loc) -> str:
     parts = [str(p) for p in loc]
-    if parts and parts[0] == "budgets":
-        return "budget_value"
-    return {"w_bits": "w_bits", "a_bits": "a_bits", "pins": "pins", "model_id": "model", "dataset_id": "dataset",
-            "latency_table": "latency_table"}.get(parts[0] if parts else "", "form")
+    return FORM_FIELDS.get(parts[0] if parts else "", "form")
 
 
-def _field_of_message(exc: ApiError) -> str:
-    text = exc.message.lower()
-    if exc.code == "infeasible" or "budget" in text or "latency" in text:
-        return "budget_value" if "latency_table" not in text else "latency_table"
-    for word, field in (("sensitivity method", "sensitivity"), ("solver", "solver"), ("pin", "pins"),
-                        ("model", "model"), ("dataset", "dataset")):
-        if word in text:
-            return field
-    return "form"
+def _field_of_error(exc: ApiError) -> str:
+    """Where the form shows an error: by the field the error names, else at the top."""
+    return FORM_FIELDS.get(exc.field or "", "form")
 
 
 # --- jobs -------------------------------------------------------------------------------------------------

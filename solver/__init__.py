@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from bitplan.errors import BitplanError
+from bitplan.params import parse_model
 from solver.problem import Layer, NonFiniteError, Option, Problem, Solution
 
 SolveFn = Callable[..., Solution]
@@ -158,7 +159,8 @@ def get_info(name: str) -> SolverEntry:
     try:
         return SOLVERS[name]
     except KeyError:
-        raise BitplanError(f"unknown solver '{name}'", "valid solvers: " + ", ".join(SOLVERS)) from None
+        raise BitplanError(f"unknown solver '{name}'", "valid solvers: " + ", ".join(SOLVERS), code="unknown_method",
+                           field="solver") from None
 
 
 def get_solver(name: str) -> SolverEntry:
@@ -175,30 +177,9 @@ def parse_solver_params(name: str, raw: Mapping) -> SolverParams:
     """``raw`` (JSON-typed parameters) validated by solver ``name``'s model; a BitplanError names the field at
     fault and what it expects, or, for unknown fields, lists the valid ones."""
     info = get_info(name)
-    if not isinstance(raw, Mapping):
-        raise BitplanError(f"solver '{name}' parameters must be an object of name: value, not {type(raw).__name__}")
-    valid = list(info.params.model_fields)
-    unknown = sorted(str(k) for k in raw if k not in info.params.model_fields)
-    if unknown:
-        shown = ", ".join(_cut(k) for k in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-        hooks = [k for k in unknown if k in info.hooks]
-        raise BitplanError(f"solver '{name}' has no parameter(s) {shown}",
-                           f"valid parameters of '{name}': " + ", ".join(valid)
-                           + (f" ({', '.join(hooks)}: a Python callable, never a parameter; see 'measured')" if hooks else ""))
-    try:
-        return info.params(**raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {_cut(repr(e.get('input')))})" for e in errors)
-        field = info.params.model_fields.get(str(errors[0]["loc"][0])) if errors and errors[0]["loc"] else None
-        hint = f"{errors[0]['loc'][0]}: {field.description}" if field is not None and field.description else (
-            f"valid parameters of '{name}': " + ", ".join(valid))
-        raise BitplanError(f"solver '{name}' parameter {problems}", hint) from None
-
-
-def _cut(text: str, chars: int = 60) -> str:
-    return text if len(text) <= chars else text[: chars - 1] + "…"
+    hooks = [k for k in (raw if isinstance(raw, Mapping) else ()) if k in info.hooks]
+    extra = f" ({', '.join(hooks)}: a Python callable, never a parameter; see 'measured')" if hooks else ""
+    return parse_model(info.params, raw, f"solver '{name}'", "solver", extra_hint=extra)
 
 
 __all__ = ["Layer", "NonFiniteError", "Option", "Problem", "Solution", "SOLVERS", "SolverEntry", "SolverParams",

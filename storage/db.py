@@ -81,11 +81,14 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":  # an API and workers starting together migrate once
-                conn.execute(text("SELECT pg_advisory_xact_lock(7201)"))
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        try:
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":  # an API and workers starting together migrate once
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7201)"))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except (OperationalError, InterfaceError) as exc:
+            raise Unavailable(f"cannot reach the database: {str(exc).strip().splitlines()[0]}") from exc
 
     # --- teams and keys -------------------------------------------------------------------------
 

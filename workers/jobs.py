@@ -320,7 +320,7 @@ def run_job(job_id: str, dispatch_shards=None, table: SensitivityTable | None = 
 
 
 def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: SensitivityTable | None) -> str:
-    from bitplan.methods import get_method, shard_layers
+    from bitplan.methods import get_method, shard_layers, shardable_methods
 
     _, blobs = _runtime()
     reporter = Reporter(db, job.id, attempt)
@@ -335,7 +335,7 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
     if given is None and spec.shards > 1 and dispatch_shards is not None:
         if not method.shardable:
             raise BitplanError(f"sensitivity method '{method.name}' cannot be split into shards",
-                               "use shards=1, or a shardable method: perturbation")
+                               "use shards=1, or one of: " + ", ".join(shardable_methods()), field="shards")
         blocks = shard_layers(spec.layer_names, spec.shards)
         reporter("sensitivity", 0.0, f"split into {len(blocks)} shards")
         dispatch_shards(job.id, blocks, attempt.lease)

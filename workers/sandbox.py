@@ -76,13 +76,7 @@ class InternalError(RuntimeError):
 def child_error(error: dict) -> Exception:
     """The exception a child's ``{"error": ...}`` stands for: a BitplanError as it was raised, else InternalError."""
     if error.get("kind") == "user":
-        from bitplan.errors import InfeasibleError
-
-        if error.get("code") == "infeasible":
-            return InfeasibleError(str(error.get("message")), error.get("hint"), error.get("minimums"))
-        exc = BitplanError(str(error.get("message")), error.get("hint"))
-        exc.code = str(error.get("code") or "bad_input")
-        return exc
+        return BitplanError.from_dict(error)
     return InternalError(str(error.get("type", "Error")), str(error.get("message", "")), str(error.get("traceback", "")))
 
 

@@ -44,10 +44,7 @@ def describe_error(exc: BaseException) -> dict:
                 "hint": "use fewer samples or a smaller batch_size (params max_samples, batch_size), or ask the operator "
                         "to raise BITPLAN_WORKER_MEMORY_MB"}
     if isinstance(exc, BitplanError):
-        error = {"kind": "user", "code": exc.code, "message": exc.message, "hint": exc.hint}
-        if getattr(exc, "minimums", None):
-            error["minimums"] = exc.minimums
-        return error
+        return {"kind": "user", **exc.to_dict()}
     import traceback
 
     lines = str(exc).strip().splitlines()
@@ -73,9 +70,8 @@ def _describe(args: dict) -> dict:
         if _out_of_memory(exc):
             raise
         failure = describe.failure(SimpleNamespace(kind=args["kind"], path=args["path"], name=args.get("name")), exc)
-        error = BitplanError(failure["message"], failure["hint"])
-        error.code = failure["code"]
-        raise error from None
+        failure.pop("ok", None)
+        raise BitplanError.from_dict(failure) from None
 
 
 def _plan(args: dict, progress) -> dict:

@@ -99,7 +99,7 @@ def _describe(args: argparse.Namespace) -> dict:
 def failure(args: argparse.Namespace, exc: Exception) -> dict:
     """The JSON for a failure: a BitplanError as it is, anything else as an unreadable file."""
     if isinstance(exc, BitplanError):
-        return {"ok": False, "code": exc.code, "message": _as_named(exc.message, args),
+        return {"ok": False, **exc.to_dict(), "message": _as_named(exc.message, args),
                 "hint": _as_named(exc.hint, args) if exc.hint else exc.hint}
     lines = str(exc).strip().splitlines()
     first = _as_named(lines[0], args) if lines else type(exc).__name__

@@ -179,7 +179,8 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
     if sample is None:
         raise ModelFormatError(
             f"{path.name} is TorchScript, whose input shapes are not stored",
-            "pass --data FILE so bitplan can trace it with real inputs",
+            "give calibration data with it, so bitplan can trace it with real inputs",
+            code="needs_sample_inputs", field="data",
         )
     gm, names = _script_to_graph(script, sample, path.name)
     return _finish(gm, info, positional=True, names=names)

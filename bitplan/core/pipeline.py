@@ -18,7 +18,7 @@ from bitplan.core.quant import WeightBank
 from bitplan.core.refine import TIE, Scorer, local_search, no_worse, uniform_plans
 from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
 from bitplan.costs import CostModel
-from bitplan.errors import BitplanError, ModelFormatError
+from bitplan.errors import BitplanError, DataError, ModelFormatError
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import (
     LayerInfo,
@@ -75,8 +75,9 @@ def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
         from bitplan.catalog import get_entry
 
         return get_entry(model_ref.removeprefix("catalog:")).dataset(split)
-    raise BitplanError("no calibration data given", "pass --data FILE (.npz or .safetensors with 'inputs' [and "
-                                                    "'targets']), or --distill to make inputs from the model itself")
+    raise DataError("no calibration data given", "give a .npz or .safetensors file with 'inputs' [and 'targets'], "
+                                                 "or ask for distilled data to make inputs from the model itself",
+                    field="data")
 
 
 def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
@@ -142,8 +143,8 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
     choose_a = len(request.a_bits) > 1
     if choose_a and not all(layer.omega_act for layer in table.layers):
         raise BitplanError(f"choosing activation bits from {list(request.a_bits)} needs activation sensitivity",
-                           "add --param activations=true (auto and hessian_trace score activations), or give one "
-                           "--abits value")
+                           "set the sensitivity parameter activations=true (auto and hessian_trace score "
+                           "activations), or allow one activation bit width", field="a_bits")
     omega_act = {layer.name: layer.omega_act for layer in table.layers}
     return _problem(prep, request, lambda name, b, a: omega[name][b] + (omega_act[name][a] if choose_a else 0.0))
 
@@ -151,7 +152,8 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
 def _problem(prep: Prepared, request: PlanRequest, objective) -> Problem:
     limits = request.budget.limits()
     if "latency_ms" in limits and request.latency_table is None:
-        raise BitplanError("a latency_ms budget needs a latency lookup table", "pass --latency-table FILE")
+        raise BitplanError("a latency_ms budget needs a latency lookup table", "give one: {layer: {bits: ms}}",
+                           field="latency_table")
     layers = tuple(
         Layer(
             name=info.name,
@@ -221,7 +223,8 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         progress("load", 1.0, f"{len(prep.layers)} layers")
     unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
     if unknown:
-        raise BitplanError(f"--pin names unknown layer(s) {unknown}", "see the names with: bitplan inspect MODEL")
+        raise BitplanError(f"pins name unknown layer(s) {unknown}",
+                           f"the model's layers are: {', '.join(info.name for info in prep.layers)[:800]}", field="pins")
     check_budget_fits(prep, request)
     with timer.stage("sensitivity"):
         ctx = SensitivityContext(prep.model, prep.data, list(request.w_bits), prep.bank, request.seed, progress)

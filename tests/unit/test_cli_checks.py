@@ -51,3 +51,11 @@ def test_float64_inputs_are_converted_and_said(tmp_path):
     prep = pipeline.prepare("catalog:digits_cnn", str(path))
     assert prep.data.inputs[""].dtype.is_floating_point and str(prep.data.inputs[""].dtype) == "torch.float32"
     assert any("converted to the model's dtypes: inputs float64 -> float32" in n for n in prep.notes)
+
+
+def test_errors_name_the_option_for_their_field(capsys):
+    assert cli.main(["plan", "catalog:digits_cnn", "--budget", "avg_weight_bits=3", "--pin", "nowhere=8"]) == 2
+    err = capsys.readouterr().err
+    assert "pins name unknown layer(s) ['nowhere']" in err and "conv1" in err and err.rstrip().endswith("[option --pin]")
+    assert cli.main(["plan", "catalog:digits_cnn", "--budget", "avg_weight_bits=3", "--solver", "annealing"]) == 2
+    assert "[option --solver / --solver-param]" in capsys.readouterr().err

@@ -404,25 +404,31 @@ def test_an_infeasible_budget_says_what_is_achievable(stocked):
     app, ids = stocked
     r = app.job(model_id=ids["model"], budgets={"avg_weight_bits": 1.5}, w_bits=[2, 4, 8])
     error = refused(app, r, 422, "avg_weight_bits<=1.5 cannot be met: the smallest achievable is 2")
-    assert error["code"] == "infeasible" and error["minimums"] == {"avg_weight_bits": 2.0}
+    assert error["code"] == "infeasible" and error["minimums"] == {"avg_weight_bits": 2.0} and error["field"] == "budgets"
 
 
-@pytest.mark.parametrize(("body", "words", "hint"), [
-    ({"sensitivity": {"method": "magic"}}, "unknown sensitivity method 'magic'", "hessian_trace, hessian_eigen"),
-    ({"solver": {"method": "oracle"}}, "unknown solver 'oracle'", "ilp"),
+@pytest.mark.parametrize(("body", "words", "hint", "code", "field"), [
+    ({"sensitivity": {"method": "magic"}}, "unknown sensitivity method 'magic'", "hessian_trace, hessian_eigen",
+     "unknown_method", "sensitivity"),
+    ({"solver": {"method": "oracle"}}, "unknown solver 'oracle'", "ilp", "unknown_method", "solver"),
     ({"sensitivity": {"method": "hessian_trace", "params": {"probes": 3}}},
-     "sensitivity method 'hessian_trace' has no parameter(s) probes", "max_probes, min_probes"),
-    ({"sensitivity": {"method": "hessian_trace", "params": {"tol": 99}}}, "bad parameters for hessian_trace: tol", ""),
+     "sensitivity method 'hessian_trace' has no parameter(s) probes", "max_probes (>=2, <=10000, default 48)", "bad_params",
+     "sensitivity"),
+    ({"sensitivity": {"method": "hessian_trace", "params": {"tol": 99}}},
+     "sensitivity method 'hessian_trace' parameter tol: Input should be less than", "tol (>0, <10, default 0.1)",
+     "bad_params", "sensitivity"),
     ({"solver": {"method": "ilp", "params": {"speed": 1}}}, "solver 'ilp' has no parameter(s) speed",
-     "valid parameters of 'ilp'"),
-    ({"pins": {"nowhere": 8}}, "pins name unknown layer(s) ['nowhere']", "GET /v1/models"),
-    ({"budgets": {"latency_ms": 3}}, "a latency_ms budget needs a latency_table", "latency_table"),
+     "valid parameters of solver 'ilp': backend (cbc|highs, default cbc)", "bad_params", "solver"),
+    ({"pins": {"nowhere": 8}}, "pins name unknown layer(s) ['nowhere']", "GET /v1/models", "invalid_request", "pins"),
+    ({"budgets": {"latency_ms": 3}}, "a latency_ms budget needs a latency_table", "latency_table", "invalid_request",
+     "latency_table"),
 ])
-def test_bad_methods_list_the_valid_ones(stocked, body, words, hint):
+def test_bad_methods_list_the_valid_ones(stocked, body, words, hint, code, field):
     app, ids = stocked
     r = app.job(**{"model_id": ids["model"], "budgets": {"avg_weight_bits": 4}, **body})
     error = refused(app, r, 422, words)
     assert hint in (error["hint"] or ""), error
+    assert error["code"] == code and error["field"] == field, error
 
 
 def test_non_finite_parameters_are_refused(stocked):

@@ -107,8 +107,9 @@ def test_layers_found_by_qualified_name_with_params(digits_files):
 
 
 def test_torchscript_needs_data_to_be_traced(digits_files):
-    with pytest.raises(ModelFormatError, match="--data"):
+    with pytest.raises(ModelFormatError, match="give calibration data") as err:
         load_model(str(digits_files["ts"]))
+    assert err.value.code == "needs_sample_inputs" and err.value.field == "data"
 
 
 def test_conv1d_layers_and_their_macs(tmp_path):

@@ -59,10 +59,10 @@ def test_bad_solver_params_are_refused_at_submit_naming_the_field(api, method, p
                                       "solver": {"method": method, "params": params}})
     assert r.status_code == 422, r.text
     error = r.json()["error"]
-    assert error["code"] == "invalid_request" and words in error["message"], error
-    if "has no parameter" in words:  # the valid ones are listed
-        assert "valid parameters of 'evolutionary': trials, seed, population, costs, seed_plans, measured, time_limit" in error[
-            "hint"]
+    assert error["code"] == "bad_params" and error["field"] == "solver" and words in error["message"], error
+    if "has no parameter" in words:  # the valid ones are listed, with their ranges and defaults
+        assert "valid parameters of solver 'evolutionary': trials (>=1, <=100000, default 200), seed" in error["hint"]
+        assert "(evaluate: a Python callable, never a parameter; see 'measured')" in error["hint"]
     assert len(sent) == before  # nothing queued
 
 
@@ -108,7 +108,8 @@ def test_parse_solver_params_names_the_field_and_what_it_expects():
     with pytest.raises(BitplanError) as err:
         parse_solver_params("greedy", {"evaluate": "x", "colour": 1})
     assert "evaluate" in err.value.message and "colour" in err.value.message
-    assert err.value.hint == "valid parameters of 'greedy': fill, time_limit"
+    assert err.value.hint.startswith("valid parameters of solver 'greedy': fill (")
+    assert "time_limit (>0, <=604800, default None)" in err.value.hint
     with pytest.raises(BitplanError, match="valid solvers"):
         parse_solver_params("annealing", {})
     parsed = parse_solver_params("evolutionary", {"trials": "30", "measured": "false", "costs": ["bops"]})

@@ -283,6 +283,20 @@ def test_a_rerendered_form_keeps_the_token(stack, client):
     assert f'name="csrf_token" value="{token}"' in r.text
 
 
+@pytest.mark.parametrize(("extra", "field", "words"), [
+    ({"pins": "nowhere=8"}, "pins", "pins name unknown layer(s) [&#39;nowhere&#39;]"),
+    ({"budget_value": "1.5"}, "budget_value", "cannot be met"),
+    ({"budget_kind": "latency_ms", "budget_value": "3"}, "latency_table", "needs a lookup table"),
+    ({"model_id": "m_nosuch"}, "model", "no model &#39;m_nosuch&#39;"),
+])
+def test_errors_sit_beside_the_field_they_name(stack, client, extra, field, words):
+    sign_in(client, stack.key)
+    r = client.post("/", data=job_form(stack, csrf_token=token_of(client), **extra), headers={"Origin": HERE})
+    assert r.status_code == 422
+    slot = r.text.split(f'id="{field}-error"', 1)
+    assert len(slot) == 2 and words in slot[1].split("</p>", 1)[0], r.text[:3000]
+
+
 def test_a_sign_in_posted_from_another_site_is_refused(stack, client):
     sessions = stack.count(WebSession)
     for headers in ({"Origin": "http://evil.example"}, {"Referer": "http://evil.example/login"}, {"Origin": "null"}):
