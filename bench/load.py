@@ -1,5 +1,5 @@
 """Load on the service: many clients submit cheap jobs at once while others poll, against a real
-deployment on loopback (the API and worker processes on Redis + PostgreSQL, bitplan/devstack.py),
+deployment on loopback (the API and worker processes on Redis + PostgreSQL, tests/devstack.py),
 to find lost jobs and double submissions, and to see what latency a busy API gives.
 
     python bench/load.py                               # 200 jobs, 50 submitters, 20 pollers, 60 s, 4 teams
@@ -47,7 +47,8 @@ from pathlib import Path
 
 import httpx
 
-from bitplan.devstack import DevStack
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.devstack: the local deployment harness
+from tests.devstack import DevStack
 
 MODEL = "digits_cnn"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})

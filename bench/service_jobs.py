@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from bitplan.devstack import DevStack
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.devstack: the local deployment harness
+from tests.devstack import DevStack
 
 
 def export(name: str, out: Path) -> tuple[Path, Path]:

@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", parents=[conn], help="cancel a queued or running job")
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
-    from bitplan.cli_service import add_commands
+    from service.commands import add_commands
 
     add_commands(sub)
     return _formatted(parser)

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="a job whose worker died this often fails instead of killing another")
     callback_allow: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="hosts or CIDRs a callback may reach although not public")
-    max_json_kb: float = Field(1024.0, gt=0)
+    max_json_kb: float = Field(1024.0, ge=0, description="0: no cap")
     worker_memory_mb: int = Field(default_factory=_default_memory_mb, ge=0,
                                   description="address-space limit of the processes that read models; 0: none")
     session_hours: float = Field(168.0, gt=0)

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from bitplan.devstack import DevStack
+from tests.devstack import DevStack
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

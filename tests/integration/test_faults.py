@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from bitplan.devstack import DevStack, PrivatePostgres, PrivateRedis
+from tests.devstack import DevStack, PrivatePostgres, PrivateRedis
 from tests.integration.service_client import TERMINAL, Callbacks, Team, wait_until
 
 FAST_RECOVERY = {"BITPLAN_HEARTBEAT_STALE_S": "6", "BITPLAN_REQUEUE_AFTER_S": "4"}

@@ -14,7 +14,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from bitplan.devstack import REDIS_URL, fresh_database
+from tests.devstack import REDIS_URL, fresh_database
 from bitplan.settings import load_settings
 from service.app import create_app
 from service.ratelimit import RedisRateLimiter

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bitplan.devstack import REDIS_URL
+from tests.devstack import REDIS_URL
 from bitplan.settings import load_settings
 
 

@@ -1,5 +1,5 @@
 """The service as deployed: the API, two Celery worker processes, real Redis and a
-fresh PostgreSQL database (bitplan.devstack). Two teams work at once and never
+fresh PostgreSQL database (tests.devstack). Two teams work at once and never
 see each other's work; cancel, cache reuse, sharding over two workers, callbacks,
 the client CLI."""
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bitplan.devstack import DevStack
+from tests.devstack import DevStack
 from bitplan.schemas import PlanFile
 from tests.conftest import run_cli
 from tests.integration.service_client import Callbacks, Team

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bitplan.devstack import DevStack
+from tests.devstack import DevStack
 from bitplan.schemas import PlanFile
 
 README = Path(__file__).resolve().parents[2] / "README.md"

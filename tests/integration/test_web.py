@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bitplan.devstack import DevStack
+from tests.devstack import DevStack
 from tests.integration.service_client import wait_until
 
 CHROMIUM = "/usr/bin/chromium"

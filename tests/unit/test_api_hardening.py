@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bitplan.devstack import free_port
+from tests.devstack import free_port
 from bitplan.settings import load_settings
 from service.app import JsonBodyCap, create_app
 from service.errors import BUG_HINT

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from bitplan.devstack import fresh_database
+from tests.devstack import fresh_database
 from bitplan.settings import load_settings
 from service.api import router
 from service.app import create_app

@@ -25,7 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from bitplan.devstack import fresh_database
+from tests.devstack import fresh_database
 from bitplan.settings import Settings, load_settings
 from service.app import create_app
 from storage import Database

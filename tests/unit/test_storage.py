@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from bitplan.devstack import fresh_database
+from tests.devstack import fresh_database
 from storage import BlobStore, Database, TooLarge
 from storage.models import ApiKey, Base
 
