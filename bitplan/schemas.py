@@ -97,12 +97,6 @@ class ModelInfo(_Frozen):
     name: str
 
 
-class LayerAssignment(_Frozen):
-    name: str
-    w_bits: int
-    a_bits: int
-
-
 class SensitivityLayer(_Frozen):
     name: str
     stat: float = Field(description="the method's per-layer statistic (e.g. Hessian trace)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from itertools import product
 
 from bitplan.errors import BitplanError
 from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
@@ -48,7 +47,7 @@ def solve_evolutionary(
 
     check_budgets(problem)
     keys = _cost_keys(problem, costs)
-    units = [(f"u{i}", _unit_options(problem, group, pruned=evaluate is None)) for i, group in enumerate(problem.groups())]
+    units = [(f"u{i}", problem.unit_options(group, pruned=evaluate is None)) for i, group in enumerate(problem.groups())]
     limits = {k: b for k, b in problem.budgets.items()}
     scores: dict[tuple[int, ...], float] = {}
 
@@ -129,14 +128,6 @@ def _cost_keys(problem: Problem, costs: list[str] | None) -> list[str]:
     return list(costs)
 
 
-def _unit_options(problem: Problem, group: list[str], pruned: bool) -> list[dict[str, Option]]:
-    """A layer's options (or a tie group's, one per width and mix); dominated ones go unless the
-    objective will come from ``evaluate``, which the predicted objective cannot speak for."""
-    layers = [problem.layer(n) for n in group]
-    options = {lay.name: problem.candidates(lay) if pruned else problem.allowed(lay) for lay in layers}
-    widths = sorted(set.intersection(*({o.w_bits for o in opts} for opts in options.values())))
-    return [dict(zip(group, combo)) for w in widths
-            for combo in product(*([o for o in options[n] if o.w_bits == w] for n in group))]
 
 
 def _seed_plans(problem: Problem, solvers: bool, time_limit: float | None = None) -> list[dict[str, Option]]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 
 from bitplan.errors import BitplanError, InfeasibleError
-from solver.problem import Deadline, Option, Problem, Solution
+from solver.problem import Deadline, Option, Problem, Solution, fmt
 
 _TOL = 1e-9
 
@@ -53,7 +53,7 @@ def solve_uniform(problem: Problem, time_limit: float | None = None) -> Solution
             return _solution(problem, choices, start)
     lowest = min(plans) if plans else None
     totals = {k: problem.value(k, plans[lowest]) for k in problem.budgets} if plans else {}
-    over = ", ".join(f"{k} is {_fmt(v)} > {_fmt(problem.budgets[k])}" for k, v in totals.items()
+    over = ", ".join(f"{k} is {fmt(v)} > {fmt(problem.budgets[k])}" for k, v in totals.items()
                      if v > problem.budgets[k] * (1 + _TOL) + _TOL)
     raise InfeasibleError(
         f"no single width fits every budget: at the lowest, {lowest} bits, {over}" if plans
@@ -277,6 +277,3 @@ def _solution(problem: Problem, choices: dict[str, Option], start: float, status
         seconds=time.perf_counter() - start,
     )
 
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import pulp
 
 from bitplan.errors import BitplanError, InfeasibleError
-from solver.problem import Deadline, Option, Problem, Solution
+from solver.problem import Deadline, Option, Problem, Solution, fmt, objective_of
 
 #: Objective coefficients are rescaled so the largest is this, keeping the solvers' tolerances meaningful.
 _OBJECTIVE_SCALE = 1e6
@@ -46,15 +46,15 @@ def explain_infeasible(problem: Problem) -> InfeasibleError:
     for key, limit in problem.budgets.items():
         if minimums[key] > limit * (1 + 1e-9) + 1e-9:
             unpinned = problem.minimum(key, use_pins=False)
-            hint = f"raise it to at least {_fmt(minimums[key])}"
+            hint = f"raise it to at least {fmt(minimums[key])}"
             if problem.pins and unpinned <= limit:
-                hint += f", or drop pins (without pins the smallest is {_fmt(unpinned)})"
+                hint += f", or drop pins (without pins the smallest is {fmt(unpinned)})"
             return InfeasibleError(
-                f"budget {key}={_fmt(limit)} is infeasible: the smallest achievable {key} is {_fmt(minimums[key])}",
+                f"budget {key}={fmt(limit)} is infeasible: the smallest achievable {key} is {fmt(minimums[key])}",
                 hint,
                 minimums,
             )
-    listing = ", ".join(f"{k} >= {_fmt(v)}" for k, v in minimums.items())
+    listing = ", ".join(f"{k} >= {fmt(v)}" for k, v in minimums.items())
     return InfeasibleError(
         "the budgets cannot all hold at once, although each alone can (" + listing + ")",
         "relax one of them",
@@ -97,7 +97,7 @@ def solve_ilp(
         swapped, back = problem.swapped()
         inner = solve_ilp(swapped, time_limit, msg, backend, reduce)
         choices = {name: back[id(o)] for name, o in inner.choices.items()}
-        return Solution(choices=choices, objective=_objective(choices), cost=problem.totals(choices),
+        return Solution(choices=choices, objective=objective_of(choices), cost=problem.totals(choices),
                         status=inner.status, seconds=time.perf_counter() - start, gap=inner.gap)
     check_budgets(problem)
     options = {layer.name: problem.candidates(layer) for layer in problem.layers}
@@ -107,7 +107,7 @@ def solve_ilp(
 
         incumbent = greedy_choices(problem, deadline=deadline)
         if incumbent is not None and not deadline.passed():
-            options, bound = reduced_options(problem, options, _objective(incumbent), time_limit=deadline.left())
+            options, bound = reduced_options(problem, options, objective_of(incumbent), time_limit=deadline.left())
 
     left = deadline.left()
     model = _Model(problem, options)
@@ -119,9 +119,9 @@ def solve_ilp(
             raise InfeasibleError(f"{backend} found no plan within the time limit", "raise time_limit or relax the budgets")
         found = (incumbent, False, None)
     choices, proven, solver_bound = found
-    if not proven and incumbent is not None and _objective(incumbent) < _objective(choices):
+    if not proven and incumbent is not None and objective_of(incumbent) < objective_of(choices):
         choices = incumbent  # stopped before it beat the greedy plan
-    objective = _objective(choices)
+    objective = objective_of(choices)
     bounds = [b for b in (bound, solver_bound) if b is not None]
     gap = 0.0 if proven else (max(0.0, objective - max(bounds)) / max(abs(objective), 1e-300) if bounds else None)
     return Solution(
@@ -354,8 +354,6 @@ def highspy_inf() -> float:
     return highspy.kHighsInf
 
 
-def _objective(choices: Mapping[str, Option]) -> float:
-    return sum(o.objective for o in choices.values())
 
 
 def _scale(objectives) -> float:
@@ -367,8 +365,6 @@ def _name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", text)
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"
 
 
 __all__ = ["BACKENDS", "check_budgets", "explain_infeasible", "reduced_options", "solve_ilp"]

@@ -19,12 +19,11 @@ inside its slowest step), the ILP of hull mode gets what is left.
 from __future__ import annotations
 
 import time
-from itertools import product
 
 import numpy as np
 
 from bitplan.errors import BitplanError
-from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
+from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution, objective_of
 
 METHODS = ("auto", "exact", "hull")
 _TOL = 1e-9
@@ -62,7 +61,7 @@ def solve_pareto(
     # bound every plan meets: the problem refuses an infinite one)
     traced = problem if key in problem.budgets else Problem(
         problem.layers, {**problem.budgets, key: _most(problem, key)}, problem.fixed_cost, problem.pins, problem.ties)
-    units = [_unit_options(traced, group) for group in problem.groups()]
+    units = [traced.unit_options(group) for group in problem.groups()]
     if method in ("auto", "exact"):
         # auto keeps half the time for the hull and its ILP, should the exact merge not finish
         exact_deadline = deadline if method == "exact" or time_limit is None else Deadline(time_limit / 2)
@@ -109,15 +108,6 @@ def _frontier_key(problem: Problem, cost_key: str | None) -> str:
     )
 
 
-def _unit_options(problem: Problem, group: list[str]) -> list[dict[str, Option]]:
-    """A layer's options, or a tie group's: for each common width, every mix of its layers' options."""
-    layers = [problem.layer(n) for n in group]
-    cands = {lay.name: problem.candidates(lay) for lay in layers}
-    if len(group) == 1:
-        return [{group[0]: o} for o in cands[group[0]]]
-    widths = set.intersection(*({o.w_bits for o in opts} for opts in cands.values()))
-    return [dict(zip(group, combo)) for w in sorted(widths)
-            for combo in product(*([o for o in cands[n] if o.w_bits == w] for n in group))]
 
 
 def _vectors(problem: Problem, keys: list[str], options: list[dict[str, Option]]) -> tuple[np.ndarray, np.ndarray]:
@@ -306,22 +296,20 @@ def _finish(problem: Problem, key: str, frontier: _Frontier, at_budget: Solution
         targets = np.linspace(frontier.cost[index[0]], frontier.cost[index[-1]], max(points - 1, 2))
         index = np.unique(index[np.minimum(np.searchsorted(frontier.cost[index], targets), len(index) - 1)])
     plans = [frontier.plan(int(j)) for j in index]
-    plans = [p for p in plans if _objective(p) != _objective(chosen) or p != chosen] + [chosen]
-    plans.sort(key=lambda p: (problem.value(key, p), _objective(p)))
+    plans = [p for p in plans if objective_of(p) != objective_of(chosen) or p != chosen] + [chosen]
+    plans.sort(key=lambda p: (problem.value(key, p), objective_of(p)))
     return Solution(
         choices=chosen,
-        objective=_objective(chosen),
+        objective=objective_of(chosen),
         cost=problem.totals(chosen),
         status="optimal" if at_budget is None else at_budget.status,
         seconds=time.perf_counter() - start,
         gap=0.0 if at_budget is None else at_budget.gap,
-        frontier=[{"cost": problem.totals(p), "objective": _objective(p), "w_bits": {n: o.w_bits for n, o in p.items()}}
+        frontier=[{"cost": problem.totals(p), "objective": objective_of(p), "w_bits": {n: o.w_bits for n, o in p.items()}}
                   for p in plans],
     )
 
 
-def _objective(choices) -> float:
-    return sum(o.objective for o in choices.values())
 
 
 __all__ = ["METHODS", "solve_pareto"]

@@ -159,6 +159,17 @@ class Problem:
     def tied(self) -> frozenset[str]:
         return frozenset(name for group in self.groups() if len(group) > 1 for name in group)
 
+    def unit_options(self, group: list[str], pruned: bool = True) -> list[dict[str, Option]]:
+        """A layer's options, or a tie group's: for each common width, every mix of its layers' options.
+        ``pruned``: the candidates (dominated options dropped), else every allowed option."""
+        layers = [self.layer(n) for n in group]
+        options = {lay.name: self.candidates(lay) if pruned else self.allowed(lay) for lay in layers}
+        if len(group) == 1:
+            return [{group[0]: o} for o in options[group[0]]]
+        widths = sorted(set.intersection(*({o.w_bits for o in opts} for opts in options.values())))
+        return [dict(zip(group, combo)) for w in widths
+                for combo in product(*([o for o in options[n] if o.w_bits == w] for n in group))]
+
     def candidates(self, layer: Layer) -> tuple[Option, ...]:
         """Allowed options that no other allowed option beats: an option goes when another has an
         objective and every budgeted contribution no larger (the first of exact equals stays).
@@ -318,6 +329,16 @@ class Problem:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def objective_of(choices: Mapping[str, Option]) -> float:
+    """A plan's objective: the sum of its options' Omega."""
+    return sum(o.objective for o in choices.values())
+
+
+def fmt(value: float) -> str:
+    """A number in a message: 4 significant digits, 6 for large values."""
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"
 
 
 def _finite(value) -> bool:

@@ -181,8 +181,6 @@ class Database:
         if row is None:
             return None
         team, csrf_token, expires_at = row
-        if expires_at.tzinfo is None:  # SQLite drops the zone; every stored time is UTC
-            expires_at = expires_at.replace(tzinfo=dt.timezone.utc)
         return team, csrf_token, expires_at
 
     def delete_web_session(self, session_id: str) -> bool:

@@ -10,10 +10,22 @@ from enum import StrEnum
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """A timestamp that always reads back as an aware UTC datetime: SQLite drops the zone, PostgreSQL keeps
+    it; every time bitplan stores is UTC (the one place that knows)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=dt.timezone.utc) if value is not None and value.tzinfo is None else value
 
 
 def new_id(prefix: str) -> str:
@@ -29,7 +41,7 @@ class Team(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("t"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class ApiKey(Base):
@@ -41,8 +53,8 @@ class ApiKey(Base):
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16), doc="the key's first characters, to tell keys apart in listings")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class _Upload:
@@ -52,7 +64,7 @@ class _Upload:
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class ModelFile(_Upload, Base):
@@ -141,13 +153,13 @@ class Job(Base):
     callback_status: Mapped[str | None] = mapped_column(Text, nullable=True)
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     callback_due_at: Mapped[dt.datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True, index=True,
+        UtcDateTime(), nullable=True, index=True,
         doc="when the callback is next to be sent (the outbox; None: nothing to send)")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True,
                                                             doc="last time the job was sent to the broker")
     lease: Mapped[str | None] = mapped_column(String(32), nullable=True,
                                               doc="token of the attempt that owns the running job; others stand down")
@@ -168,7 +180,7 @@ class SensitivityEntry(Base):
     table: Mapped[dict] = mapped_column(JSON)
     seconds: Mapped[float] = mapped_column(Float)
     hits: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class WebSession(Base):
@@ -180,5 +192,5 @@ class WebSession(Base):
     id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)

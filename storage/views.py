@@ -10,8 +10,6 @@ from storage.models import DatasetFile, Job, ModelFile
 def iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite drops the zone; every stored time is UTC
-        value = value.replace(tzinfo=dt.timezone.utc)
     return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 

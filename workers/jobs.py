@@ -77,8 +77,7 @@ class Attempt:
                 self.stopped = "the job ended or was taken over elsewhere"
                 return
             job.heartbeat_at = utcnow()
-            started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=dt.timezone.utc)
-            over = (utcnow() - started).total_seconds() > self.time_limit_s
+            over = (utcnow() - job.started_at).total_seconds() > self.time_limit_s
         if over:
             self.stopped = "time limit"
             finish(self.db, self.job_id, JobState.FAILED, lease=self.lease,
@@ -245,8 +244,6 @@ def start(db: Database, job_id: str, stale_s: float) -> tuple[Job, str] | None:
 
 
 def _age(moment: dt.datetime) -> float:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
     return (utcnow() - moment).total_seconds()
 
 

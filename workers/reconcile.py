@@ -52,7 +52,7 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
         if (queued or lost) and pending is not None:
             waiting = _pending(pending)
         for job in lost:
-            resent = job.enqueued_at is not None and _aware(job.enqueued_at) > waited and job.attempts > 0
+            resent = job.enqueued_at is not None and job.enqueued_at > waited and job.attempts > 0
             if (waiting is not None and job.id in waiting) or (waiting is None and resent):
                 counts["still_queued"] += 1  # already sent again, and no worker has taken it yet
                 continue
@@ -62,7 +62,7 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
                                "the workers' memory")
                 counts["failed"] += 1
                 schedule_callback(s, job)  # sent by the callback dispatcher, as for a job a worker ended
-            elif job.started_at is not None and _aware(job.started_at) < overdue:
+            elif job.started_at is not None and job.started_at < overdue:
                 _fail(job, now, f"the job ran longer than the time limit of {settings.job_time_limit_s:g} s",
                       "use a cheaper sensitivity method or fewer probes/samples")
                 counts["failed"] += 1
@@ -96,8 +96,6 @@ def _pending(pending: Callable[[], set[str] | None]) -> set[str] | None:
         return None
 
 
-def _aware(moment: dt.datetime) -> dt.datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 
 def _fail(job: Job, now: dt.datetime, message: str, hint: str) -> None:

@@ -179,9 +179,6 @@ def load_data(path: str | Path) -> Dataset:
     return Dataset(inputs, targets, str(path), sha256_file(path))
 
 
-_INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
 def conform(data: Dataset, spec: list[InputSpec]) -> Dataset:
     """Check names, ranks, fixed dims and dtype kinds against the model; cast within a kind."""
     expected = ", ".join(f"{s.name}: {_shape(s.shape)} {s.dtype}" for s in spec)

@@ -14,11 +14,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.devstack import REDIS_URL, fresh_database
 from bitplan.settings import load_settings
 from service.app import create_app
 from service.ratelimit import RedisRateLimiter
 from storage import Database
+from tests.devstack import REDIS_URL, fresh_database
 from tests.unit.test_api_hardening import multipart, npz
 
 REDIS_DB_URL = f"{REDIS_URL}/15"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.devstack import REDIS_URL
 from bitplan.settings import load_settings
+from tests.devstack import REDIS_URL
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.devstack import DevStack
 from bitplan.schemas import PlanFile
 from tests.conftest import run_cli
+from tests.devstack import DevStack
 from tests.integration.service_client import Callbacks, Team
 
 FAST = {"method": "hessian_trace", "params": {"max_probes": 8, "min_probes": 4, "max_samples": 64}}

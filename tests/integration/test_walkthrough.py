@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.devstack import DevStack
 from bitplan.schemas import PlanFile
+from tests.devstack import DevStack
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

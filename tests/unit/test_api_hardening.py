@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.devstack import free_port
 from bitplan.settings import load_settings
 from service.app import JsonBodyCap, create_app
 from service.errors import BUG_HINT
 from service.operations import clean_name
 from service.ratelimit import RateLimiter, RedisRateLimiter, make_rate_limiter
 from storage.models import ModelFile
+from tests.devstack import free_port
 
 MAX_JSON_KB = 1024
 LAYERS = [f"block{i}.conv" for i in range(30)]

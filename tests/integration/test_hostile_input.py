@@ -25,10 +25,10 @@ import torch
 from fastapi.testclient import TestClient
 from torch import nn
 
-from tests.devstack import fresh_database
 from bitplan.settings import Settings, load_settings
 from service.app import create_app
 from storage import Database
+from tests.devstack import fresh_database
 
 MAX_UPLOAD_MB = 4  # a 2 GB zip bomb of zeros packs into 2.1 MB, which must get past the upload limit
 

@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from tests.devstack import fresh_database
 from storage import BlobStore, Database, TooLarge
 from storage.models import ApiKey, Base
+from tests.devstack import fresh_database
 
 
 @pytest.fixture

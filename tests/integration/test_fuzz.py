@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.devstack import fresh_database
 from bitplan.settings import load_settings
 from service.api import router
 from service.app import create_app
 from storage import Database
+from tests.devstack import fresh_database
 
 UPLOADS = {("POST", "/v1/models"), ("POST", "/v1/datasets")}
 EXAMPLES, UPLOAD_EXAMPLES = 40, 6
