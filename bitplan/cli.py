@@ -580,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         (commands[argv[0]] if argv else parser).print_help()
         return EXIT_USER_ERROR
     args = parser.parse_args(argv)
+    if args.command in ("plan", "solve"):  # their stdout is the user's: HiGHS's banner goes to /dev/null first
+        from solver.ilp import silence_banner
+
+        silence_banner()
     try:
         return args.func(args)
     except BitplanError as exc:

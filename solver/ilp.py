@@ -316,36 +316,42 @@ class _Model:
 
 
 class _HiGHS(pulp.HiGHS):
-    """PuLP's HiGHS, minus the banner highspy prints on stdout the first time."""
+    """PuLP's HiGHS, built silent (``output_flag`` off)."""
 
     def createAndConfigureSolver(self, lp):
         _new_highs()
         super().createAndConfigureSolver(lp)
 
 
-_BANNER_SHOWN = False
-
-
 def _new_highs():
-    """A silent highspy.Highs; the first construction prints a banner on stdout, which goes to /dev/null."""
-    global _BANNER_SHOWN
+    """A highspy.Highs with its log off. The library prints a banner on stdout the first time a process
+    constructs one; entry points that own stdout call :func:`silence_banner` first, at a moment when no other
+    thread writes (this function never touches file descriptors: it may run inside a threaded server)."""
     import highspy
 
-    if not _BANNER_SHOWN:
-        _BANNER_SHOWN = True
-        sys.stdout.flush()
-        saved = os.dup(1)
-        try:
-            with open(os.devnull, "w") as null:
-                os.dup2(null.fileno(), 1)
-                highs = highspy.Highs()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-    else:
-        highs = highspy.Highs()
+    highs = highspy.Highs()
     highs.setOptionValue("output_flag", False)
     return highs
+
+
+def silence_banner() -> None:
+    """Have HiGHS print its once-per-process banner into /dev/null.
+
+    It swaps file descriptor 1 for a moment, so call it only where nothing else can write to stdout: a
+    command-line entry point before it starts work, or the sandbox's zygote before it forks children."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def highspy_inf() -> float:

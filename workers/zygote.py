@@ -110,7 +110,9 @@ def _preload() -> None:
         import bitplan.core.describe  # noqa: F401
         import bitplan.core.pipeline  # noqa: F401
         import solver.greedy  # noqa: F401
-        import solver.ilp  # noqa: F401
+        import solver.ilp
+
+        solver.ilp.silence_banner()  # single-threaded here, before any fork
         import workers.untrusted  # noqa: F401
 
 
