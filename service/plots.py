@@ -25,7 +25,7 @@ def plan_csv(plan: dict) -> str:
 def plan_view(plan: dict) -> dict:
     layers = plan["layers"]
     top = max((layer["sensitivity"] for layer in layers), default=0.0) or 1.0
-    rows = [{**layer, "bar": round(100 * layer["w_bits"] / 16, 1), "sens_bar": round(100 * layer["sensitivity"] / top, 1)}
+    rows = [{**layer, "bar": round(100 * layer["w_bits"] / 16, 1), "sens_bar": log_bar(layer["sensitivity"], top)}
             for layer in layers]
     cost = plan["cost"]
     costs = []
@@ -49,6 +49,35 @@ def plan_view(plan: dict) -> dict:
             "frontier_key": next(iter(plan["budget"]), "avg_weight_bits")}
 
 
+#: decades a sensitivity bar spans: the largest value draws 100, one 10^-4 of it draws 0
+BAR_DECADES = 4
+
+
+def log_bar(value: float, top: float) -> float:
+    """A bar length 0..100 on a log scale, so that 0.0009 and 0.0023 draw visibly different lengths."""
+    if value <= 0 or top <= 0:
+        return 0.0
+    return round(max(2.0, 100 * (1 + math.log10(min(value / top, 1.0)) / BAR_DECADES)), 1)
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks = []
+    value = first
+    while value < hi + step * 0.5 and len(ticks) < 50:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < hi - 1e-12:
+        ticks.append(round(value, 12))
+    return ticks
+
+
 def _fmt(value: float) -> str:
     if value == 0:
         return "0"
@@ -69,13 +98,11 @@ def frontier_svg(plan: dict, width: int = 560, height: int = 320) -> str | None:
     xs = [x for x, _ in pts] + [chosen[0], plan["budget"][key]]
     ys = [y for _, y in pts] + [chosen[1]]
     left, right, top, bottom = 70, 20, 20, 50
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1e-12
-    span_x, span_y = x1 - x0, y1 - y0
-    x0, x1 = x0 - 0.04 * span_x, x1 + 0.04 * span_x
-    y0, y1 = (max(0.0, y0 - 0.06 * span_y) if y0 >= 0 else y0 - 0.06 * span_y), y1 + 0.06 * span_y
+    xticks = nice_ticks(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    lo_y = min(ys)
+    yticks = nice_ticks(0.0 if lo_y >= 0 else lo_y, max(ys) if max(ys) > lo_y else lo_y + 1e-12)
+    x0, x1 = xticks[0], xticks[-1]
+    y0, y1 = yticks[0], yticks[-1]
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (width - left - right)
@@ -89,10 +116,9 @@ def frontier_svg(plan: dict, width: int = 560, height: int = 320) -> str | None:
              f'the chosen plan is marked</title>',
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"/>']
-    for i in range(5):
-        xv = x0 + (x1 - x0) * i / 4
-        yv = y0 + (y1 - y0) * i / 4
+    for xv in xticks:
         parts.append(f'<text x="{sx(xv):.1f}" y="{height - bottom + 16}" class="tick" text-anchor="middle">{_fmt(xv)}</text>')
+    for yv in yticks:
         parts.append(f'<text x="{left - 6}" y="{sy(yv) + 4:.1f}" class="tick" text-anchor="end">{_fmt(yv)}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" class="label" text-anchor="middle">'
                  f'{escape(key)}</text>')

@@ -58,7 +58,8 @@ def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> Sensit
                         weighted[key][b] += float((diag * err2[key][b]).sum())
             worst = worst_relative_se(estimates)
             ctx.progress("sensitivity", len(estimates) / params.max_probes,
-                         f"{len(estimates)} probes, worst rel. SE {worst:.3f}")
+                         f"{len(estimates)} random probes; the noisiest layer is known to ±{100 * min(worst, 9.99):.0f}% "
+                         f"(stops at ±{100 * params.tol:.0f}%)")
             if len(estimates) >= params.min_probes and worst <= params.tol:
                 break
         notes = oracle.notes
