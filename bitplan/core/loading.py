@@ -183,7 +183,15 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
             code="needs_sample_inputs", field="data",
         )
     gm, names = _script_to_graph(script, sample, path.name)
-    return _finish(gm, info, positional=True, names=names)
+    loaded = _finish(gm, info, positional=True, names=names)
+    # TorchScript stores no shapes: the converted graph's are all symbolic. Show the data's, batch left free.
+    given = sample.inputs
+    tensors = [given.get(spec.name, given.get("")) if len(loaded.inputs) > 1 else next(iter(given.values()))
+               for spec in loaded.inputs]
+    if all(isinstance(t, torch.Tensor) for t in tensors):
+        loaded.inputs = [spec.model_copy(update={"shape": (None, *(int(d) for d in t.shape[1:]))})
+                         for spec, t in zip(loaded.inputs, tensors)]
+    return loaded
 
 
 def _load_pt2(path: Path, info: ModelInfo) -> LoadedModel:
@@ -254,8 +262,13 @@ def _script_to_graph(script, sample: Dataset, name: str) -> tuple[torch.fx.Graph
             # names, which check_torchscript required to be plain (no quotes, backslashes or control characters).
             program = TS2EPConverter(script, args).convert()
     except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelFormatError(
-            f"{name}: TorchScript could not be converted to a graph bitplan can analyse ({exc})",
-            "send a torch.export program (.pt2) instead",
+            f"{name}: TorchScript could not be converted to a graph bitplan can analyse ({first}); torch's converter "
+            "handles straight-line scripts (CNNs, MLPs) but not control flow such as prim::If, which scripted "
+            "attention and Hugging Face models contain",
+            "export the model instead, from the Python that defines it: program = torch.export.export(model.eval(), "
+            "example_inputs); torch.export.save(program, 'model.pt2')",
+            code="unsupported_torchscript",
         ) from None
     return program.module(), names

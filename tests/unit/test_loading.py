@@ -134,3 +134,10 @@ def test_conv1d_layers_and_their_macs(tmp_path):
     data = Dataset({POSITIONAL: torch.randn(3, 3, 20)}, None, "t", "0")
     macs = measure_macs(model, data.slice(0, 3))
     assert macs == {"conv": 8 * 20 * 3 * 5, "dw": 8 * 20 * 3, "head": 8 * 4}
+
+
+def test_torchscript_inputs_show_the_data_shapes(digits_files):
+    from bitplan.core.data import load_data
+
+    model = load_model(str(digits_files["ts"]), sample=load_data(digits_files["calib"]))
+    assert [tuple(spec.shape) for spec in model.inputs] == [(None, 1, 8, 8)]
