@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
+from bitplan.inputs import match_inputs
 from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params, shardable_methods
 from bitplan.schemas import (
     ACT_BITS,
@@ -279,59 +280,18 @@ def _check_budget(job: JobCreate, description: dict) -> None:
                        minimums={key: least for key, (_, least) in over.items()})
 
 
-def _kind(dtype: str) -> str:
-    """The dtype families conform() keeps apart (float, bool, anything else); within one it casts."""
-    if dtype == "bool":
-        return "bool"
-    return "float" if dtype.startswith("float") or dtype == "bfloat16" else "int"
-
-
-def _shape(shape: list) -> str:
-    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
-
-
 def check_data_fits(model: dict, data: dict, role: str = "dataset", field: str = "dataset_id") -> None:
-    """Refuse data the worker's ``conform()`` would refuse, from the two descriptions, without torch.
-
-    The same rules in the same order: one positional ``inputs`` for a one-input model, else the names
-    must be the model's; then rank, every dim the model fixes, and the dtype family. A TorchScript
-    model is traced again with the job's data, so only its input names are fixed. Descriptions
-    without inputs (older rows) are left to the worker. Errors name ``field``, the request field they are about.
-    """
+    """Refuse data the worker would refuse, from the two stored descriptions, without torch: the same rule
+    (``bitplan.inputs.match_inputs``) that ``conform()`` applies to the tensors. A TorchScript model is traced
+    again with the job's data, so only its input names are fixed. Descriptions without inputs (older rows) are
+    left to the worker. Errors name ``field``, the request field they are about."""
     spec, given = model.get("inputs") or [], data.get("inputs") or []
     if not spec or not given:
         return
     label = f"{role} '{data.get('name') or ''}' ({data.get('id') or '?'})"
-    expected = ", ".join(f"{s['name']}: {_shape(s['shape'])} {s['dtype']}" for s in spec)
-    by_name = {d["name"]: d for d in given}
-    if "" in by_name:
-        if len(spec) != 1:
-            raise ApiError(422, f"{label} has one positional 'inputs', but {len(spec)} named inputs are expected: "
-                           + ", ".join(s["name"] for s in spec),
-                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request",
-                           field=field)
-        pairs = [("", spec[0])]
-    else:
-        names = {s["name"] for s in spec}
-        if set(by_name) != names:
-            raise ApiError(422, f"{label} has inputs {sorted(by_name)}, but the inputs expected are {sorted(names)}",
-                           f"save them as 'inputs.<name>'; the model expects {expected}", code="invalid_request",
-                           field=field)
-        pairs = [(s["name"], s) for s in spec]
-    if model.get("format") == "torchscript":
-        return
-    for key, s in pairs:
-        _check_input(label, f"'inputs.{key}'" if key else "'inputs'", by_name[key], s, field)
-
-
-def _check_input(label: str, name: str, given: dict, spec: dict, field: str) -> None:
-    want, shape = list(spec["shape"]), list(given["shape"])
-    if len(shape) != len(want) or any(e is not None and e != g for e, g in zip(want, shape)):
-        raise ApiError(422, f"{label}: {name} has shape {_shape(shape)}, "
-                       f"but the expected shape is {_shape(want)} {spec['dtype']}",
-                       "N is the number of samples; the other dims must match the model's input (GET /v1/models/{id})",
-                       code="invalid_request", field=field)
-    if _kind(given["dtype"]) != _kind(spec["dtype"]):
-        raise ApiError(422, f"{label}: {name} has dtype {given['dtype']}, but the expected dtype is {spec['dtype']}",
-                       f"save {name} as {spec['dtype']}, the dtype of the model's input", code="invalid_request",
-                       field=field)
+    try:
+        match_inputs([(s["name"], s["shape"], s["dtype"]) for s in spec],
+                     {d["name"]: (d["shape"], d["dtype"]) for d in given}, label, field,
+                     check_shapes=model.get("format") != "torchscript")
+    except BitplanError as exc:
+        raise ApiError.from_error(exc) from None

@@ -17,9 +17,9 @@ import torch
 from bitplan.archives import check_unpacked_size
 from bitplan.errors import DataError
 from bitplan.files import sha256_file
+from bitplan.inputs import POSITIONAL, match_inputs
 from bitplan.schemas import InputSpec
 
-POSITIONAL = ""
 DATA_FORMATS = "send .npz (numpy.savez) or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer 'targets'"
 PICKLE_HINT = "bitplan never unpickles uploads, because unpickling can run arbitrary code"
 
@@ -179,41 +179,13 @@ def load_data(path: str | Path) -> Dataset:
     return Dataset(inputs, targets, str(path), sha256_file(path))
 
 
-def conform(data: Dataset, spec: list[InputSpec]) -> Dataset:
-    """Check names, ranks, fixed dims and dtype kinds against the model; cast within a kind."""
-    expected = ", ".join(f"{s.name}: {_shape(s.shape)} {s.dtype}" for s in spec)
-    if POSITIONAL in data.inputs:
-        if len(spec) != 1:
-            raise DataError(
-                f"the model takes {len(spec)} inputs but the data has one positional 'inputs'",
-                f"save them as 'inputs.<name>' for: {expected}",
-            )
-        pairs = [(POSITIONAL, spec[0])]
-    else:
-        names = {s.name for s in spec}
-        unknown = set(data.inputs) - names
-        missing = names - set(data.inputs)
-        if unknown or missing:
-            raise DataError(
-                f"data inputs {sorted(data.inputs)} do not match the model's {sorted(names)}",
-                f"the model expects {expected}",
-            )
-        pairs = [(s.name, s) for s in spec]
+def conform(data: Dataset, spec: list[InputSpec], label: str = "the data", field: str | None = "data") -> Dataset:
+    """Check names, ranks, fixed dims and dtype families against the model (``bitplan.inputs``, the rule the
+    API applies at submit too); cast within a family."""
+    given = {k: (tuple(v.shape), str(v.dtype)) for k, v in data.inputs.items()}
+    pairs = match_inputs([(s.name, s.shape, s.dtype) for s in spec], given, label, field)
     out = dict(data.inputs)
-    for key, s in pairs:
-        tensor = out[key]
-        label = f"'inputs.{key}'" if key else "'inputs'"
-        if tensor.dim() != len(s.shape) or any(e is not None and e != g for e, g in zip(s.shape, tensor.shape)):
-            raise DataError(
-                f"{label} has shape {tuple(tensor.shape)} but the model expects {_shape(s.shape)} {s.dtype}",
-                "N is the number of samples; other dims must match",
-            )
-        want = getattr(torch, s.dtype)
-        if want.is_floating_point != tensor.is_floating_point() or (tensor.dtype == torch.bool) != (want == torch.bool):
-            raise DataError(f"{label} has dtype {str(tensor.dtype).removeprefix('torch.')} but the model expects {s.dtype}")
-        out[key] = tensor.to(want)
+    for key, dtype in pairs:
+        out[key] = out[key].to(getattr(torch, dtype))
     return Dataset(out, data.targets, data.source, data.sha256)
 
-
-def _shape(shape: tuple[int | None, ...]) -> str:
-    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"

@@ -108,7 +108,7 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
         notes.append(note)
     held_out = "given"
     if eval_path is None and data_path is None and model_ref.startswith("catalog:"):
-        eval_data = conform(resolve_data(model_ref, None, "eval"), model.inputs)
+        eval_data = _conformed(resolve_data(model_ref, None, "eval"), model, "held-out", notes)
     elif eval_path is not None:
         eval_data = _conformed(load_data(eval_path), model, "held-out", notes)
     else:  # keep part of the calibration data aside: the search must not see what the plan is judged on
@@ -130,7 +130,7 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
 def _conformed(data: Dataset, model: LoadedModel, label: str, notes: list[str]) -> Dataset:
     """``data`` checked against the model's inputs; a dtype cast (float64 -> float32, say) is noted, not silent."""
     before = {k: v.dtype for k, v in data.inputs.items()}
-    out = conform(data, model.inputs)
+    out = conform(data, model.inputs, f"the {label} data", "data" if label == "calibration" else "eval_data")
     casts = [f"{k or 'inputs'} {str(before[k]).removeprefix('torch.')} -> {str(v.dtype).removeprefix('torch.')}"
              for k, v in out.inputs.items() if k in before and before[k] != v.dtype]
     if casts:

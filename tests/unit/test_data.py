@@ -21,7 +21,7 @@ def test_wrong_shape_names_the_expected_one(tmp_path, digits):
 
 def test_integer_inputs_for_a_float_model_are_refused(tmp_path, digits):
     np.savez(tmp_path / "ints.npz", inputs=np.zeros((10, 1, 8, 8), np.int64))
-    with pytest.raises(DataError, match="dtype int64 but the model expects float32"):
+    with pytest.raises(DataError, match="'inputs' has dtype int64, but the expected dtype is float32"):
         conform(load_data(tmp_path / "ints.npz"), digits.inputs)
 
 
