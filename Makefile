@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-$(shell sha256sum pyproject.toml Makefile | sha256sum |
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install system-deps serve demo test test-fast clean
+.PHONY: install system-deps serve demo test test-fast test-integration test-browser test-slow check clean
 
 install: $(STAMP)
 
@@ -43,11 +43,26 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PKGS) >/dev/null 2>&1 || { \
 	    $(SUDO) apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PKGS) >/dev/null; }; }
 
+# The tiers (README, "Tests"): unit needs no service; integration needs PostgreSQL and Redis (and starts
+# its own API and worker processes); browser needs chromium; slow is minutes of CPU.
 test: install system-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: install system-deps
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
+
+test-integration: install
+	$(BIN)/python -m pytest -q tests/integration -m "not slow and not browser"
+
+test-browser: install system-deps
+	$(BIN)/python -m pytest -q -m browser
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache plan-*.json

@@ -258,7 +258,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         arrays = {("inputs" if not k else f"inputs.{k}"): v.numpy() for k, v in data.inputs.items()}
         if data.targets is not None:
             arrays["targets"] = data.targets.numpy()
-        np.savez(out / f"{entry.name}_{split}.npz", **arrays)
+        np.savez(out / f"{entry.name}_{split}.npz", **arrays)  # type: ignore[arg-type]  # numpy stubs
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name.startswith(entry.name)))} to {out}")
     return 0
 

@@ -37,7 +37,7 @@ def describe_fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
     return ", ".join(describe_field(n, f) for n, f in model.model_fields.items() if n not in skip) or "none"
 
 
-def message_of(error: dict) -> str:
+def message_of(error) -> str:
     """One pydantic error as people read it: no "Value error, " prefix."""
     return str(error.get("msg", "")).removeprefix("Value error, ")
 

@@ -24,7 +24,7 @@ class StderrProgress:
     def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._bar = None
-        self._stage = None
+        self._stage: str | None = None
 
     def __call__(self, stage: str, fraction: float, detail: str = "") -> None:
         if not self.enabled:

@@ -38,7 +38,7 @@ def write_synthetic(inputs: list[dict], samples: int, seed: int, path: str) -> s
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as fh:  # a file object, so numpy does not append ".npz" to the name
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs: **kwds are arrays
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

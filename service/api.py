@@ -118,7 +118,7 @@ def list_jobs(request: Request, team: TeamDep, s: SessionDep,
         where.append(Job.state == state)
     if model_id:
         where.append(Job.model_id == model_id)
-    total = s.scalar(select(func.count()).select_from(Job).where(*where))
+    total = s.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     rows = s.scalars(select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
     nxt = None
     if offset + limit < total:

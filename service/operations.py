@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -51,7 +52,8 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
                  dataset_id: str | None = None) -> tuple[dict, bool]:
     """Store a model (``kind='model'``) or dataset upload; returns (its JSON, created). A re-upload of the
     same bytes by the same team returns the earlier row; a refused file leaves nothing behind."""
-    cls, view = (ModelFile, model_dict) if kind == "model" else (DatasetFile, dataset_dict)
+    cls: type[ModelFile] | type[DatasetFile] = ModelFile if kind == "model" else DatasetFile
+    view: Callable[[Any], dict] = model_dict if kind == "model" else dataset_dict
     try:
         staged = state.blobs.stage(source, state.settings.max_upload_bytes)
     except TooLarge as exc:
@@ -75,7 +77,7 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
         staged.commit()
         staged = None
         if kind == "model":
-            row = ModelFile(team_id=team.id, sha256=desc["sha256"], name=name, format=desc["format"],
+            row: ModelFile | DatasetFile = ModelFile(team_id=team.id, sha256=desc["sha256"], name=name, format=desc["format"],
                             size_bytes=desc["size_bytes"],
                             description={k: desc.get(k) for k in ("inputs", "layers", "other_bytes")})
         else:

@@ -68,7 +68,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     first = math.floor(lo / step + 1e-9) * step
-    ticks = []
+    ticks: list[float] = []
     value = first
     while value < hi + step * 0.5 and len(ticks) < 50:
         ticks.append(round(value, 12))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Query, Request
@@ -254,10 +254,11 @@ async def submit(request: Request):
     refused = _forged(request, form, "/")
     if refused is not None:  # before any upload is stored or job made
         return refused
-    values = {
+    values: dict[str, Any] = {
         "model_id": str(form.get("model_id", "")), "dataset_id": str(form.get("dataset_id", "synthetic")),
         "budget_kind": str(form.get("budget_kind", "avg_weight_bits")), "budget_value": str(form.get("budget_value", "")).strip(),
-        "w_bits": [int(b) for b in form.getlist("w_bits") if str(b).isdigit()], "a_bits": str(form.get("a_bits", "16")),
+        "w_bits": [int(str(b)) for b in form.getlist("w_bits") if str(b).isdigit()],
+        "a_bits": str(form.get("a_bits", "16")),
         "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", DEFAULT_SENSITIVITY)),
         "solver": str(form.get("solver", DEFAULT_SOLVER)),
     }

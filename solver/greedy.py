@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 
 from bitplan.errors import BitplanError, InfeasibleError
-from solver.problem import Deadline, Option, Problem, Solution, fmt
+from solver.problem import Deadline, Layer, Option, Problem, Solution, fmt
 
 _TOL = 1e-9
 
@@ -51,12 +51,11 @@ def solve_uniform(problem: Problem, time_limit: float | None = None) -> Solution
     for choices in plans.values():
         if problem.feasible(choices):
             return _solution(problem, choices, start)
-    lowest = min(plans) if plans else None
-    totals = {k: problem.value(k, plans[lowest]) for k in problem.budgets} if plans else {}
+    totals = {k: problem.value(k, plans[min(plans)]) for k in problem.budgets} if plans else {}
     over = ", ".join(f"{k} is {fmt(v)} > {fmt(problem.budgets[k])}" for k, v in totals.items()
                      if v > problem.budgets[k] * (1 + _TOL) + _TOL)
     raise InfeasibleError(
-        f"no single width fits every budget: at the lowest, {lowest} bits, {over}" if plans
+        f"no single width fits every budget: at the lowest, {min(plans)} bits, {over}" if plans
         else "no width is offered by every layer, so no uniform plan exists",
         "use a mixed-precision solver (ilp, pareto, greedy) or relax the budget",
         totals,
@@ -82,7 +81,7 @@ def uniform_plans(problem: Problem) -> dict[int, dict[str, Option]]:
             options = [o for o in problem.allowed(layer) if o.w_bits == held.get(layer.name, w)]
             if not options:
                 break
-            choices[layer.name] = min(options, key=lambda o, lay=layer: (_price(problem, lay, o), o.objective))
+            choices[layer.name] = min(options, key=functools.partial(_rank, problem, layer))
         else:
             plans[w] = choices
     return plans
@@ -261,6 +260,10 @@ def _scales(problem: Problem) -> dict[str, float]:
         hi = sum(max(problem.contribution(k, lay, o) for o in problem.allowed(lay)) for lay in problem.layers)
         out[k] = (hi - lo) or abs(hi) or 1.0
     return out
+
+
+def _rank(problem: Problem, layer: Layer, option: Option) -> tuple[float, float]:
+    return _price(problem, layer, option), option.objective
 
 
 def _price(problem: Problem, layer, option: Option, weights: Mapping[str, float] | None = None) -> float:

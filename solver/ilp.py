@@ -147,7 +147,7 @@ def lagrangian_multipliers(problem: Problem, options: Mapping[str, tuple[Option,
     if time_limit is not None:
         highs.setOptionValue("time_limit", float(max(time_limit, 0.01)))
     objs, layer_rows, cols = [], [], 0
-    contrib = {k: [] for k in keys}
+    contrib: dict[str, list] = {k: [] for k in keys}
     for layer in problem.layers:
         opts = options[layer.name]
         layer_rows.append((cols, len(opts)))
@@ -205,7 +205,8 @@ class _Model:
         self.scale = _scale([o.objective for opts in options.values() for o in opts])
         self.prob = prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
         self.x: dict[str, list[pulp.LpVariable]] = {}
-        objective, spent = [], {k: [] for k in problem.budgets}
+        objective: list = []
+        spent: dict[str, list] = {k: [] for k in problem.budgets}
         fixed_spend = dict.fromkeys(problem.budgets, 0.0)
         for li, layer in enumerate(problem.layers):
             opts = options[layer.name]

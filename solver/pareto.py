@@ -169,11 +169,12 @@ def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = F
 
     # several budgets leave points that another point beats on the frontier key: keep the frontier,
     # and drop a point when the next one costs the same up to rounding (Problem.feasible's tolerance)
-    key_only = _undominated(cost[:, :1], objective) if len(objective) else np.zeros(0, dtype=int)
+    undominated = _undominated(cost[:, :1], objective) if len(objective) else None
+    key_only = undominated if undominated is not None else np.zeros(0, dtype=int)
     costs = cost[key_only, 0]
     key_only = key_only[np.append(costs[1:] > costs[:-1] * (1 + _TOL) + _TOL, True)] if len(costs) else key_only
     return _Frontier(cost[key_only, 0], objective[key_only], np.ones(len(key_only), bool),
-                     lambda j: plan(key_only[j]))
+                     lambda j: plan(int(key_only[j])))
 
 
 def _undominated(cost: np.ndarray, objective: np.ndarray, deadline: Deadline | None = None) -> np.ndarray | None:

@@ -187,7 +187,7 @@ class Database:
         """Sign out: the session stops working at once (in this process; in others within SESSION_CACHE_S)."""
         digest = hash_key(session_id)
         with self.session() as s:
-            deleted = s.execute(delete(WebSession).where(WebSession.id_sha256 == digest)).rowcount
+            deleted = s.execute(delete(WebSession).where(WebSession.id_sha256 == digest)).rowcount  # type: ignore[attr-defined]
         self._sessions_deleted += 1
         self._session_cache.pop(digest, None)
         return bool(deleted)

@@ -23,6 +23,8 @@ def run() -> None:
         return
     url = context.get_x_argument(as_dictionary=True).get("url") or os.environ.get("BITPLAN_DATABASE_URL")
     url = url or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no database URL: pass -x url=..., or set BITPLAN_DATABASE_URL")
     with create_engine(url).connect() as conn:
         context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -13,11 +13,15 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from tests.devstack import DevStack, PrivatePostgres, PrivateRedis
 from tests.integration.service_client import TERMINAL, Callbacks, Team, wait_until
 
 FAST_RECOVERY = {"BITPLAN_HEARTBEAT_STALE_S": "6", "BITPLAN_REQUEUE_AFTER_S": "4"}
+
+pytestmark = pytest.mark.slow  # processes killed and restarted: minutes
+
 
 
 def slow(team: Team, probes: int = 64, **extra) -> dict:

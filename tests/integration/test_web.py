@@ -15,6 +15,8 @@ import pytest
 from tests.devstack import DevStack
 from tests.integration.service_client import wait_until
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"

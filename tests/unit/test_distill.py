@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bitplan.core.data import POSITIONAL, Dataset
@@ -43,6 +44,7 @@ def test_a_model_without_batchnorm_keeps_its_random_inputs(tmp_path):
     assert same is data and "not distilled (the model has no BatchNorm layer)" in note
 
 
+@pytest.mark.slow
 def test_a_plan_without_data_distils_its_calibration_inputs(tmp_path):
     subprocess.run([sys.executable, "-m", "bitplan.cli", "catalog", "export", "digits_mobilenet", "--out", str(tmp_path)],
                    check=True, capture_output=True)

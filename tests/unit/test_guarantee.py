@@ -80,6 +80,7 @@ def test_holdout_split_keeps_every_fifth_sample_aside():
     assert holdout_split(small) == (small, None)
 
 
+@pytest.mark.slow
 def test_hawq_trace_score_misleads_here_and_the_guarantee_returns_uniform(separable):
     plan = _plan(separable, sensitivity="hessian_trace", sensitivity_params={"omega": "trace"})
     check, m = plan.uniform_check, plan.measured
@@ -95,6 +96,7 @@ def test_hawq_trace_score_misleads_here_and_the_guarantee_returns_uniform(separa
     assert plan.cost.avg_weight_bits <= 3 + 1e-9
 
 
+@pytest.mark.slow
 def test_refinement_cap_zero_returns_the_best_uniform_plan_at_once(separable):
     plan = _plan(separable, sensitivity="hessian_trace", sensitivity_params={"omega": "trace"}, refine_seconds=0)
     assert plan.uniform_check.outcome == "uniform_returned" and plan.uniform_check.refine is None
@@ -102,6 +104,7 @@ def test_refinement_cap_zero_returns_the_best_uniform_plan_at_once(separable):
     assert plan.measured.plan == plan.measured.uniform
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity,params", [("auto", {}), ("hessian_trace", {})])
 def test_the_default_and_the_diagonal_score_are_not_misled(separable, sensitivity, params):
     plan = _plan(separable, sensitivity=sensitivity, sensitivity_params=params)
@@ -119,6 +122,7 @@ def _inverted(prep, ctx) -> SensitivityTable:
         SensitivityLayer(name=info.name, stat=0.0, omega={b: float(b) for b in ctx.w_bits}) for info in prep.layers])
 
 
+@pytest.mark.slow
 def test_a_plan_from_a_wrong_table_is_refined_to_beat_uniform_on_held_out_data():
     request = PlanRequest(model="catalog:digits_cnn", budget=Budget(avg_weight_bits=4), refine_seconds=60)
     plan = make_plan(request, sensitivity=_inverted)
@@ -140,6 +144,7 @@ def test_the_uniform_plan_keeps_the_pinned_layers_pins():
     assert plan.measured.uniform_w_bits == 4 and plan.cost.avg_weight_bits <= 4.1 + 1e-9
 
 
+@pytest.mark.slow
 def test_local_search_improves_a_bad_start_within_the_budget():
     prep = prepare("catalog:digits_cnn", None)
     names = [info.name for info in prep.layers]
@@ -179,6 +184,7 @@ def test_perturbation_screen_scales_small_damages_instead_of_measuring_them():
             assert abs(a.omega[bits] - b.omega[bits]) < 1e-4
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_the_kl_hessian_when_measuring_would_take_too_long():
     prep = prepare("catalog:digits_cnn", None)
     ctx = SensitivityContext(prep.model, prep.data, [2, 4, 8], prep.bank, 0)

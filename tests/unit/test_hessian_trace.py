@@ -77,7 +77,7 @@ def _table(model, data, bank, **params):
     return run_sensitivity("hessian_trace", params, ctx)
 
 
-@pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
+@pytest.mark.parametrize("hvp", ["exact", pytest.param("finite_difference", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("labelled", [True, False])
 def test_trace_matches_exact_hessian_within_its_standard_error(tmp_path, hvp, labelled):
     module = MLP()
@@ -216,6 +216,7 @@ class Hard(nn.Module):
         return self.fc2(h * 4)
 
 
+@pytest.mark.slow
 def test_op_without_second_derivative_falls_back_to_finite_differences(tmp_path):
     from bitplan.errors import BitplanError
 

@@ -212,6 +212,7 @@ def _describe_cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_describe_entry_point_prints_one_json_line(digits_files, tmp_path):
     good = _describe_cli("model", str(digits_files["pt2"]), "--name", "m.pt2")
     assert good.returncode == 0 and good.stderr == ""
