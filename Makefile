@@ -45,20 +45,26 @@ system-deps:
 
 # The tiers (README, "Tests"): unit needs no service; integration needs PostgreSQL and Redis (and starts
 # its own API and worker processes); browser needs chromium; slow is minutes of CPU.
+# make test runs the four tiers one after another (each prints its own duration); together they are the
+# whole suite, every test once.
+PYTEST := $(BIN)/python -m pytest -q
 test: install system-deps
-	$(BIN)/python -m pytest -q
+	$(PYTEST) tests/unit -m "not slow"
+	$(PYTEST) tests/integration -m "not slow and not browser"
+	$(PYTEST) -m "browser and not slow"
+	$(PYTEST) -m slow
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests/unit -m "not slow"
+	$(PYTEST) tests/unit -m "not slow"
 
 test-integration: install
-	$(BIN)/python -m pytest -q tests/integration -m "not slow and not browser"
+	$(PYTEST) tests/integration -m "not slow and not browser"
 
 test-browser: install system-deps
-	$(BIN)/python -m pytest -q -m browser
+	$(PYTEST) -m "browser and not slow"
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 check: install
 	$(BIN)/ruff check .
