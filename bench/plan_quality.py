@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--modelopt", action="store_true", help="also run ModelOpt's auto_quantize (nvidia-modelopt)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    from solver.ilp import silence_banner
+
+    silence_banner()  # this script's stdout is its table
     w_bits = tuple(int(b) for b in args.wbits.split(","))
     rows = []
     print("| model | avg bits | method | first plan KL | returned KL | best uniform KL | vs uniform | outcome | "

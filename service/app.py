@@ -80,6 +80,26 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
     the reconciler thread that resends lost work (workers/reconcile.py)."""
     settings = settings or load_settings()
     run_worker = settings.embedded if worker is None else worker
+    app = FastAPI(
+        title="bitplan", version=__version__, lifespan=_lifespan(settings, run_worker, reconcile),
+        description="Mixed-precision bit-allocation search: upload a model and calibration data, submit a budget, "
+                    "get the per-layer bit-width plan with its Pareto frontier and measured quality. "
+                    "Authenticate with `Authorization: Bearer <key>`.",
+    )
+    celery_app = _attach_state(app, settings)
+    errors.install(app)
+    _install_limits(app, settings)
+    app.include_router(router)
+    _install_health(app, celery_app)
+    from service import web
+
+    web.install(app)
+    return app
+
+
+def _lifespan(settings: Settings, run_worker: bool, reconcile: bool):
+    """Start: migrate, warm the sandbox, and run the in-process worker, the reconciler and the callback
+    dispatcher as asked; stop them at shutdown (a later app in this process must not find this one's)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,18 +127,17 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
         if dispatcher is not None:
             dispatcher.stop()
         if worker is not None:
-            worker.stop(in_sighandler=False)  # a later app in this process must not find this one's worker
+            worker.stop(in_sighandler=False)
 
-    app = FastAPI(
-        title="bitplan", version=__version__, lifespan=lifespan,
-        description="Mixed-precision bit-allocation search: upload a model and calibration data, submit a budget, "
-                    "get the per-layer bit-width plan with its Pareto frontier and measured quality. "
-                    "Authenticate with `Authorization: Bearer <key>`.",
-    )
+    return lifespan
+
+
+def _attach_state(app: FastAPI, settings: Settings):
+    """What the routes use, on ``app.state``: settings, database, blob store, and the broker's enqueue and
+    revoke. Returns the Celery app (configured for ``settings``)."""
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.data_dir)
-
     from workers.app import app as celery_app
     from workers.app import configure
 
@@ -134,8 +153,11 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
             log.warning("could not broadcast revoke of %s: %s", job_id, exc)
 
     app.state.revoke = revoke
-    errors.install(app)
+    return celery_app
 
+
+def _install_limits(app: FastAPI, settings: Settings) -> None:
+    """The rate limit per key, the declared-length check on uploads, and the cap on JSON bodies."""
     limiter = app.state.limiter = make_rate_limiter(settings)
 
     @app.middleware("http")
@@ -162,8 +184,9 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
         return await call_next(request)
 
     app.add_middleware(JsonBodyCap, limit=settings.max_json_bytes)
-    app.include_router(router)
 
+
+def _install_health(app: FastAPI, celery_app) -> None:
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz():
         return {"status": "ok", "version": __version__}
@@ -184,8 +207,3 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
             checks["broker"] = f"unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
-
-    from service import web
-
-    web.install(app)
-    return app
