@@ -9,15 +9,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from bitplan.schemas import PlanFile
 from service.errors import ApiError
 from service.jobspec import JobCreate
 from service.operations import cancel_job, create_job, owned, store_upload
 from service.plots import plan_csv
+from service.responses import ERRORS, DatasetList, DatasetOut, JobList, JobOut, ModelList, ModelOut
 from storage import Database
 from storage.models import ACTIVE_STATES, JOB_STATES, DatasetFile, Job, JobState, ModelFile, Team
 from storage.views import dataset_dict, job_dict, model_dict
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
 def db_of(request: Request) -> Database:
@@ -51,7 +53,8 @@ SessionDep = Annotated[Session, Depends(session)]
 # --- uploads ----------------------------------------------------------------------------------------------
 
 
-@router.post("/models", status_code=201, summary="Upload a model (.pt2 torch.export archive or TorchScript)")
+@router.post("/models", status_code=201, response_model=ModelOut,
+             summary="Upload a model (.pt2 torch.export archive or TorchScript)")
 def upload_model(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()],
                  dataset_id: Annotated[str | None, Form(description="data to trace a TorchScript model with")] = None):
     body, created = store_upload(request.app.state, team, "model", file.file, file.filename, dataset_id)
@@ -59,7 +62,8 @@ def upload_model(request: Request, response: Response, team: TeamDep, file: Anno
     return body
 
 
-@router.post("/datasets", status_code=201, summary="Upload calibration or evaluation data (.npz or .safetensors)")
+@router.post("/datasets", status_code=201, response_model=DatasetOut,
+             summary="Upload calibration or evaluation data (.npz or .safetensors)")
 def upload_dataset(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()]):
     body, created = store_upload(request.app.state, team, "dataset", file.file, file.filename)
     response.status_code = 201 if created else 200
@@ -71,22 +75,22 @@ def _listing(s: Session, cls, team: Team, view) -> dict:
     return {"items": [view(r) for r in rows]}
 
 
-@router.get("/models", summary="The team's models")
+@router.get("/models", response_model=ModelList, summary="The team's models")
 def list_models(team: TeamDep, s: SessionDep):
     return _listing(s, ModelFile, team, model_dict)
 
 
-@router.get("/models/{model_id}", summary="One model with its layer table")
+@router.get("/models/{model_id}", response_model=ModelOut, summary="One model with its layer table")
 def get_model(model_id: str, team: TeamDep, s: SessionDep):
     return model_dict(owned(s, ModelFile, model_id, team, "model"))
 
 
-@router.get("/datasets", summary="The team's datasets")
+@router.get("/datasets", response_model=DatasetList, summary="The team's datasets")
 def list_datasets(team: TeamDep, s: SessionDep):
     return _listing(s, DatasetFile, team, dataset_dict)
 
 
-@router.get("/datasets/{dataset_id}", summary="One dataset")
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut, summary="One dataset")
 def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep):
     return dataset_dict(owned(s, DatasetFile, dataset_id, team, "dataset"))
 
@@ -94,7 +98,7 @@ def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep):
 # --- jobs -------------------------------------------------------------------------------------------------
 
 
-@router.post("/jobs", status_code=202, summary="Submit a planning job")
+@router.post("/jobs", status_code=202, response_model=JobOut, summary="Submit a planning job")
 def submit_job(request: Request, body: JobCreate, team: TeamDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
     job, replay = create_job(request.app.state, team, body, idempotency_key)
@@ -108,7 +112,7 @@ def _accepted(job: Job, replay: bool = False) -> JSONResponse:
     return JSONResponse(job_dict(job), status_code=202, headers=headers)
 
 
-@router.get("/jobs", summary="The team's jobs, newest first")
+@router.get("/jobs", response_model=JobList, summary="The team's jobs, newest first")
 def list_jobs(request: Request, team: TeamDep, s: SessionDep,
               state: Annotated[JobState | None, Query()] = None,
               model_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = None,
@@ -128,7 +132,7 @@ def list_jobs(request: Request, team: TeamDep, s: SessionDep,
     return {"items": [job_dict(r) for r in rows], "total": total, "limit": limit, "offset": offset, "next": nxt}
 
 
-@router.get("/jobs/{job_id}", summary="A job's state, stage and progress")
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's state, stage and progress")
 def get_job(job_id: str, team: TeamDep, s: SessionDep):
     return job_dict(owned(s, Job, job_id, team, "job"))
 
@@ -142,7 +146,8 @@ def _plan_of(job: Job) -> dict:
     return job.plan
 
 
-@router.get("/jobs/{job_id}/plan", summary="The plan file (schema bitplan.plan/v1), or ?format=csv")
+@router.get("/jobs/{job_id}/plan", responses={200: {"model": PlanFile, "content": {"text/csv": {}}}},
+            summary="The plan file (schema bitplan.plan/v1), or ?format=csv")
 def get_plan(job_id: str, team: TeamDep, s: SessionDep, format: Literal["json", "csv"] = "json"):  # noqa: A002
     plan = _plan_of(owned(s, Job, job_id, team, "job"))
     if format == "json":
@@ -158,7 +163,7 @@ def get_frontier(job_id: str, team: TeamDep, s: SessionDep):
             "points": plan.get("frontier") or []}
 
 
-@router.delete("/jobs/{job_id}", status_code=202, summary="Cancel queued or running work")
+@router.delete("/jobs/{job_id}", status_code=202, response_model=JobOut, summary="Cancel queued or running work")
 def delete_job(request: Request, job_id: str, team: TeamDep):
     return job_dict(cancel_job(request.app.state, team, job_id))
 
