@@ -151,6 +151,6 @@ def cancel_job(state, team: Team, job_id: str) -> Job:
         if job.state in TERMINAL_STATES:
             raise ApiError(409, f"job {job.id} already {job.state}", "only queued or running jobs can be cancelled")
         move(job, JobState.CANCELLED)
-        job.error_message, job.error_hint = "cancelled by the user", None
+        job.error_message, job.error_hint, job.error_code = "cancelled by the user", None, "cancelled"
     state.revoke(job_id)
     return job

@@ -52,6 +52,7 @@ class DatasetOut(_Open):
 
 
 class JobError(_Open):
+    code: str = Field(description="e.g. infeasible, bad_data, time_limit, worker_lost, cancelled, internal")
     message: str
     hint: str | None = None
 

@@ -144,6 +144,8 @@ class Job(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_hint: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(40), nullable=True,
+                                                   doc="why it failed or was cancelled, for programs (docs/api.md)")
     cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cache_hit: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     plan: Mapped[dict | None] = mapped_column(JSON, nullable=True)

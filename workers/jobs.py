@@ -80,7 +80,7 @@ class Attempt:
             over = (utcnow() - job.started_at).total_seconds() > self.time_limit_s
         if over:
             self.stopped = "time limit"
-            finish(self.db, self.job_id, JobState.FAILED, lease=self.lease,
+            finish(self.db, self.job_id, JobState.FAILED, lease=self.lease, code="time_limit",
                    message=f"the job ran longer than the time limit of {self.time_limit_s:g} s",
                    hint="use a cheaper sensitivity method or fewer probes/samples (e.g. params max_probes, max_samples), "
                         "or ask the operator to raise BITPLAN_JOB_TIME_LIMIT_S")
@@ -248,7 +248,7 @@ def _age(moment: dt.datetime) -> float:
 
 
 def finish(db: Database, job_id: str, state: JobState, *, lease: str | None = None, plan: dict | None = None,
-           message: str | None = None, hint: str | None = None) -> bool:
+           message: str | None = None, hint: str | None = None, code: str | None = None) -> bool:
     """End a running job (only by the attempt holding ``lease``, when given); False if it was not running any more
     (cancelled, timed out or taken over meanwhile)."""
     with db.session() as s:
@@ -260,21 +260,22 @@ def finish(db: Database, job_id: str, state: JobState, *, lease: str | None = No
         if state == JobState.SUCCEEDED:
             job.plan, job.stage, job.progress, job.detail = plan, "done", 1.0, ""
         else:
-            job.error_message, job.error_hint = message, hint
+            job.error_message, job.error_hint, job.error_code = message, hint, code
         schedule_callback(s, job)  # commits with the job's end; the API's dispatcher sends it (workers/callbacks.py)
     return True
 
 
 def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None) -> None:
     if isinstance(exc, BitplanError):
-        finish(db, job_id, JobState.FAILED, lease=lease, message=exc.message, hint=exc.hint)
+        finish(db, job_id, JobState.FAILED, lease=lease, message=exc.message, hint=exc.hint, code=exc.code)
         return
     from celery.exceptions import SoftTimeLimitExceeded
 
     from storage import Unavailable
 
     if isinstance(exc, SoftTimeLimitExceeded):  # Celery's backstop fired: the task outlived the job's time limit
-        finish(db, job_id, JobState.FAILED, lease=lease, message="the job ran longer than the worker's time limit",
+        finish(db, job_id, JobState.FAILED, lease=lease, code="time_limit",
+               message="the job ran longer than the worker's time limit",
                hint="use a cheaper sensitivity method or fewer probes/samples (e.g. params max_probes, max_samples)")
         return
     if isinstance(exc, Unavailable):  # leave it running: its heartbeat stops and the reconciler requeues it
@@ -288,7 +289,7 @@ def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None
     else:
         log.error("job %s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
         name, first = type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]
-    finish(db, job_id, JobState.FAILED, lease=lease, message=f"internal error: {name}: {first}"[:1000],
+    finish(db, job_id, JobState.FAILED, lease=lease, code="internal", message=f"internal error: {name}: {first}"[:1000],
            hint="this is a bug in bitplan, not in your input; the worker log has the traceback")
 
 

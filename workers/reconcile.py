@@ -57,13 +57,13 @@ def reconcile_once(db: Database, enqueue: Callable[[str], None], settings: Setti
                 counts["still_queued"] += 1  # already sent again, and no worker has taken it yet
                 continue
             if job.attempts >= settings.max_attempts:
-                _fail(job, now, f"the job's worker stopped {job.attempts} times without finishing it (killed, or out "
-                               "of memory?)", "try a smaller max_samples or batch_size, or ask the operator to check "
-                               "the workers' memory")
+                _fail(job, now, "worker_lost",
+                      f"the job's worker stopped {job.attempts} times without finishing it (killed, or out of memory?)",
+                      "try a smaller max_samples or batch_size, or ask the operator to check the workers' memory")
                 counts["failed"] += 1
                 schedule_callback(s, job)  # sent by the callback dispatcher, as for a job a worker ended
             elif job.started_at is not None and job.started_at < overdue:
-                _fail(job, now, f"the job ran longer than the time limit of {settings.job_time_limit_s:g} s",
+                _fail(job, now, "time_limit", f"the job ran longer than the time limit of {settings.job_time_limit_s:g} s",
                       "use a cheaper sensitivity method or fewer probes/samples")
                 counts["failed"] += 1
                 schedule_callback(s, job)  # sent by the callback dispatcher, as for a job a worker ended
@@ -98,9 +98,9 @@ def _pending(pending: Callable[[], set[str] | None]) -> set[str] | None:
 
 
 
-def _fail(job: Job, now: dt.datetime, message: str, hint: str) -> None:
+def _fail(job: Job, now: dt.datetime, code: str, message: str, hint: str) -> None:
     move(job, JobState.FAILED, now)
-    job.error_message, job.error_hint = message, hint
+    job.error_message, job.error_hint, job.error_code = message, hint, code
 
 
 class Reconciler:

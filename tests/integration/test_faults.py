@@ -172,6 +172,7 @@ def test_api_restart_loses_nothing_and_time_limit_fails_clearly(digits_files, tm
         print(f"[fault] time limit: the job's sandboxed process was gone {killed:.2f} s after the job failed; "
               f"the next job left the queue {time.monotonic() - failed:.2f} s after it failed")
         assert timed_out["state"] == "failed" and "time limit of 8 s" in timed_out["error"]["message"]
+        assert timed_out["error"]["code"] == "time_limit"
         assert "max_probes" in timed_out["error"]["hint"]
         for q in quick:
             assert team.wait(q["id"], timeout=240)["state"] == "succeeded"

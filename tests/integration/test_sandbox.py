@@ -178,3 +178,4 @@ def test_non_finite_data_is_refused_at_upload_and_in_the_job(service, digits_fil
     blob.write_bytes(bad.read_bytes())  # the stored file turned bad after it was checked
     job = wait(service, submit(service, dataset_id=good["id"])["id"], timeout=120)
     assert job["state"] == "failed" and "index [5, 0, 2, 3]" in job["error"]["message"], job
+    assert job["error"]["code"] == "bad_data", job

@@ -137,6 +137,7 @@ def test_cancel_running_and_queued_jobs(teams):
     for job_id in [queued, *running]:
         job = a.http.get(f"/v1/jobs/{job_id}").json()
         assert job["state"] == "cancelled" and job["error"]["message"] == "cancelled by the user"
+        assert job["error"]["code"] == "cancelled"
 
 
 def test_errors_say_what_to_do(stack, teams):
