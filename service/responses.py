@@ -9,23 +9,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bitplan.schemas import InputSpec, LayerInfo
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
-
-
-class InputOut(_Open):
-    name: str = Field(description="'' for the one positional input")
-    dtype: str
-    shape: list[int | None] = Field(description="null: any size (the batch)")
-
-
-class LayerOut(_Open):
-    name: str
-    kind: str
-    params: int
-    out_channels: int | None = None
-    macs: int | None = Field(None, description="per sample; null when no inputs were given to measure them")
 
 
 class ModelOut(_Open):
@@ -34,8 +22,8 @@ class ModelOut(_Open):
     name: str
     format: str
     size_bytes: int
-    inputs: list[InputOut]
-    layers: list[LayerOut]
+    inputs: list[InputSpec]
+    layers: list[LayerInfo]
     other_bytes: float | None = None
     created_at: str | None = None
 
@@ -46,7 +34,7 @@ class DatasetOut(_Open):
     name: str
     samples: int | None = None
     has_targets: bool | None = None
-    inputs: list[InputOut]
+    inputs: list[InputSpec]
     size_bytes: int
     created_at: str | None = None
 
