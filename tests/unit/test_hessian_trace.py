@@ -85,8 +85,10 @@ def test_trace_matches_exact_hessian_within_its_standard_error(tmp_path, hvp, la
     targets = torch.randint(0, 3, (64,)) if labelled else None
     model, data, bank = _setup(tmp_path, module, x, targets)
     exact = _exact_block_traces(module, x, targets)
-    table = _table(model, data, bank, hvp=hvp, max_probes=2000, min_probes=200, tol=0.02, batch_size=16,
-                   probes_per_pass=50)
+    # finite differences cost a forward and backward pass per probe: a looser target, the same 4-SE check
+    fd = hvp == "finite_difference"
+    table = _table(model, data, bank, hvp=hvp, max_probes=600 if fd else 2000, min_probes=100 if fd else 200,
+                   tol=0.05 if fd else 0.02, batch_size=16, probes_per_pass=50)
     for layer in table.layers:
         se = layer.detail["trace_se"]
         assert abs(layer.stat - exact[layer.name]) <= 4 * se + 0.02 * abs(exact[layer.name]), layer.name
