@@ -16,6 +16,7 @@ from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
 from bitplan.inputs import match_inputs
 from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params, shardable_methods
+from bitplan.params import cut
 from bitplan.schemas import (
     ACT_BITS,
     BUDGET_KEYS,
@@ -179,7 +180,7 @@ NAME_CHARS = 60
 
 
 def _cut(name: str) -> str:
-    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"
+    return cut(name, NAME_CHARS)
 
 
 def _some(names, as_list: bool = False) -> str:
