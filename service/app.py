@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -18,6 +19,9 @@ from service import errors
 from service.api import router
 from service.ratelimit import make_rate_limiter
 from storage import BlobStore, Database, Unavailable
+
+if TYPE_CHECKING:
+    from workers.app import WorkerApp
 
 log = logging.getLogger("bitplan.service")
 
@@ -109,17 +113,14 @@ def _lifespan(settings: Settings, run_worker: bool, reconcile: bool):
 
         shared_sandbox().warm_in_background()  # the process that reads uploads (and runs jobs) starts once, now
         if run_worker:
-            from workers.app import start_in_process_worker
-
-            worker = start_in_process_worker()
+            worker = app.state.celery.start_in_process_worker()
             log.info("in-process worker started (broker %s)", settings.broker_url)
         reconciler = dispatcher = None
         if reconcile:
             from workers.callbacks import CallbackDispatcher
             from workers.reconcile import Reconciler
-            from workers.tasks import pending_job_ids
-
-            reconciler = Reconciler(app.state.db, app.state.enqueue, settings, pending=pending_job_ids).start()
+            reconciler = Reconciler(app.state.db, app.state.enqueue, settings,
+                                    pending=app.state.celery.pending_job_ids).start()
             dispatcher = CallbackDispatcher(app.state.db, settings.callback_allow).start()  # sends job callbacks
         yield
         if reconciler is not None:
@@ -132,27 +133,17 @@ def _lifespan(settings: Settings, run_worker: bool, reconcile: bool):
     return lifespan
 
 
-def _attach_state(app: FastAPI, settings: Settings):
-    """What the routes use, on ``app.state``: settings, database, blob store, and the broker's enqueue and
-    revoke. Returns the Celery app (configured for ``settings``)."""
+def _attach_state(app: FastAPI, settings: Settings) -> WorkerApp:
+    """What the routes use, on ``app.state``: settings, database, blob store, and the job queue's enqueue and
+    revoke. Returns the Celery app, this FastAPI app's own (an in-process worker shares the database)."""
     app.state.settings = settings
     app.state.db = Database(settings.database_url)
     app.state.blobs = BlobStore(settings.data_dir)
-    from workers.app import app as celery_app
-    from workers.app import configure
+    from workers.app import WorkerApp
 
-    configure(settings)
-    from workers.tasks import enqueue
-
-    app.state.enqueue = enqueue
-
-    def revoke(job_id: str) -> None:
-        try:
-            celery_app.control.revoke(job_id)
-        except Exception as exc:  # the job row already says cancelled; the worker checks it before running
-            log.warning("could not broadcast revoke of %s: %s", job_id, exc)
-
-    app.state.revoke = revoke
+    celery_app = app.state.celery = WorkerApp(settings, db=app.state.db, blobs=app.state.blobs)
+    app.state.enqueue = celery_app.enqueue
+    app.state.revoke = celery_app.revoke
     return celery_app
 
 

@@ -76,9 +76,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise BitplanError("a separate worker needs a broker server; the memory:// broker only works inside `bitplan serve`",
                            "start one with --broker redis://HOST:6379/0 (and the API with the same --broker)")
     _database(settings)
-    from workers.app import app, configure
+    from workers.app import WorkerApp
 
-    configure(settings)
+    app = WorkerApp(settings)
     if args.concurrency == 1:  # the solo pool runs jobs in this process: start its sandbox now, not at the first job
         from workers.sandbox import shared_sandbox
 

@@ -1,80 +1,146 @@
-"""The Celery app shared by the API (which enqueues) and the workers (which run).
+"""The Celery app of one deployment: the API makes one (to enqueue, revoke and read the queue) and so does
+``bitplan worker`` (to run the tasks).
 
-Jobs are acknowledged late and redelivered if a worker dies, so a job step must be
-safe to run twice (``workers.jobs`` checks the job's state before working).
+Nothing here is module-level state: ``WorkerApp(settings)`` builds an app bound to those settings, with the
+tasks registered on it and a ``Runtime`` (settings, database, blob store) that its tasks use. Two apps in one
+process (tests, or an embedded server beside another) do not see each other's broker or database.
+
+Jobs are acknowledged late and redelivered if a worker dies, so a job step must be safe to run twice
+(``workers.jobs`` checks the job's state before working).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
-from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
-from bitplan.settings import Settings, load_settings
+from bitplan.settings import Settings
 
-app = Celery("bitplan", include=["workers.tasks"])
-_settings: Settings | None = None
-
-
-def configure(settings: Settings | None = None) -> Celery:
-    """Point the app at the broker and result backend of ``settings`` (default: the environment)."""
-    global _settings
-    _settings = settings or load_settings()
-    app.conf.update(
-        broker_url=_settings.broker_url,
-        result_backend=_settings.result_backend,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=3,
-        # a submit must not hang while the broker is down: the job row is kept and the reconciler sends it later
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
-        broker_transport_options={"visibility_timeout": 6 * 3600},
-        result_expires=24 * 3600,
-        # Backstops for a prefork worker whose own loop hung: the job's child is killed at the job's time limit
-        # by jobs.run_untrusted; these end the task itself a little later (the solo pool ignores them).
-        task_soft_time_limit=_settings.job_time_limit_s + 120,
-        task_time_limit=_settings.job_time_limit_s + 300,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-    )
-    # Connections pooled for an earlier broker would keep sending there: drop them all (kombu keeps them globally),
-    # as Celery does after a fork.
-    from kombu import pools
-
-    pools.reset()
-    app._pool = None
-    app.amqp._producer_pool = None
-    runtime.cache_clear()
-    return app
-
-
-def settings() -> Settings:
-    return _settings if _settings is not None else configure() and _settings  # type: ignore[return-value]
-
-
-@lru_cache(maxsize=1)
-def runtime():
-    """The database and blob store of the configured settings (one per process)."""
+if TYPE_CHECKING:
     from storage import BlobStore, Database
 
-    s = settings()
-    return Database(s.database_url), BlobStore(s.data_dir)
+log = logging.getLogger("bitplan.worker")
 
 
-def start_in_process_worker(concurrency: int = 1):
-    """Run a worker in a thread of this process (the embedded default: memory broker, no Redis); returns the
-    worker, whose ``stop()`` ends it. It only orchestrates: models are read and run in sandboxed children."""
-    worker = app.WorkController(
-        app=app, concurrency=concurrency, pool_cls="solo" if concurrency == 1 else "threads",
-        hostname="embedded@localhost", loglevel="WARNING", without_heartbeat=True, without_mingle=True,
-        without_gossip=True,
-    )
-    thread = threading.Thread(target=worker.start, name="bitplan-worker", daemon=True)
-    thread.start()
-    return worker
+class Runtime:
+    """What a task needs besides its arguments: the settings, and the database and blob store they name.
+    The database is opened on first use, in the process that uses it (a prefork worker's child, not its parent)."""
+
+    def __init__(self, settings: Settings, db: Database | None = None, blobs: BlobStore | None = None) -> None:
+        self.settings = settings
+        self._db, self._blobs = db, blobs
+        self._lock = threading.Lock()
+
+    @property
+    def db(self) -> Database:
+        with self._lock:
+            if self._db is None:
+                from storage import Database
+
+                self._db = Database(self.settings.database_url)
+            return self._db
+
+    @property
+    def blobs(self) -> BlobStore:
+        with self._lock:
+            if self._blobs is None:
+                from storage import BlobStore
+
+                self._blobs = BlobStore(self.settings.data_dir)
+            return self._blobs
+
+
+class WorkerApp(Celery):  # type: ignore[misc]  # celery is untyped
+    """A Celery app for ``settings``: its broker and result backend, the job tasks, and their ``runtime``.
+
+    ``db`` and ``blobs`` may be passed to share the API's (the embedded default runs the worker in the API's
+    process); otherwise the runtime opens its own."""
+
+    def __init__(self, settings: Settings, db: Database | None = None, blobs: BlobStore | None = None) -> None:
+        # set_as_current=False: Celery's "current app" is process-wide; each caller holds its own app instead
+        super().__init__("bitplan", set_as_current=False)
+        self.runtime = Runtime(settings, db, blobs)
+        self.conf.update(
+            broker_url=settings.broker_url,
+            result_backend=settings.result_backend,
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=1,
+            broker_connection_retry_on_startup=True,
+            broker_connection_timeout=3,
+            # a submit must not hang while the broker is down: the job row is kept and the reconciler sends it later
+            task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+            broker_transport_options={"visibility_timeout": 6 * 3600},
+            result_expires=24 * 3600,
+            # Backstops for a prefork worker whose own loop hung: the job's child is killed at the job's time limit
+            # by jobs.run_untrusted; these end the task itself a little later (the solo pool ignores them).
+            task_soft_time_limit=settings.job_time_limit_s + 120,
+            task_time_limit=settings.job_time_limit_s + 300,
+            worker_hijack_root_logger=False,
+            worker_send_task_events=False,
+        )
+        from workers.tasks import register
+
+        register(self)
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    def enqueue(self, job_id: str) -> None:
+        """Queue a job (called by the API after the job row is committed). The task id is the job id, so a
+        queued job can be revoked by id."""
+        self.tasks["bitplan.run_job"].apply_async(args=[job_id], task_id=job_id)
+
+    def revoke(self, job_id: str) -> None:
+        """Tell the workers to drop a queued job (best effort: the job row already says cancelled, and a worker
+        checks it before running)."""
+        try:
+            self.control.revoke(job_id)
+        except Exception as exc:
+            log.warning("could not broadcast revoke of %s: %s", job_id, exc)
+
+    def pending_job_ids(self, limit: int = 20_000) -> set[str] | None:
+        """Ids of the jobs whose ``run_job`` message waits in the broker's queue; None when this broker cannot be
+        inspected (Redis and the in-process memory broker can). Messages a worker took and has not acknowledged
+        are not counted: that worker may be dead (the reconciler decides by the job's heartbeat)."""
+        with self.connection_for_read() as conn:
+            channel = conn.default_channel
+            queue = self.conf.task_default_queue or "celery"
+            kind = type(channel).__module__
+            if kind == "kombu.transport.memory":
+                messages: list[Any] = [m for q in list(type(channel).queues.values()) for m in list(q.queue)[:limit]]
+            elif kind == "kombu.transport.redis":
+                client = channel.client
+                keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps]
+                raw = [m for key in keys for m in client.lrange(key, 0, limit - 1)]
+                messages = [json.loads(m) for m in raw]
+            else:
+                return None
+        ids: set[str] = set()
+        for message in messages:
+            if isinstance(message, str):
+                message = json.loads(message)
+            headers = message.get("headers") or {} if isinstance(message, dict) else {}
+            if headers.get("task") == "bitplan.run_job" and headers.get("id"):
+                ids.add(str(headers["id"]))
+        return ids
+
+    def start_in_process_worker(self, concurrency: int = 1) -> Any:
+        """Run a worker in a thread of this process (the embedded default: memory broker, no Redis); returns the
+        worker, whose ``stop()`` ends it. It only orchestrates: models are read and run in sandboxed children."""
+        worker = self.WorkController(
+            app=self, concurrency=concurrency, pool_cls="solo" if concurrency == 1 else "threads",
+            hostname="embedded@localhost", loglevel="WARNING", without_heartbeat=True, without_mingle=True,
+            without_gossip=True,
+        )
+        thread = threading.Thread(target=worker.start, name="bitplan-worker", daemon=True)
+        thread.start()
+        return worker

@@ -22,7 +22,9 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -31,6 +33,13 @@ from bitplan.schemas import Budget, PlanFile, PlanRequest, SensitivityTable
 from storage import BlobStore, Database
 from storage.models import TERMINAL_STATES, DatasetFile, Job, JobState, ModelFile, SensitivityEntry, move, utcnow
 from workers.callbacks import schedule_callback
+
+if TYPE_CHECKING:
+    from bitplan.settings import Settings
+    from workers.app import Runtime
+
+#: sends a job's shards to the workers: (job id, layer blocks, lease)
+ShardDispatch = Callable[[str, list[list[str]], str], None]
 
 log = logging.getLogger("bitplan.worker")
 CACHE_VERSION = 2  # 2: tables are computed on the search part of the data (every 5th sample held out)
@@ -154,16 +163,15 @@ class JobSpec:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(), spec
 
 
-def resolve(db: Database, blobs: BlobStore, job: Job) -> JobSpec:
+def resolve(rt: Runtime, job: Job) -> JobSpec:
     """Turn the stored job into a PlanRequest over blob paths (synthetic data is made here, once)."""
+    db, blobs = rt.db, rt.blobs
     with db.session() as s:
         model = s.get(ModelFile, job.model_id)
         data = s.get(DatasetFile, job.dataset_id) if job.dataset_id else None
         eval_data = s.get(DatasetFile, job.eval_dataset_id) if job.eval_dataset_id else None
         if model is None:
             raise BitplanError("the job's model was deleted", "upload it again and resubmit")
-    from workers.app import settings as worker_settings
-
     r = job.request
     if data is not None:
         data_path, data_sha = str(blobs.path(data.sha256)), data.sha256
@@ -178,7 +186,7 @@ def resolve(db: Database, blobs: BlobStore, job: Job) -> JobSpec:
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), validate_plan=r.get("validate", True),
         refine_seconds=r.get("refine_seconds", 120.0),
         distill=r["distill"] if r.get("distill") is not None else data is None,  # ZeroQ for synthetic data
-        time_limit_s=worker_settings().job_time_limit_s,  # the solver stops in time to hand back its best plan
+        time_limit_s=rt.settings.job_time_limit_s,  # the solver stops in time to hand back its best plan
     )
     names = [layer["name"] for layer in model.description.get("layers", [])]
     if eval_data is not None:
@@ -293,11 +301,11 @@ def fail(db: Database, job_id: str, exc: BaseException, lease: str | None = None
            hint="this is a bug in bitplan, not in your input; the worker log has the traceback")
 
 
-def run_job(job_id: str, dispatch_shards=None, table: SensitivityTable | None = None, lease: str | None = None) -> str:
+def run_job(rt: Runtime, job_id: str, dispatch_shards: ShardDispatch | None = None, table: SensitivityTable | None = None,
+            lease: str | None = None) -> str:
     """Run one job, or continue it (``table`` from merged shards, under the ``lease`` that dispatched them).
     Returns what happened, for logs and tests."""
-    db, _ = _runtime()
-    settings = _settings()
+    db, settings = rt.db, rt.settings
     if lease is None:
         taken = start(db, job_id, settings.heartbeat_stale_s)
         if taken is None:
@@ -309,7 +317,7 @@ def run_job(job_id: str, dispatch_shards=None, table: SensitivityTable | None = 
             return "skipped"
     with Attempt(db, job_id, lease, settings.job_time_limit_s, min(5.0, settings.heartbeat_stale_s / 4)) as attempt:
         try:
-            return _work(db, job, attempt, dispatch_shards, table)
+            return _work(rt, job, attempt, dispatch_shards, table)
         except JobCancelled:
             return "cancelled"
         except Exception as exc:  # the job fails with a message; the worker lives on
@@ -317,12 +325,13 @@ def run_job(job_id: str, dispatch_shards=None, table: SensitivityTable | None = 
             return "failed"
 
 
-def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: SensitivityTable | None) -> str:
+def _work(rt: Runtime, job: Job, attempt: Attempt, dispatch_shards: ShardDispatch | None,
+          table: SensitivityTable | None) -> str:
     from bitplan.methods import get_method, shard_layers, shardable_methods
 
-    _, blobs = _runtime()
+    db = rt.db
     reporter = Reporter(db, job.id, attempt)
-    spec = resolve(db, blobs, job)
+    spec = resolve(rt, job)
     key, key_spec = spec.cache_key()
     hit = None if (table is not None or not spec.reuse) else cached_table(db, key)
     with db.session() as s:
@@ -342,7 +351,7 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
             "table": given.model_dump(mode="json", by_alias=True) if given is not None else None,
             "table_note": "reused a cached table" if hit is not None else "merged shards",
             "note": f"shards={spec.shards} run as one: this deployment has one worker" if spec.shards > 1 else None}
-    result = run_untrusted("plan", args, attempt, reporter)
+    result = run_untrusted(rt.settings, "plan", args, attempt, reporter)
     if result.get("table") is not None:
         store_table(db, key, key_spec, SensitivityTable.model_validate(result["table"]))
     plan = PlanFile.model_validate(result["plan"])
@@ -356,12 +365,11 @@ def _work(db: Database, job: Job, attempt: Attempt, dispatch_shards, table: Sens
     return "succeeded"
 
 
-def run_untrusted(task: str, args: dict, attempt: Attempt, reporter: Reporter) -> dict:
+def run_untrusted(settings: Settings, task: str, args: dict, attempt: Attempt, reporter: Reporter) -> dict:
     """Run ``task`` of ``workers.untrusted`` in the sandbox for this attempt: progress goes to the job row,
     and the child is killed as soon as the attempt must stop (JobCancelled is raised then)."""
     from workers.sandbox import Limits, SandboxStopped, shared_sandbox
 
-    settings = _settings()
     limits = Limits(wall_s=settings.job_time_limit_s + 60.0, memory_mb=settings.worker_memory_mb)
     env = {k: os.environ[k] for k in ("BITPLAN_MAX_UNPACKED_MB",) if os.environ.get(k)}
     try:
@@ -374,18 +382,17 @@ def run_untrusted(task: str, args: dict, attempt: Attempt, reporter: Reporter) -
         raise
 
 
-def run_shard(job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:
+def run_shard(rt: Runtime, job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:
     """Score ``layers`` only; returns the partial table (JSON) or None if the job ended or changed hands meanwhile."""
-    db, blobs = _runtime()
+    db, settings = rt.db, rt.settings
     job = _holding(db, job_id, lease)
     if job is None:
         return None
-    settings = _settings()
     with Attempt(db, job_id, lease, settings.job_time_limit_s, min(5.0, settings.heartbeat_stale_s / 4)) as attempt:
         reporter = Reporter(db, job_id, attempt, prefix=f"shard {index + 1}/{count}: ")
         try:
-            spec = resolve(db, blobs, job)
-            result = run_untrusted("shard", {"request": spec.request.model_dump(mode="json"), "layers": layers},
+            spec = resolve(rt, job)
+            result = run_untrusted(settings, "shard", {"request": spec.request.model_dump(mode="json"), "layers": layers},
                                    attempt, reporter)
             table = SensitivityTable.model_validate(result["table"])
             return {"table": table.model_dump(mode="json", by_alias=True), "worker": f"{socket.gethostname()}:{os.getpid()}"}
@@ -396,16 +403,16 @@ def run_shard(job_id: str, layers: list[str], index: int, count: int, lease: str
             return None
 
 
-def merge_and_continue(parts: list[dict | None], job_id: str, lease: str) -> str:
+def merge_and_continue(rt: Runtime, parts: list[dict | None], job_id: str, lease: str) -> str:
     """The chord's callback: merge the shard tables, cache the result, then solve and validate."""
     from bitplan.methods import merge_shards
 
-    db, blobs = _runtime()
+    db = rt.db
     job = _holding(db, job_id, lease)
     if job is None or any(p is None for p in parts):
         return "skipped"
     try:
-        spec = resolve(db, blobs, job)
+        spec = resolve(rt, job)
         merged = merge_shards([SensitivityTable.model_validate(p["table"]) for p in parts], spec.layer_names)
         workers = sorted({p["worker"] for p in parts})
         merged = merged.model_copy(update={"notes": [*merged.notes,
@@ -415,7 +422,7 @@ def merge_and_continue(parts: list[dict | None], job_id: str, lease: str) -> str
     except Exception as exc:
         fail(db, job_id, exc, lease)
         return "failed"
-    return run_job(job_id, table=merged, lease=lease)
+    return run_job(rt, job_id, table=merged, lease=lease)
 
 
 def _holding(db: Database, job_id: str, lease: str) -> Job | None:
@@ -424,14 +431,3 @@ def _holding(db: Database, job_id: str, lease: str) -> Job | None:
         job = s.get(Job, job_id)
         return job if job is not None and job.state == JobState.RUNNING and job.lease == lease else None
 
-
-def _runtime() -> tuple[Database, BlobStore]:
-    from workers.app import runtime
-
-    return runtime()
-
-
-def _settings():
-    from workers.app import settings
-
-    return settings()

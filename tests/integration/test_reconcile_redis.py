@@ -16,21 +16,18 @@ def redis_broker(tmp_path):
     url = f"{REDIS_URL}/14"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    from workers.app import configure
+    from workers.app import WorkerApp
 
-    configure(load_settings(data_dir=str(tmp_path / "data"), broker_url=url))
-    yield client
+    yield client, WorkerApp(load_settings(data_dir=str(tmp_path / "data"), broker_url=url))
     client.flushdb()
-    configure(load_settings(data_dir=str(tmp_path / "data"), broker_url="memory://"))
 
 
 def test_pending_job_ids_reads_the_redis_queue(redis_broker):
-    from workers.tasks import enqueue, pending_job_ids
-
-    enqueue("j_waiting1")
-    enqueue("j_waiting2")
-    assert pending_job_ids() == {"j_waiting1", "j_waiting2"}
-    assert redis_broker.llen("celery") == 2
+    redis, app = redis_broker
+    app.enqueue("j_waiting1")
+    app.enqueue("j_waiting2")
+    assert app.pending_job_ids() == {"j_waiting1", "j_waiting2"}
+    assert redis.llen("celery") == 2
 
 
 def test_a_backlog_in_redis_is_not_sent_again(redis_broker, tmp_path):
@@ -39,7 +36,9 @@ def test_a_backlog_in_redis_is_not_sent_again(redis_broker, tmp_path):
     from storage.models import utcnow
     from tests.rows import database_with_jobs
     from workers.reconcile import reconcile_once
-    from workers.tasks import enqueue, pending_job_ids
+
+    redis_broker, app = redis_broker
+    enqueue, pending_job_ids = app.enqueue, app.pending_job_ids
 
     settings = load_settings(data_dir=str(tmp_path / "data"), requeue_after_s=0.0)
     earlier = utcnow() - dt.timedelta(seconds=5)

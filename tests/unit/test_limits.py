@@ -175,16 +175,37 @@ def test_reconciler_resends_when_the_broker_cannot_be_read(tmp_path):
 
 
 def test_pending_job_ids_reads_the_in_process_broker(tmp_path):
-    from workers.app import configure
-    from workers.tasks import enqueue, pending_job_ids
+    from workers.app import WorkerApp
 
-    settings = load_settings(data_dir=str(tmp_path / "data"), broker_url="memory://")
-    configure(settings)
-    enqueue("j_backlog1")
-    enqueue("j_backlog2")
+    app = WorkerApp(load_settings(data_dir=str(tmp_path / "data"), broker_url="memory://"))
+    app.enqueue("j_backlog1")
+    app.enqueue("j_backlog2")
     try:
-        assert {"j_backlog1", "j_backlog2"} <= pending_job_ids()
+        assert {"j_backlog1", "j_backlog2"} <= app.pending_job_ids()
     finally:
-        from workers.app import app
-
         app.control.purge()
+
+
+def test_two_apps_in_one_process_keep_their_own_deployment(tmp_path, monkeypatch):
+    """Building a second app (another API, a test) must not redirect the first one's tasks, broker or database."""
+    monkeypatch.setenv("BITPLAN_RATE_LIMIT", "0")
+    from service.app import create_app
+
+    first = create_app(load_settings(data_dir=str(tmp_path / "a"), broker_url="redis://127.0.0.1:1/3"), worker=False,
+                       reconcile=False)
+    second = create_app(load_settings(data_dir=str(tmp_path / "b"), broker_url="memory://"), worker=False,
+                        reconcile=False)
+    one, two = first.state.celery, second.state.celery
+    assert one is not two
+    assert one.conf.broker_url == "redis://127.0.0.1:1/3" and two.conf.broker_url == "memory://"
+    assert one.runtime.db is first.state.db and two.runtime.db is second.state.db
+    assert str(tmp_path / "a") in str(one.runtime.db.engine.url) and str(tmp_path / "b") in str(two.runtime.db.engine.url)
+    # each app's tasks are bound to it: a task sent through the first goes to the first's broker
+    assert one.tasks["bitplan.run_job"].app is one and two.tasks["bitplan.run_job"].app is two
+    # and runs with its own runtime: a job id unknown to the second app's database is skipped there
+    calls = []
+    monkeypatch.setattr("workers.jobs.run_job", lambda rt, job_id, **kw: calls.append((rt, job_id)) or "skipped")
+    two.tasks["bitplan.run_job"].run("j_x")
+    one.tasks["bitplan.run_job"].run("j_y")
+    assert calls == [(two.runtime, "j_x"), (one.runtime, "j_y")]
+    assert two.pending_job_ids() == set()
