@@ -87,6 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             clip=args.clip, seed=args.seed,
             latency_table=load_latency_table(args.latency_table) if args.latency_table else None,
             validate_plan=not args.no_validate, refine_seconds=args.refine_seconds, distill=args.distill,
+            tie_shared_inputs=args.tie_shared_inputs,
         )
     except ValidationError as exc:
         raise BitplanError(_validation_message(exc)) from None
@@ -166,6 +167,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{len(rows)} quantizable layers, {total:,} weights; other tensors {desc['other_bytes'] / 1e3:.1f} kB")
     if all(r["macs"] is None for r in rows):
         print("(MACs need inputs: pass --data FILE)")
+    from bitplan.schemas import LayerInfo, shared_input_groups
+
+    groups = shared_input_groups([LayerInfo(**r) for r in rows])
+    if groups:
+        shown = ", ".join(groups[0]) + (f"; and {len(groups) - 1} more" if len(groups) > 1 else "")
+        print(f"{len(groups)} group(s) of layers read the same input (one width each with --tie-shared-inputs): {shown}")
     return 0
 
 
@@ -309,6 +316,7 @@ def _job_fields(args: argparse.Namespace) -> dict:
         "w_bits": _parse_bits(args.wbits) if args.wbits else None,
         "a_bits": _parse_bits(args.abits) if args.abits else None,
         "pins": _parse_pins(args.pin) or None,
+        "tie_shared_inputs": True if args.tie_shared_inputs else None,
         "sensitivity": _method_field(args.sensitivity, args.param, DEFAULT_SENSITIVITY),
         "solver": _method_field(args.solver, args.solver_param, DEFAULT_SOLVER),
         "clip": args.clip,
@@ -458,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation bits: one value for every layer (4, 8 or 16 = full precision), or a list to choose "
                         "from (needs --param activations=true)")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
+    p.add_argument("--tie-shared-inputs", action="store_true",
+                   help="give layers that read the same value (q, k and v; gate and up) one bit width, as runtimes that "
+                        "fuse them need (vLLM)")
     p.add_argument("--sensitivity", default=DEFAULT_SENSITIVITY, help=f"sensitivity method (default: {DEFAULT_SENSITIVITY})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
     p.add_argument("--solver", default=DEFAULT_SOLVER, help="ilp, pareto, evolutionary, greedy or uniform")
@@ -526,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", help="allowed weight bit widths, e.g. 2,3,4,8 (default: the server's)")
     p.add_argument("--abits", help="activation bit widths, e.g. 16")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
+    p.add_argument("--tie-shared-inputs", action="store_true",
+                   help="give layers that read the same value (q, k and v; gate and up) one bit width, as runtimes that "
+                        "fuse them need (vLLM)")
     p.add_argument("--sensitivity", help="sensitivity method (default: hessian_trace)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
     p.add_argument("--solver", help="ilp, pareto, evolutionary, greedy or uniform (default: ilp)")

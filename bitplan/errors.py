@@ -10,6 +10,7 @@ JSON, and the web form shows the message beside the field. Tracebacks are for bu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -29,7 +30,7 @@ class BitplanError(Exception):
         if code is not None:
             self.code = code
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         BitplanError._by_code.setdefault(cls.code, cls)
 
@@ -60,7 +61,7 @@ class BitplanError(Exception):
             return BitplanError(message, hint, field=field, code=code, **extra)
 
     @classmethod
-    def _rebuild(cls, message, hint, field, code, extra) -> BitplanError:
+    def _rebuild(cls, message: str, hint: str | None, field: str | None, code: str, extra: dict[str, Any]) -> BitplanError:
         return cls(message, hint, field=field, code=code, **extra)
 
 
@@ -87,17 +88,18 @@ class InfeasibleError(BitplanError):
 
     code = "infeasible"
 
-    def __init__(self, message: str, hint: str | None = None, minimums: dict | None = None, *,
+    def __init__(self, message: str, hint: str | None = None, minimums: Mapping[str, float] | None = None, *,
                  field: str | None = "budgets", **extra: Any) -> None:
         extra.pop("code", None)
         super().__init__(message, hint, field=field, minimums=dict(minimums or {}), **extra)
 
     @property
-    def minimums(self) -> dict:
-        return self.extra["minimums"]
+    def minimums(self) -> dict[str, float]:
+        minimums: dict[str, float] = self.extra["minimums"]
+        return minimums
 
     @classmethod
-    def _rebuild(cls, message, hint, field, code, extra) -> BitplanError:
+    def _rebuild(cls, message: str, hint: str | None, field: str | None, code: str, extra: dict[str, Any]) -> BitplanError:
         return cls(message, hint, extra.pop("minimums", None), field=field, **extra)
 
 

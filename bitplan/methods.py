@@ -8,8 +8,9 @@ implementation module plus one entry here.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -130,9 +131,10 @@ class MethodInfo:
     # split over workers (SensitivityContext.only) and the shards merged into exactly the one-run table.
     shardable: bool = False
 
-    def load(self):
+    def load(self) -> Callable[..., SensitivityTable]:
         module, _, attr = self.impl.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        function: Callable[..., SensitivityTable] = getattr(importlib.import_module(module), attr)
+        return function
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -193,7 +195,7 @@ def get_method(name: str) -> MethodInfo:
                            code="unknown_method", field="sensitivity") from None
 
 
-def parse_params(info: MethodInfo, raw: dict) -> BaseModel:
+def parse_params(info: MethodInfo, raw: dict[str, Any]) -> BaseModel:
     """``raw`` checked against the method's parameters; errors list the valid ones with their ranges."""
     return parse_model(info.params, raw, f"sensitivity method '{info.name}'", "sensitivity")
 

@@ -4,20 +4,23 @@ list what is valid (names, choices, ranges, defaults) instead of naming Python c
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from bitplan.errors import BitplanError
 
 SHOWN = 10
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def cut(text: str, chars: int = 60) -> str:
     return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
-def describe_field(name: str, info) -> str:
+def describe_field(name: str, info: FieldInfo) -> str:
     """``name`` with what it accepts: ``backend (cbc|highs, default cbc)``, ``time_limit (>0, default 60)``."""
     parts = []
     if get_origin(info.annotation) is Literal:
@@ -37,13 +40,13 @@ def describe_fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
     return ", ".join(describe_field(n, f) for n, f in model.model_fields.items() if n not in skip) or "none"
 
 
-def message_of(error) -> str:
+def message_of(error: Mapping[str, Any]) -> str:
     """One pydantic error as people read it: no "Value error, " prefix."""
     return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
-def parse_model(model: type[BaseModel], raw, owner: str, field: str, skip: tuple[str, ...] = (),
-                extra_hint: str = ""):
+def parse_model(model: type[M], raw: object, owner: str, field: str, skip: tuple[str, ...] = (),
+                extra_hint: str = "") -> M:
     """``raw`` validated by ``model``; a BitplanError (code ``bad_params``, ``field``) names what is wrong and lists
     the valid parameters of ``owner`` (e.g. "solver 'ilp'") with their choices, ranges and defaults."""
     valid = f"valid parameters of {owner}: {describe_fields(model, skip)}"

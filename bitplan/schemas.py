@@ -6,7 +6,8 @@ these models, so a field means the same thing everywhere.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -89,6 +90,18 @@ class LayerInfo(_Frozen):
     params: int = Field(description="weight elements (the quantized tensor)")
     out_channels: int = Field(description="output channels = per-channel scales stored")
     macs: int | None = Field(None, description="multiply-accumulates per sample, measured on data")
+    reads: str | None = Field(None, description="the graph value the layer reads: layers that read the same one (an "
+                                                "attention's q, k and v; an MLP's gate and up) can be fused by a runtime")
+
+
+def shared_input_groups(layers: Sequence[LayerInfo]) -> tuple[tuple[str, ...], ...]:
+    """The layers that read the same graph value, in groups of two or more (in layer order): what runtimes that
+    fuse projections (vLLM's fused QKV and gate-up) need to give one format, so what ``tie_shared_inputs`` ties."""
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.reads:
+            groups.setdefault(layer.reads, []).append(layer.name)
+    return tuple(tuple(names) for names in groups.values() if len(names) > 1)
 
 
 class ModelInfo(_Frozen):
@@ -106,7 +119,7 @@ class SensitivityLayer(_Frozen):
 
     @field_validator("omega", "omega_act", mode="before")
     @classmethod
-    def _int_keys(cls, v):
+    def _int_keys(cls, v: Any) -> dict[int, float]:
         return {int(k): float(x) for k, x in dict(v).items()}
 
 
@@ -115,7 +128,7 @@ class SensitivityTable(_Frozen):
 
     schema_: str = Field(SENSITIVITY_SCHEMA, alias="schema")
     method: str
-    params: dict
+    params: dict[str, Any]
     seconds: float
     layers: list[SensitivityLayer]
     notes: list[str] = Field(default_factory=list)
@@ -195,7 +208,7 @@ class SolverInfo(_Frozen):
 
 class SensitivityInfo(_Frozen):
     method: str
-    params: dict
+    params: dict[str, Any]
     seconds: float
     notes: list[str] = Field(default_factory=list)
 
@@ -211,6 +224,8 @@ class PlanFile(BaseModel):
     w_bits_options: list[int]
     a_bits_options: list[int]
     pins: dict[str, int] = Field(default_factory=dict)
+    ties: list[list[str]] = Field(default_factory=list, description="groups of layers given one bit width "
+                                                                    "(tie_shared_inputs)")
     seed: int
     sensitivity: SensitivityInfo
     solver: SolverInfo
@@ -218,7 +233,8 @@ class PlanFile(BaseModel):
     cost: Cost
     measured: Measured | None
     uniform_check: UniformCheck | None = Field(None, description="how the plan compares with uniform precision")
-    frontier: list[dict] | None = Field(None, description="non-dominated plans around the chosen one, if the solver gives them")
+    frontier: list[dict[str, Any]] | None = Field(
+        None, description="non-dominated plans around the chosen one, if the solver gives them")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
 
     def to_json(self) -> str:
@@ -239,10 +255,13 @@ class PlanRequest(BaseModel):
     w_bits: tuple[int, ...] = DEFAULT_W_BITS
     a_bits: tuple[int, ...] = DEFAULT_A_BITS
     pins: dict[str, int] = Field(default_factory=dict)
+    tie_shared_inputs: bool = Field(
+        False, description="give layers that read the same value (q, k and v; gate and up) one bit width, as runtimes "
+                           "that fuse them need (vLLM's fused QKV and gate-up projections)")
     sensitivity: str = "auto"  # bitplan.methods.DEFAULT_SENSITIVITY (methods imports this module)
-    sensitivity_params: dict = Field(default_factory=dict)
+    sensitivity_params: dict[str, Any] = Field(default_factory=dict)
     solver: str = DEFAULT_SOLVER
-    solver_params: dict = Field(default_factory=dict)
+    solver_params: dict[str, Any] = Field(default_factory=dict)
     time_limit_s: float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="seconds the run may take (a service job's limit): the solver stops by what is left of it, "
@@ -265,7 +284,7 @@ class PlanRequest(BaseModel):
 
     @field_validator("w_bits")
     @classmethod
-    def _check_w_bits(cls, v):
+    def _check_w_bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         bad = [b for b in v if b not in WEIGHT_BITS]
         if bad or not v:
             raise ValueError(f"weight bits {bad or '[]'} not supported; choose from {list(WEIGHT_BITS)}")
@@ -273,7 +292,7 @@ class PlanRequest(BaseModel):
 
     @field_validator("a_bits", mode="before")
     @classmethod
-    def _check_a_bits(cls, v):
+    def _check_a_bits(cls, v: Any) -> tuple[int, ...]:
         v = (v,) if isinstance(v, int) else tuple(v)
         bad = [b for b in v if b not in ACT_BITS]
         if bad or not v:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
 
     @field_validator("callback_allow", mode="before")
     @classmethod
-    def _words(cls, value):
+    def _words(cls, value: object) -> tuple[str, ...]:
         """A list setting: a sequence, or a string separated by commas or spaces."""
         if isinstance(value, (list, tuple)):
             return tuple(str(v).strip() for v in value if str(v).strip())
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         return self.data_dir / "local-key"
 
 
-def load_settings(**overrides) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """The settings, with ``overrides`` (keyword: value; None means "not given") over the environment.
 
     A bad value raises a BitplanError naming the variable and what it must be."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ _INTS = ("int8", "int16", "int32", "int64", "uint8")
 TOKEN_IDS = 100  # integer inputs are token ids in [0, TOKEN_IDS): inside any real vocabulary
 
 
-def write_synthetic(inputs: list[dict], samples: int, seed: int, path: str) -> str:
+def write_synthetic(inputs: list[dict[str, Any]], samples: int, seed: int, path: str) -> str:
     """Write ``samples`` random samples for the input specs ``inputs`` ({name, dtype, shape}) to ``path``.
 
     Deterministic for a seed. Returns the file's sha256. Floats are standard normal; integers are
@@ -45,7 +46,7 @@ def write_synthetic(inputs: list[dict], samples: int, seed: int, path: str) -> s
     return sha256_file(target)
 
 
-def _key(inputs: list[dict], spec: dict) -> str:
+def _key(inputs: list[dict[str, Any]], spec: dict[str, Any]) -> str:
     """``inputs`` (positional) for a model with one input, else ``inputs.<name>`` (keywords), as load_data reads them.
 
     One input always goes positionally, named or not: a program exported with ``(x,)`` refuses
@@ -59,7 +60,7 @@ def _key(inputs: list[dict], spec: dict) -> str:
     return f"inputs.{name}"
 
 
-def _array(spec: dict, samples: int, rng: np.random.Generator) -> np.ndarray:
+def _array(spec: dict[str, Any], samples: int, rng: np.random.Generator) -> np.ndarray:
     name, dtype = str(spec.get("name") or ""), str(spec["dtype"])
     shape = _shape(name, list(spec["shape"]), samples)
     lowered = name.lower()
@@ -78,7 +79,7 @@ def _array(spec: dict, samples: int, rng: np.random.Generator) -> np.ndarray:
                     "upload a dataset instead")
 
 
-def _shape(name: str, shape: list, samples: int) -> tuple[int, ...]:
+def _shape(name: str, shape: list[Any], samples: int) -> tuple[int, ...]:
     if not shape:
         raise DataError(f"input '{name}' is a scalar; synthetic data needs a sample dimension", "upload a dataset instead")
     first, rest = shape[0], shape[1:]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -23,7 +24,8 @@ router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
 def db_of(request: Request) -> Database:
-    return request.app.state.db
+    db: Database = request.app.state.db
+    return db
 
 
 def current_team(request: Request, authorization: Annotated[str | None, Header()] = None) -> Team:
@@ -42,7 +44,7 @@ def current_team(request: Request, authorization: Annotated[str | None, Header()
 TeamDep = Annotated[Team, Depends(current_team)]
 
 
-def session(request: Request):
+def session(request: Request) -> Iterator[Session]:
     with db_of(request).session() as s:
         yield s
 
@@ -56,7 +58,8 @@ SessionDep = Annotated[Session, Depends(session)]
 @router.post("/models", status_code=201, response_model=ModelOut,
              summary="Upload a model (.pt2 torch.export archive or TorchScript)")
 def upload_model(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()],
-                 dataset_id: Annotated[str | None, Form(description="data to trace a TorchScript model with")] = None):
+                 dataset_id: Annotated[str | None, Form(description="data to trace a TorchScript model with")] = None,
+                 ) -> dict[str, Any]:
     body, created = store_upload(request.app.state, team, "model", file.file, file.filename, dataset_id)
     response.status_code = 201 if created else 200
     return body
@@ -64,34 +67,39 @@ def upload_model(request: Request, response: Response, team: TeamDep, file: Anno
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut,
              summary="Upload calibration or evaluation data (.npz or .safetensors)")
-def upload_dataset(request: Request, response: Response, team: TeamDep, file: Annotated[UploadFile, File()]):
+def upload_dataset(request: Request, response: Response, team: TeamDep,
+                   file: Annotated[UploadFile, File()]) -> dict[str, Any]:
     body, created = store_upload(request.app.state, team, "dataset", file.file, file.filename)
     response.status_code = 201 if created else 200
     return body
 
 
-def _listing(s: Session, cls, team: Team, view) -> dict:
+#: the uploads a team lists
+Upload = TypeVar("Upload", ModelFile, DatasetFile)
+
+
+def _listing(s: Session, cls: type[Upload], team: Team, view: Callable[[Upload], dict[str, Any]]) -> dict[str, Any]:
     rows = s.scalars(select(cls).where(cls.team_id == team.id).order_by(cls.created_at.desc())).all()
     return {"items": [view(r) for r in rows]}
 
 
 @router.get("/models", response_model=ModelList, summary="The team's models")
-def list_models(team: TeamDep, s: SessionDep):
+def list_models(team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return _listing(s, ModelFile, team, model_dict)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model with its layer table")
-def get_model(model_id: str, team: TeamDep, s: SessionDep):
+def get_model(model_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return model_dict(owned(s, ModelFile, model_id, team, "model"))
 
 
 @router.get("/datasets", response_model=DatasetList, summary="The team's datasets")
-def list_datasets(team: TeamDep, s: SessionDep):
+def list_datasets(team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return _listing(s, DatasetFile, team, dataset_dict)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, summary="One dataset")
-def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep):
+def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return dataset_dict(owned(s, DatasetFile, dataset_id, team, "dataset"))
 
 
@@ -100,7 +108,7 @@ def get_dataset(dataset_id: str, team: TeamDep, s: SessionDep):
 
 @router.post("/jobs", status_code=202, response_model=JobOut, summary="Submit a planning job")
 def submit_job(request: Request, body: JobCreate, team: TeamDep,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
     job, replay = create_job(request.app.state, team, body, idempotency_key)
     return _accepted(job, replay)
 
@@ -116,7 +124,8 @@ def _accepted(job: Job, replay: bool = False) -> JSONResponse:
 def list_jobs(request: Request, team: TeamDep, s: SessionDep,
               state: Annotated[JobState | None, Query()] = None,
               model_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 20, offset: Annotated[int, Query(ge=0, le=10**9)] = 0):
+              limit: Annotated[int, Query(ge=1, le=200)] = 20,
+              offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> dict[str, Any]:
     where = [Job.team_id == team.id]
     if state:
         where.append(Job.state == state)
@@ -133,11 +142,11 @@ def list_jobs(request: Request, team: TeamDep, s: SessionDep,
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's state, stage and progress")
-def get_job(job_id: str, team: TeamDep, s: SessionDep):
+def get_job(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return job_dict(owned(s, Job, job_id, team, "job"))
 
 
-def _plan_of(job: Job) -> dict:
+def _plan_of(job: Job) -> dict[str, Any]:
     if job.state != JobState.SUCCEEDED or job.plan is None:
         why = f"job {job.id} is {job.state}" + (f": {job.error_message}" if job.error_message else "")
         hint = "poll GET /v1/jobs/{id} until state is succeeded" if job.state in ACTIVE_STATES else (
@@ -147,8 +156,9 @@ def _plan_of(job: Job) -> dict:
 
 
 @router.get("/jobs/{job_id}/plan", responses={200: {"model": PlanFile, "content": {"text/csv": {}}}},
-            summary="The plan file (schema bitplan.plan/v1), or ?format=csv")
-def get_plan(job_id: str, team: TeamDep, s: SessionDep, format: Literal["json", "csv"] = "json"):  # noqa: A002
+            summary="The plan file (schema bitplan.plan/v1), or ?format=csv", response_model=None)
+def get_plan(job_id: str, team: TeamDep, s: SessionDep,
+             format: Literal["json", "csv"] = "json") -> dict[str, Any] | PlainTextResponse:  # noqa: A002
     plan = _plan_of(owned(s, Job, job_id, team, "job"))
     if format == "json":
         return plan
@@ -156,23 +166,23 @@ def get_plan(job_id: str, team: TeamDep, s: SessionDep, format: Literal["json", 
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-plan.csv"'})
 
 
-@router.get("/jobs/{job_id}/frontier", summary="The Pareto frontier around the plan")
-def get_frontier(job_id: str, team: TeamDep, s: SessionDep):
+@router.get("/jobs/{job_id}/frontier", summary="The Pareto frontier around the plan", response_model=None)
+def get_frontier(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     plan = _plan_of(owned(s, Job, job_id, team, "job"))
     return {"budget": plan["budget"], "chosen": {**plan["cost"], "objective": plan["solver"]["objective"]},
             "points": plan.get("frontier") or []}
 
 
 @router.delete("/jobs/{job_id}", status_code=202, response_model=JobOut, summary="Cancel queued or running work")
-def delete_job(request: Request, job_id: str, team: TeamDep):
+def delete_job(request: Request, job_id: str, team: TeamDep) -> dict[str, Any]:
     return job_dict(cancel_job(request.app.state, team, job_id))
 
 
 # --- registry ---------------------------------------------------------------------------------------------
 
 
-@router.get("/methods", summary="Registered sensitivity methods and solvers, with their parameters")
-def methods():
+@router.get("/methods", summary="Registered sensitivity methods and solvers, with their parameters", response_model=None)
+def methods() -> dict[str, Any]:
     from bitplan.methods import METHODS
     from solver import SOLVERS
 

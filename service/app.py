@@ -7,11 +7,13 @@ process also runs a worker thread, so ``bitplan serve`` alone is a working servi
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitplan import __version__
 from bitplan.settings import Settings, load_settings
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from workers.app import WorkerApp
 
 log = logging.getLogger("bitplan.service")
+CallNext = Callable[[Request], Awaitable[Response]]
 
 
 #: The routes that take multipart file uploads (limited by BITPLAN_MAX_UPLOAD_MB); any other body is capped as JSON.
@@ -38,21 +41,24 @@ class JsonBodyCap:
     to the limit, and handed on; the first byte past the limit ends the request with the same 413.
     """
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.limit <= 0:  # BITPLAN_MAX_JSON_KB=0: no cap
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         headers = dict(scope["headers"])
         multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
         if multipart and scope.get("path") in UPLOAD_PATHS:
-            return await self.app(scope, receive, send)  # uploads: refuse_oversized_uploads and BITPLAN_MAX_UPLOAD_MB
+            await self.app(scope, receive, send)  # uploads: refuse_oversized_uploads and BITPLAN_MAX_UPLOAD_MB
+            return
         length = headers.get(b"content-length")
         if length is not None:
             if length.isdigit() and int(length) > self.limit:
                 return await self._refuse(scope, receive, send)
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         messages, size = [], 0  # chunked, or HTTP/2 without a length: count what arrives
         while True:
             message = await receive()
@@ -65,12 +71,12 @@ class JsonBodyCap:
             if not message.get("more_body", False):
                 break
 
-        async def replay():
+        async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         kb = self.limit / 1024
         response = errors.error_response(
             413, "too_large", f"the request body is larger than {kb:g} KB, the limit for JSON (non-upload) requests",
@@ -101,12 +107,13 @@ def create_app(settings: Settings | None = None, worker: bool | None = None, rec
     return app
 
 
-def _lifespan(settings: Settings, run_worker: bool, reconcile: bool):
+def _lifespan(settings: Settings, run_worker: bool,
+              reconcile: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Start: migrate, warm the sandbox, and run the in-process worker, the reconciler and the callback
     dispatcher as asked; stop them at shutdown (a later app in this process must not find this one's)."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db.migrate()
         worker = None
         from workers.sandbox import shared_sandbox
@@ -152,7 +159,7 @@ def _install_limits(app: FastAPI, settings: Settings) -> None:
     limiter = app.state.limiter = make_rate_limiter(settings)
 
     @app.middleware("http")
-    async def rate_limit(request, call_next):
+    async def rate_limit(request: Request, call_next: CallNext) -> Response:
         """Per API key (header or sign-in cookie); anonymous requests are not counted."""
         auth = request.headers.get("authorization", "")
         key = auth.partition(" ")[2].strip() or request.cookies.get("bitplan_session")
@@ -165,7 +172,7 @@ def _install_limits(app: FastAPI, settings: Settings) -> None:
         return await call_next(request)
 
     @app.middleware("http")
-    async def refuse_oversized_uploads(request, call_next):
+    async def refuse_oversized_uploads(request: Request, call_next: CallNext) -> Response:
         """Answer 413 from the declared length, before the body is read and spooled to disk."""
         length = request.headers.get("content-length")
         if request.method == "POST" and length and length.isdigit() and int(length) > settings.max_upload_bytes + (1 << 20):
@@ -177,13 +184,13 @@ def _install_limits(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(JsonBodyCap, limit=settings.max_json_bytes)
 
 
-def _install_health(app: FastAPI, celery_app) -> None:
+def _install_health(app: FastAPI, celery_app: WorkerApp) -> None:
     @app.get("/healthz", tags=["health"], summary="The process is up")
-    def healthz():
+    def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     @app.get("/readyz", tags=["health"], summary="Database and broker reachable")
-    def readyz():
+    def readyz() -> JSONResponse:
         checks = {}
         try:
             app.state.db.ping()

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from bitplan.errors import BitplanError
 from bitplan.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from storage import Database
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -23,7 +27,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings()
 
 
-def _database(settings: Settings):
+def _database(settings: Settings) -> Database:
     from storage import Database, Unavailable
 
     db = Database(settings.database_url)
@@ -35,7 +39,7 @@ def _database(settings: Settings):
     return db
 
 
-def ensure_local_key(settings: Settings, db) -> str | None:
+def ensure_local_key(settings: Settings, db: Database) -> str | None:
     """Embedded default: on first start, make team 'local' a key, keep it in DATA_DIR/local-key, return it."""
     if db.has_keys():
         return None
@@ -110,7 +114,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database", help="SQLAlchemy URL (env BITPLAN_DATABASE_URL; default SQLite in the data dir)")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the REST API (with an in-process worker unless --broker is a server)")
     _common(p)
     p.add_argument("--host", default="127.0.0.1")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +37,7 @@ class ApiError(Exception):
     """An answer other than 2xx: ``{"error": {"code", "message", "hint", ["field",] **extra}}``."""
 
     def __init__(self, status: int, message: str, hint: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, field: str | None = None, **extra) -> None:
+                 headers: dict[str, str] | None = None, field: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.message, self.hint, self.headers = status, message, hint, headers
         self.code = code or STATUS_CODES.get(status, "error")
@@ -48,11 +50,12 @@ class ApiError(Exception):
         return cls(status, exc.message if message is None else message, exc.hint, code=exc.code, field=exc.field,
                    **exc.extra)
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {"field": self.field, **self.extra} if self.field is not None else dict(self.extra)
 
 
-def error_response(status: int, code: str, message: str, hint: str | None = None, headers=None, **extra) -> JSONResponse:
+def error_response(status: int, code: str, message: str, hint: str | None = None,
+                   headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
     message, hint = clip(message, MAX_MESSAGE_CHARS), None if hint is None else clip(hint, MAX_MESSAGE_CHARS)
     return JSONResponse({"error": {"code": code, "message": message, "hint": hint, **extra}}, status_code=status,
                         headers=headers)
@@ -66,24 +69,24 @@ def clip(text: str, limit: int) -> str:
     return text[:keep] + f"… ({len(text) - keep} more characters)"
 
 
-def _loc(loc) -> str:
+def _loc(loc: Iterable[object]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or "body"
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_req: Request, exc: ApiError):
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return error_response(exc.status, exc.code, exc.message, exc.hint, headers=headers, **exc.body())
 
     @app.exception_handler(BitplanError)
-    async def _bitplan_error(_req: Request, exc: BitplanError):
+    async def _bitplan_error(_req: Request, exc: BitplanError) -> JSONResponse:
         api = ApiError.from_error(exc)
         return error_response(api.status, api.code, api.message, api.hint, **api.body())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError):
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         fields = []
         for e in errors[:MAX_FIELDS]:  # a body with a million bad values is answered with the first few
@@ -95,17 +98,17 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_request", message, "see the API description at /docs", fields=fields)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         hint = "see the API description at /docs" if exc.status_code in (404, 405) else None
         return error_response(exc.status_code, STATUS_CODES.get(exc.status_code, "error"), str(exc.detail), hint)
 
     @app.exception_handler(Unavailable)
-    async def _unavailable(_req: Request, exc: Unavailable):
+    async def _unavailable(_req: Request, exc: Unavailable) -> JSONResponse:
         return error_response(503, "unavailable", str(exc), "the service's database is down; retry in a few seconds",
                               headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         """Anything else: Starlette's ServerErrorMiddleware calls this, sends the answer, then re-raises for the server."""
         ref = secrets.token_hex(4)
         log.error("unexpected error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)

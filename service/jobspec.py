@@ -6,8 +6,8 @@ the data fits the model's inputs, from both descriptions)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Annotated, Literal
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -26,6 +26,7 @@ from bitplan.schemas import (
     WEIGHT_BITS,
     Budget,
     LayerInfo,
+    shared_input_groups,
 )
 from service.errors import ApiError
 
@@ -48,7 +49,7 @@ class Budgets(Budget):
 
     @model_validator(mode="before")
     @classmethod
-    def _known_keys(cls, value):
+    def _known_keys(cls, value: Any) -> Any:
         if isinstance(value, dict):
             unknown = sorted(str(k) for k in value if k not in BUDGET_KEYS)
             if unknown:
@@ -66,7 +67,7 @@ class MethodChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
-    params: dict = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobCreate(BaseModel):
@@ -82,6 +83,8 @@ class JobCreate(BaseModel):
     w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
     a_bits: list[int] = Field(list(DEFAULT_A_BITS), min_length=1, max_length=3)
     pins: dict[str, int] = Field(default_factory=dict)
+    tie_shared_inputs: bool = Field(False, description="give layers that read the same value (q, k and v; gate and up) "
+                                                       "one bit width, as runtimes that fuse them need (vLLM)")
     sensitivity: MethodChoice = MethodChoice(method=DEFAULT_SENSITIVITY)
     solver: MethodChoice = MethodChoice(method=DEFAULT_SOLVER)
     clip: Literal["mse", "minmax"] = "mse"
@@ -101,7 +104,7 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _storable(cls, value):
+    def _storable(cls, value: Any) -> Any:
         problem = _unstorable(value)
         if problem is not None:
             raise _invalid(problem)
@@ -134,7 +137,7 @@ class JobCreate(BaseModel):
 MAX_DEPTH = 32
 
 
-def _unstorable(value) -> str | None:
+def _unstorable(value: object) -> str | None:
     """What in a JSON body no database, log or JSON answer can hold, said with where it is; else None.
 
     A NUL character (PostgreSQL refuses it in text and JSON), an unpaired surrogate such as JSON's
@@ -183,7 +186,7 @@ def _cut(name: str) -> str:
     return cut(name, NAME_CHARS)
 
 
-def _some(names, as_list: bool = False) -> str:
+def _some(names: Sequence[object], as_list: bool = False) -> str:
     """A few of ``names`` and how many more ("a, b and 3 more", or "['a', 'b'] and 3 more"): not all 50,000 of them."""
     names = list(names)
     shown = [repr(_cut(str(n))) if as_list else _shown(_cut(str(n))) for n in names[:SHOWN_NAMES]]
@@ -191,7 +194,7 @@ def _some(names, as_list: bool = False) -> str:
     return text + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
 
 
-def check_methods(job: JobCreate) -> dict:
+def check_methods(job: JobCreate) -> dict[str, Any]:
     """Names and parameters of the sensitivity method and solver; returns the normalised request."""
     from solver import SOLVERS, parse_solver_params
 
@@ -221,7 +224,7 @@ def check_methods(job: JobCreate) -> dict:
     return request
 
 
-def _refuse_non_finite(params: dict, where: str) -> None:
+def _refuse_non_finite(params: dict[str, Any], where: str) -> None:
     """NaN and Infinity parse from JSON into floats no method or solver can use; name them here, not in a failed job."""
     bad = sorted(f"{where}.{k}" for k, v in params.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
@@ -229,7 +232,8 @@ def _refuse_non_finite(params: dict, where: str) -> None:
                        "send ordinary numbers (not NaN or Infinity)", code="invalid_request", field=where.split(".")[0])
 
 
-def check_against_model(job: JobCreate, model: dict, dataset: Callable[[str], dict] | None = None) -> None:
+def check_against_model(job: JobCreate, model: dict[str, Any],
+                        dataset: Callable[[str], dict[str, Any]] | None = None) -> None:
     """Pins name real layers, the latency table covers them, the budget is achievable, and the data fits.
 
     ``model`` is the model's JSON (``GET /v1/models/{id}``; a bare stored description works too);
@@ -244,7 +248,7 @@ def check_against_model(job: JobCreate, model: dict, dataset: Callable[[str], di
             check_data_fits(model, dataset(data_id), role, "dataset_id" if role == "dataset" else "eval_dataset_id")
 
 
-def _check_budget(job: JobCreate, description: dict) -> None:
+def _check_budget(job: JobCreate, description: dict[str, Any]) -> None:
     try:
         layers = tuple(LayerInfo(**row) for row in description.get("layers", []))
     except ValidationError:
@@ -265,7 +269,15 @@ def _check_budget(job: JobCreate, description: dict) -> None:
         raise ApiError(422, "a latency_ms budget needs a latency_table", "add latency_table: {layer: {bits: ms}}",
                        code="invalid_request", field="latency_table")
     costs = CostModel(layers, float(description.get("other_bytes") or 0.0), job.latency_table)
-    lowest = {layer.name: (job.pins.get(layer.name, min(job.w_bits)), min(job.a_bits)) for layer in layers}
+    pins = dict(job.pins)
+    for group in shared_input_groups(layers) if job.tie_shared_inputs else ():
+        pinned = {pins[name] for name in group if name in pins}
+        if len(pinned) > 1:
+            raise ApiError(422, f"pins give the tied layers {_some(group, as_list=True)} different bit widths "
+                           f"{sorted(pinned)}", "pin them alike, or leave tie_shared_inputs off", code="invalid_request",
+                           field="pins")
+        pins |= dict.fromkeys(group, pinned.pop()) if pinned else {}
+    lowest = {layer.name: (pins.get(layer.name, min(job.w_bits)), min(job.a_bits)) for layer in layers}
     try:
         cost = costs.plan_cost(lowest).model_dump()
     except BitplanError as exc:
@@ -281,7 +293,7 @@ def _check_budget(job: JobCreate, description: dict) -> None:
                        minimums={key: least for key, (_, least) in over.items()})
 
 
-def check_data_fits(model: dict, data: dict, role: str = "dataset", field: str = "dataset_id") -> None:
+def check_data_fits(model: dict[str, Any], data: dict[str, Any], role: str = "dataset", field: str = "dataset_id") -> None:
     """Refuse data the worker would refuse, from the two stored descriptions, without torch: the same rule
     (``bitplan.inputs.match_inputs``) that ``conform()`` applies to the tensors. A TorchScript model is traced
     again with the job's data, so only its input names are fixed. Descriptions without inputs (older rows) are

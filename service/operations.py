@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -21,12 +21,17 @@ from storage.models import ACTIVE_STATES, TERMINAL_STATES, DatasetFile, Job, Job
 from storage.views import dataset_dict, model_dict
 from workers.callbacks import CallbackError, check_callback_url
 
+if TYPE_CHECKING:
+    from starlette.datastructures import State
+
 log = logging.getLogger("bitplan.service")
 TORCHSCRIPT_HINT = ("upload calibration data first and send its id as dataset_id with the model, "
                     "or send a torch.export (.pt2) archive")
+#: the rows a team owns
+Owned = TypeVar("Owned", ModelFile, DatasetFile, Job)
 
 
-def owned(s: Session, cls, row_id: str, team: Team, what: str, field: str | None = None):
+def owned(s: Session, cls: type[Owned], row_id: str, team: Team, what: str, field: str | None = None) -> Owned:
     """The team's own row, else 404 (never 403: another team's ids must not be confirmed); ``field``: the request
     field that named it."""
     row = s.get(cls, row_id) if "\x00" not in row_id else None  # PostgreSQL text cannot hold NUL
@@ -48,12 +53,12 @@ def clean_name(filename: str | None, default: str) -> str:
     return name.strip()[:200] or default
 
 
-def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str | None,
-                 dataset_id: str | None = None) -> tuple[dict, bool]:
+def store_upload(state: State, team: Team, kind: str, source: BinaryIO, filename: str | None,
+                 dataset_id: str | None = None) -> tuple[dict[str, Any], bool]:
     """Store a model (``kind='model'``) or dataset upload; returns (its JSON, created). A re-upload of the
     same bytes by the same team returns the earlier row; a refused file leaves nothing behind."""
     cls: type[ModelFile] | type[DatasetFile] = ModelFile if kind == "model" else DatasetFile
-    view: Callable[[Any], dict] = model_dict if kind == "model" else dataset_dict
+    view: Callable[[Any], dict[str, Any]] = model_dict if kind == "model" else dataset_dict
     try:
         staged = state.blobs.stage(source, state.settings.max_upload_bytes)
     except TooLarge as exc:
@@ -96,7 +101,7 @@ def store_upload(state, team: Team, kind: str, source: BinaryIO, filename: str |
             staged.discard()
 
 
-def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
+def create_job(state: State, team: Team, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Check and record a job, then queue it; returns (job, replayed) — replayed for a repeated Idempotency-Key."""
     normalised = check_methods(body)
     if body.callback_url is not None:  # before any row is written, and outside the session (it resolves DNS)
@@ -144,7 +149,7 @@ def create_job(state, team: Team, body: JobCreate, idempotency_key: str | None =
     return job, False
 
 
-def cancel_job(state, team: Team, job_id: str) -> Job:
+def cancel_job(state: State, team: Team, job_id: str) -> Job:
     with state.db.session() as s:
         job = owned(s, Job, job_id, team, "job")
         s.refresh(job, with_for_update=True)

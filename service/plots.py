@@ -8,12 +8,13 @@ import csv
 import io
 import math
 from html import escape
+from typing import Any
 
 CSV_COLUMNS = ["name", "kind", "params", "macs", "w_bits", "a_bits", "sensitivity"]
 UNITS = {"avg_weight_bits": "bits", "size_bytes": "bytes", "bops": "BOPs", "latency_ms": "ms"}
 
 
-def plan_csv(plan: dict) -> str:
+def plan_csv(plan: dict[str, Any]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -22,7 +23,7 @@ def plan_csv(plan: dict) -> str:
     return out.getvalue()
 
 
-def plan_view(plan: dict) -> dict:
+def plan_view(plan: dict[str, Any]) -> dict[str, Any]:
     layers = plan["layers"]
     top = max((layer["sensitivity"] for layer in layers), default=0.0) or 1.0
     rows = [{**layer, "bar": round(100 * layer["w_bits"] / 16, 1), "sens_bar": log_bar(layer["sensitivity"], top)}
@@ -86,7 +87,7 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def frontier_svg(plan: dict, width: int = 560, height: int = 320) -> str | None:
+def frontier_svg(plan: dict[str, Any], width: int = 560, height: int = 320) -> str | None:
     """Predicted loss increase (sum of Omega) against the budget's cost; the chosen plan marked."""
     points = plan.get("frontier") or []
     key = next(iter(plan["budget"]), "avg_weight_bits")

@@ -16,6 +16,10 @@ import logging
 import math
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bitplan.settings import Settings
 
 log = logging.getLogger("bitplan.service")
 
@@ -121,7 +125,7 @@ class RedisRateLimiter:
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
 
-def make_rate_limiter(settings) -> RateLimiter | RedisRateLimiter:
+def make_rate_limiter(settings: Settings) -> RateLimiter | RedisRateLimiter:
     """Shared buckets in Redis when the broker is Redis, else this process's own."""
     if settings.broker_url.startswith(("redis://", "rediss://")):
         return RedisRateLimiter(settings.broker_url, settings.rate_limit, settings.rate_burst)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from bitplan.errors import BitplanError
 from service.errors import ApiError
@@ -22,7 +23,7 @@ log = logging.getLogger("bitplan.service")
 READ_HINT = "send a torch.export (.pt2) archive or TorchScript; data as .npz or .safetensors"
 
 
-def describe(kind: str, path: Path, name: str, data_path: Path | None = None, memory_mb: int = 0) -> dict:
+def describe(kind: str, path: Path, name: str, data_path: Path | None = None, memory_mb: int = 0) -> dict[str, Any]:
     """The model's layer table or the dataset's shape, or an ApiError(422) saying what is wrong."""
     from workers.sandbox import InternalError, Limits, SandboxError, SandboxStopped, shared_sandbox
 

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, select
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from bitplan.methods import DEFAULT_SENSITIVITY, METHODS
 from bitplan.schemas import ACT_BITS, BUDGET_KEYS, DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS, WEIGHT_BITS
@@ -49,6 +50,7 @@ COOKIE = "bitplan_session"
 LEGACY_COOKIE = "bitplan_key"  # older versions kept the API key itself here: browsers are told to drop it
 DEFAULT_PORTS = {"http": 80, "https": 443}
 PAGE_SIZE = 50
+T = TypeVar("T")
 
 
 class SignIn(Exception):
@@ -98,7 +100,7 @@ def _same_origin(request: Request) -> bool:
     return mine is not None and _origin(claimed) == mine  # "Origin: null" (a sandboxed or redirected post) fails
 
 
-def _forged(request: Request, form, back: str) -> Response | None:
+def _forged(request: Request, form: FormData, back: str) -> Response | None:
     """The 403 page when a form post lacks the session's CSRF token or comes from another site, else None.
     Call after ``signed_in``/``_session`` and before doing anything."""
     expected = getattr(request.state, "csrf_token", None)
@@ -115,18 +117,18 @@ def _refused(request: Request, back: str) -> Response:
                 message="This form has expired or was sent from another site, so nothing was done.")
 
 
-def install(app) -> None:
+def install(app: FastAPI) -> None:
     from fastapi.staticfiles import StaticFiles
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(router)
 
     @app.exception_handler(SignIn)
-    async def _sign_in(_request: Request, exc: SignIn):
+    async def _sign_in(_request: Request, exc: SignIn) -> RedirectResponse:
         return RedirectResponse(f"/login?next={quote(exc.next_url)}", status_code=303)
 
 
-def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     """Render a template; forms that post find the session's CSRF token as ``csrf_token``."""
     context.setdefault("csrf_token", getattr(request.state, "csrf_token", ""))
     return templates.TemplateResponse(request, name, context, status_code=status)
@@ -148,7 +150,7 @@ def _drop_cookies(request: Request, response: Response) -> None:
 
 
 @router.get("/login")
-def login_form(request: Request, next: str = "/"):  # noqa: A002
+def login_form(request: Request, next: str = "/") -> HTMLResponse:  # noqa: A002
     response = page(request, "login.html", next=_safe_next(next), error=None)
     if LEGACY_COOKIE in request.cookies:
         response.delete_cookie(LEGACY_COOKIE, httponly=True, samesite="strict", secure=request.url.scheme == "https")
@@ -156,7 +158,7 @@ def login_form(request: Request, next: str = "/"):  # noqa: A002
 
 
 @router.post("/login")
-async def login(request: Request):
+async def login(request: Request) -> Response:
     form = await request.form()
     if not _same_origin(request):  # no session yet, so no token: a sign-in posted from another site is refused
         return _refused(request, "/login")
@@ -195,7 +197,7 @@ async def logout(request: Request) -> Response:
 # --- the form ---------------------------------------------------------------------------------------------
 
 
-def _choices(request: Request, team: Team) -> dict:
+def _choices(request: Request, team: Team) -> dict[str, Any]:
     from solver import SOLVERS
 
     with request.app.state.db.session() as s:
@@ -214,13 +216,13 @@ def _choices(request: Request, team: Team) -> dict:
     }
 
 
-def _defaults() -> dict:
+def _defaults() -> dict[str, Any]:
     return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
             "w_bits": list(DEFAULT_W_BITS), "a_bits": str(DEFAULT_A_BITS[0]), "pins": "", "sensitivity": DEFAULT_SENSITIVITY,
             "solver": DEFAULT_SOLVER}
 
 
-def _values_from_job(job: Job) -> dict:
+def _values_from_job(job: Job) -> dict[str, Any]:
     r = job.request
     kind, value = next(iter(r["budgets"].items()))
     return {"model_id": job.model_id, "dataset_id": job.dataset_id or "synthetic", "budget_kind": kind,
@@ -230,7 +232,7 @@ def _values_from_job(job: Job) -> dict:
 
 
 @router.get("/")
-def form(request: Request, again: str | None = None):
+def form(request: Request, again: str | None = None) -> HTMLResponse:
     team = signed_in(request)
     values = _defaults()
     if again:
@@ -242,13 +244,13 @@ def form(request: Request, again: str | None = None):
     return page(request, "form.html", values=values, errors={}, **_choices(request, team))
 
 
-def _file(form, name: str) -> UploadFile | None:
+def _file(form: FormData, name: str) -> UploadFile | None:
     item = form.get(name)
     return item if isinstance(item, UploadFile) and item.filename else None
 
 
 @router.post("/")
-async def submit(request: Request):
+async def submit(request: Request) -> Response:
     team = signed_in(request)
     form = await request.form()
     refused = _forged(request, form, "/")
@@ -320,7 +322,7 @@ async def submit(request: Request):
     return page(request, "form.html", status=422, values=values, errors=errors, **_choices(request, team))
 
 
-async def _run(fn, *args):
+async def _run(fn: Callable[..., T], *args: Any) -> T:
     from starlette.concurrency import run_in_threadpool
 
     return await run_in_threadpool(fn, *args)
@@ -349,7 +351,7 @@ FORM_FIELDS = {"budgets": "budget_value", "w_bits": "w_bits", "pins": "pins", "m
                "sensitivity": "sensitivity", "solver": "solver"}
 
 
-def _field_of(loc) -> str:
+def _field_of(loc: Iterable[object]) -> str:
     parts = [str(p) for p in loc]
     return FORM_FIELDS.get(parts[0] if parts else "", "form")
 
@@ -363,7 +365,7 @@ def _field_of_error(exc: ApiError) -> str:
 
 
 @router.get("/jobs")
-def jobs(request: Request, page_no: Annotated[int, Query(alias="page", ge=1, le=100_000)] = 1):
+def jobs(request: Request, page_no: Annotated[int, Query(alias="page", ge=1, le=100_000)] = 1) -> HTMLResponse:
     team = signed_in(request)
     with request.app.state.db.session() as s:
         total = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team.id))
@@ -375,7 +377,7 @@ def jobs(request: Request, page_no: Annotated[int, Query(alias="page", ge=1, le=
                 more=page_no * PAGE_SIZE < total, total=total)
 
 
-def _job_context(request: Request, team: Team, job_id: str) -> dict:
+def _job_context(request: Request, team: Team, job_id: str) -> dict[str, Any]:
     with request.app.state.db.session() as s:
         job = owned(s, Job, job_id, team, "job")
         model = s.get(ModelFile, job.model_id)
@@ -389,7 +391,7 @@ def _job_context(request: Request, team: Team, job_id: str) -> dict:
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str):
+def job_page(request: Request, job_id: str) -> HTMLResponse:
     team = signed_in(request)
     try:
         context = _job_context(request, team, job_id)
@@ -399,7 +401,7 @@ def job_page(request: Request, job_id: str):
 
 
 @router.get("/jobs/{job_id}/progress")
-def job_progress(request: Request, job_id: str):
+def job_progress(request: Request, job_id: str) -> Response:
     team = signed_in(request)
     try:
         context = _job_context(request, team, job_id)
@@ -409,7 +411,7 @@ def job_progress(request: Request, job_id: str):
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def job_cancel(request: Request, job_id: str):
+async def job_cancel(request: Request, job_id: str) -> Response:
     team = await _run(signed_in, request)
     form = await request.form()
     refused = _forged(request, form, f"/jobs/{quote(job_id)}")
@@ -424,7 +426,7 @@ async def job_cancel(request: Request, job_id: str):
 
 
 @router.get("/jobs/{job_id}/plan.{fmt}")
-def job_download(request: Request, job_id: str, fmt: str):
+def job_download(request: Request, job_id: str, fmt: str) -> Response:
     team = signed_in(request)
     if fmt not in ("json", "csv"):
         return PlainTextResponse("download plan.json or plan.csv", status_code=404)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +34,7 @@ class SolverParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def _time_limit():
+def _time_limit() -> Any:  # pydantic's Field() is typed Any, so that it fits any annotation
     return Field(None, gt=0, le=7 * 24 * 3600,
                  description="seconds the search may take, then the best plan found is returned (status 'time_limit'); "
                              "none: unbounded")
@@ -116,13 +116,14 @@ class SolverEntry:
     def load(self) -> SolveFn:
         """The implementation, imported on first use (Optuna and PuLP load slowly)."""
         module, _, attr = self.impl.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        function: SolveFn = getattr(importlib.import_module(module), attr)
+        return function
 
-    def __call__(self, problem: Problem, **kwargs) -> Solution:
+    def __call__(self, problem: Problem, **kwargs: Any) -> Solution:
         hooks = {k: kwargs.pop(k) for k in self.hooks if k in kwargs}
         return self.run(problem, parse_solver_params(self.name, kwargs), **hooks)
 
-    def run(self, problem: Problem, params: SolverParams, **hooks) -> Solution:
+    def run(self, problem: Problem, params: SolverParams, **hooks: Any) -> Solution:
         """Solve with already validated ``params`` (a ``self.params``) and the Python-only ``hooks``."""
         if not isinstance(params, self.params):
             raise TypeError(f"solver '{self.name}' takes {self.params.__name__}, not {type(params).__name__}")
@@ -132,7 +133,7 @@ class SolverEntry:
         values = {k: getattr(params, k) for k in type(params).model_fields if k not in self.caller_fields}
         return self.load()(problem, **values, **hooks)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[SolverEntry | str]:
         """The older ``(solve, summary)`` pair, so ``for name, (solve, summary) in SOLVERS.items()`` still reads."""
         return iter((self, self.summary))
 
@@ -173,7 +174,7 @@ def solver_params(name: str) -> dict[str, object]:
     return get_info(name).params().model_dump(mode="json")
 
 
-def parse_solver_params(name: str, raw: Mapping) -> SolverParams:
+def parse_solver_params(name: str, raw: Mapping[str, Any]) -> SolverParams:
     """``raw`` (JSON-typed parameters) validated by solver ``name``'s model; a BitplanError names the field at
     fault and what it expects, or, for unknown fields, lists the valid ones."""
     info = get_info(name)

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from bitplan.errors import BitplanError
 from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
 
+if TYPE_CHECKING:
+    import optuna
+
 Evaluate = Callable[[dict[str, Option]], float]
 _TOL = 1e-9
+#: per unit (a layer, or a tie group): its trial parameter name and its options, each {layer name: option}
+Units = Sequence[tuple[str, list[dict[str, Option]]]]
 
 
 def solve_evolutionary(
@@ -62,7 +68,7 @@ def solve_evolutionary(
             scores[picks] = float(evaluate(dict(choices))) if evaluate else sum(o.objective for o in choices.values())
         return scores[picks]
 
-    def objective(trial) -> tuple[float, ...]:
+    def objective(trial: optuna.trial.Trial) -> tuple[float, ...]:
         picks = {name: trial.suggest_categorical(name, list(range(len(options)))) for name, options in units}
         choices = plan_of(picks)
         values = {k: problem.value(k, choices) for k in set(keys) | set(limits)}
@@ -73,7 +79,7 @@ def solve_evolutionary(
                 trial.set_constraint(k, v)
         return (score(tuple(picks[name] for name, _ in units), choices), *(values[k] for k in keys))
 
-    def stop_at_deadline(study, trial) -> None:
+    def stop_at_deadline(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # the seed plans (a few: one per width, the ilp's, the greedy one) are scored even late, so a time
         # limit spent on seeding still ends with the ilp and greedy plans among the candidates
         if deadline.passed() and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
@@ -150,9 +156,9 @@ def _seed_plans(problem: Problem, solvers: bool, time_limit: float | None = None
     return plans
 
 
-def _picks(units, plan: Mapping[str, Option]) -> dict[str, int]:
+def _picks(units: Units, plan: Mapping[str, Option]) -> dict[str, int]:
     """The trial parameters of ``plan``; a unit whose choice the search space lacks is left to the sampler."""
-    picks = {}
+    picks: dict[str, int] = {}
     for name, options in units:
         for i, opt in enumerate(options):
             if all(plan[n] is o or plan[n] == o for n, o in opt.items()):
@@ -161,10 +167,10 @@ def _picks(units, plan: Mapping[str, Option]) -> dict[str, int]:
     return picks
 
 
-def _non_dominated(trials) -> list:
+def _non_dominated(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     front = [t for t in trials
              if not any(all(a <= b for a, b in zip(u.values, t.values)) and u.values != t.values for u in trials)]
-    unique: dict[tuple, object] = {}
+    unique: dict[tuple[float, ...], optuna.trial.FrozenTrial] = {}
     for t in sorted(front, key=lambda t: (t.values[1:], t.values[0], t.number)):
         unique.setdefault(tuple(t.values), t)
     return list(unique.values())

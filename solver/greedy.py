@@ -12,12 +12,15 @@ from __future__ import annotations
 import functools
 import heapq
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from bitplan.errors import BitplanError, InfeasibleError
 from solver.problem import Deadline, Layer, Option, Problem, Solution, fmt
 
 _TOL = 1e-9
+
+#: new options for some layers: {layer name: option}
+Move = dict[str, Option]
 
 
 def solve_greedy(problem: Problem, fill: bool = True, time_limit: float | None = None) -> Solution:
@@ -137,7 +140,8 @@ def greedy_choices(problem: Problem, fill: bool = True, deadline: Deadline | Non
     return {lay.name: choices[lay.name] for lay in problem.layers}
 
 
-def _fill(problem: Problem, units, choices, totals, scale, deadline: Deadline) -> None:
+def _fill(problem: Problem, units: Mapping[str, _Unit], choices: dict[str, Option], totals: dict[str, float],
+          scale: Mapping[str, float], deadline: Deadline) -> None:
     """Spend the slack: take the steps up that fit, the most objective bought per unit cost first."""
     weights = {k: 1.0 / scale[k] for k in problem.budgets}
     for _ in range(len(units) + 1):
@@ -179,7 +183,7 @@ def _apply(problem: Problem, choices: dict[str, Option], totals: dict[str, float
 class _Unit:
     """A layer, or a tie group whose layers move to a new width together."""
 
-    def __init__(self, problem: Problem, names: list[str]):
+    def __init__(self, problem: Problem, names: list[str]) -> None:
         self.problem = problem
         self.keys = list(problem.budgets)
         self.options = {n: problem.candidates(problem.layer(n)) for n in names}
@@ -192,7 +196,7 @@ class _Unit:
         w = self.widths[-1]
         return {n: min((o for o in opts if o.w_bits == w), key=lambda o: o.objective) for n, opts in self.options.items()}
 
-    def moves(self, choices: Mapping[str, Option], weights: Mapping[str, float]):
+    def moves(self, choices: Mapping[str, Option], weights: Mapping[str, float]) -> Iterator[Move]:
         """Every other plan for this unit: single-layer swaps within a width, and whole-unit width changes."""
         names = list(self.options)
         current_w = choices[names[0]].w_bits
@@ -208,7 +212,7 @@ class _Unit:
                                   key=lambda o: (sum(a * b for a, b in zip(self.vector[id(o)][1:], weight)), o.objective))
                            for n, opts in self.options.items()}
 
-    def _delta(self, choices, move) -> list[float]:
+    def _delta(self, choices: Mapping[str, Option], move: Move) -> list[float]:
         """Change of (objective, budgeted contributions...) if ``move`` is made."""
         delta = [0.0] * (len(self.keys) + 1)
         for n, o in move.items():
@@ -217,14 +221,15 @@ class _Unit:
                 delta[i] += new[i] - old[i]
         return delta
 
-    def fits(self, choices, move, room: list[float]) -> bool:
+    def fits(self, choices: Mapping[str, Option], move: Move, room: list[float]) -> bool:
         return all(d <= r for d, r in zip(self._delta(choices, move)[1:], room))
 
-    def best_step(self, choices, weights: Mapping[str, float], room: list[float]):
+    def best_step(self, choices: Mapping[str, Option], weights: Mapping[str, float],
+                  room: list[float]) -> tuple[float, Move] | None:
         """The cheapest step down: exceeded budgets shrink (one strictly), the others stay within
         their limits; (objective added per weighted cost saved, move) or None."""
         weight = [weights.get(k, 0.0) for k in self.keys]
-        best = None
+        best: tuple[float, Move] | None = None
         for move in self.moves(choices, weights):
             d_obj, *d_cost = self._delta(choices, move)
             if any(d > r for d, r in zip(d_cost, room)):
@@ -237,7 +242,8 @@ class _Unit:
                 best = (ratio, move)
         return best
 
-    def up_steps(self, choices, weights):
+    def up_steps(self, choices: Mapping[str, Option],
+                 weights: Mapping[str, float]) -> Iterator[tuple[float, Move, list[float]]]:
         """Steps that lower the objective, as (cost added per objective bought, move, cost change)."""
         weight = [weights.get(k, 0.0) for k in self.keys]
         for move in self.moves(choices, weights):
@@ -266,7 +272,7 @@ def _rank(problem: Problem, layer: Layer, option: Option) -> tuple[float, float]
     return _price(problem, layer, option), option.objective
 
 
-def _price(problem: Problem, layer, option: Option, weights: Mapping[str, float] | None = None) -> float:
+def _price(problem: Problem, layer: Layer, option: Option, weights: Mapping[str, float] | None = None) -> float:
     keys = weights if weights is not None else {k: 1.0 / (abs(v) or 1.0) for k, v in problem.budgets.items()}
     return sum(problem.contribution(k, layer, option) * w for k, w in keys.items())
 

@@ -26,12 +26,16 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import pulp
 
 from bitplan.errors import BitplanError, InfeasibleError
 from solver.problem import Deadline, Option, Problem, Solution, fmt, objective_of
+
+if TYPE_CHECKING:
+    import highspy
 
 #: Objective coefficients are rescaled so the largest is this, keeping the solvers' tolerances meaningful.
 _OBJECTIVE_SCALE = 1e6
@@ -146,8 +150,10 @@ def lagrangian_multipliers(problem: Problem, options: Mapping[str, tuple[Option,
     highs = _new_highs()
     if time_limit is not None:
         highs.setOptionValue("time_limit", float(max(time_limit, 0.01)))
-    objs, layer_rows, cols = [], [], 0
-    contrib: dict[str, list] = {k: [] for k in keys}
+    objs: list[float] = []
+    layer_rows: list[tuple[int, int]] = []
+    cols = 0
+    contrib: dict[str, list[float]] = {k: [] for k in keys}
     for layer in problem.layers:
         opts = options[layer.name]
         layer_rows.append((cols, len(opts)))
@@ -197,7 +203,7 @@ def reduced_options(
 class _Model:
     """The PuLP model over the options left; single-option layers are folded into constants."""
 
-    def __init__(self, problem: Problem, options: Mapping[str, tuple[Option, ...]]):
+    def __init__(self, problem: Problem, options: Mapping[str, tuple[Option, ...]]) -> None:
         self.problem = problem
         self.options = options
         self.infeasible = False
@@ -205,8 +211,8 @@ class _Model:
         self.scale = _scale([o.objective for opts in options.values() for o in opts])
         self.prob = prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
         self.x: dict[str, list[pulp.LpVariable]] = {}
-        objective: list = []
-        spent: dict[str, list] = {k: [] for k in problem.budgets}
+        objective: list[tuple[pulp.LpVariable, float]] = []
+        spent: dict[str, list[tuple[pulp.LpVariable, float]]] = {k: [] for k in problem.budgets}
         fixed_spend = dict.fromkeys(problem.budgets, 0.0)
         for li, layer in enumerate(problem.layers):
             opts = options[layer.name]
@@ -239,14 +245,15 @@ class _Model:
                         continue
                     self.prob.addConstraint(sides[0] == sides[1], _name(f"tie_{gi}_{a}_{b}_{w}"))
 
-    def _width(self, name: str, w: int):
+    def _width(self, name: str, w: int) -> float | pulp.LpAffineExpression:
         """1 when layer ``name`` takes width ``w`` (an expression, or a constant 0.0/1.0)."""
         opts = self.options[name]
         if name not in self.x:
             return float(opts[0].w_bits == w)
         return pulp.LpAffineExpression([(v, 1.0) for v, o in zip(self.x[name], opts) if o.w_bits == w])
 
-    def solve(self, backend: str, time_limit: float | None, msg: bool, start: Mapping[str, Option] | None):
+    def solve(self, backend: str, time_limit: float | None, msg: bool,
+              start: Mapping[str, Option] | None) -> tuple[dict[str, Option], bool, float | None] | None:
         """(choices, proven optimal, lower bound or None), or None when no plan was found."""
         if self.infeasible:
             return None
@@ -277,12 +284,12 @@ class _Model:
         bound = None if solver_bound is None else solver_bound / self.scale + self.constant
         return choices, proven, bound
 
-    def _solve_cbc(self, time_limit, msg, start) -> float | None:
+    def _solve_cbc(self, time_limit: float | None, msg: bool, start: Mapping[str, Option] | None) -> float | None:
         # The bundled CBC 2.10.3's preprocessing can return a suboptimal plan marked "optimal" on
         # these knapsack-like problems (tests/unit/test_solver.py found one); it stays off.
         # The known plan (greedy) is CBC's MIP start.
         warm = start is not None
-        if warm:
+        if start is not None:
             for name, xs in self.x.items():
                 for v, o in zip(xs, self.options[name]):
                     v.setInitialValue(1.0 if o is start[name] else 0.0)
@@ -299,16 +306,17 @@ class _Model:
         found = re.search(r"^Lower bound:\s*(-?[\d.eE+-]+)", text, re.MULTILINE)
         return float(found.group(1)) if found else None
 
-    def _solve_highs(self, time_limit, msg) -> float | None:
+    def _solve_highs(self, time_limit: float | None, msg: bool) -> float | None:
         # No MIP start: HiGHS 1.16 handed the greedy start back as "optimal" on a 5-layer problem
         # whose optimum is 13% lower (tests/unit/test_solvers_family.py, seed 9397).
         solver = _HiGHS(msg=msg, timeLimit=time_limit, gapRel=_GAP_REL)
         self.prob.solve(solver)
         info = self.prob.solverModel.getInfo()
-        return info.mip_dual_bound if info.mip_dual_bound > -1e300 else None
+        bound: float = info.mip_dual_bound
+        return bound if bound > -1e300 else None
 
     def _choices(self) -> dict[str, Option]:
-        choices = {}
+        choices: dict[str, Option] = {}
         for layer in self.problem.layers:
             opts = self.options[layer.name]
             xs = self.x.get(layer.name)
@@ -316,21 +324,21 @@ class _Model:
         return choices
 
 
-class _HiGHS(pulp.HiGHS):
+class _HiGHS(pulp.HiGHS):  # type: ignore[misc]  # pulp ships no type information: its classes are Any
     """PuLP's HiGHS, built silent (``output_flag`` off)."""
 
-    def createAndConfigureSolver(self, lp):
+    def createAndConfigureSolver(self, lp: pulp.LpProblem) -> None:
         _new_highs()
         super().createAndConfigureSolver(lp)
 
 
-def _new_highs():
+def _new_highs() -> highspy.Highs:
     """A highspy.Highs with its log off. The library prints a banner on stdout the first time a process
     constructs one; entry points that own stdout call :func:`silence_banner` first, at a moment when no other
     thread writes (this function never touches file descriptors: it may run inside a threaded server)."""
     import highspy
 
-    highs = highspy.Highs()
+    highs = highspy.Highs()  # type: ignore[no-untyped-call]  # highspy: Highs.__init__ is unannotated
     highs.setOptionValue("output_flag", False)
     return highs
 
@@ -349,7 +357,7 @@ def silence_banner() -> None:
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)
-            highspy.Highs()
+            highspy.Highs()  # type: ignore[no-untyped-call]  # highspy: Highs.__init__ is unannotated
     finally:
         os.dup2(saved, 1)
         os.close(saved)
@@ -363,7 +371,7 @@ def highspy_inf() -> float:
 
 
 
-def _scale(objectives) -> float:
+def _scale(objectives: Iterable[float]) -> float:
     largest = max((abs(v) for v in objectives), default=0.0)
     return _OBJECTIVE_SCALE / largest if largest > 0 else 1.0
 

@@ -19,14 +19,19 @@ inside its slowest step), the ILP of hull mode gets what is left.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from bitplan.errors import BitplanError
 from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution, objective_of
 
 METHODS = ("auto", "exact", "hull")
 _TOL = 1e-9
+
+#: per unit (a layer, or a tie group): its options, each {layer name: option}
+Units = Sequence[list[dict[str, Option]]]
 
 
 class _TooLarge(Exception):
@@ -122,11 +127,12 @@ class _Frontier:
     """Frontier points in cost order: the cost on the frontier key, the objective, whether the other
     budgets hold, and a way to rebuild any point's plan."""
 
-    def __init__(self, cost: np.ndarray, objective: np.ndarray, fits: np.ndarray, plan):
+    def __init__(self, cost: np.ndarray, objective: np.ndarray, fits: np.ndarray,
+                 plan: Callable[[int], dict[str, Option]]) -> None:
         self.cost, self.objective, self.fits, self.plan = cost, objective, fits, plan
 
 
-def _exact(problem: Problem, key: str, units, max_states: int, foresee: bool = False,
+def _exact(problem: Problem, key: str, units: Units, max_states: int, foresee: bool = False,
            deadline: Deadline | None = None) -> _Frontier:
     """The exact frontier, found by merging units one at a time. With ``foresee`` it gives up as soon
     as linear growth from here would pass ``max_states`` (frontiers grow at least that fast); past
@@ -197,10 +203,11 @@ def _undominated(cost: np.ndarray, objective: np.ndarray, deadline: Deadline | N
             return None
         if not kept or not np.any(np.all(points[kept] <= points[i], axis=1)):
             kept.append(i)
-    return order[np.array(kept, dtype=int)]
+    kept_index: npt.NDArray[np.intp] = np.array(kept, dtype=int)
+    return order[kept_index]
 
 
-def _beaten_before(second: np.ndarray, objective: np.ndarray, leaf: int = 64) -> np.ndarray:
+def _beaten_before(second: np.ndarray, objective: np.ndarray, leaf: int = 64) -> npt.NDArray[np.bool_]:
     """For points in order: is there an earlier one with second <= and objective <=? Divide and
     conquer: each half's answer, plus a prefix-minimum of the left half's objectives by ``second``."""
     beaten = np.zeros(len(objective), dtype=bool)
@@ -224,7 +231,7 @@ def _beaten_before(second: np.ndarray, objective: np.ndarray, leaf: int = 64) ->
     return beaten
 
 
-def _hull(problem: Problem, key: str, units) -> _Frontier:
+def _hull(problem: Problem, key: str, units: Units) -> _Frontier:
     """The supported frontier: every unit at its cheapest hull point, then hull segments by slope."""
     others = [k for k in problem.budgets if k != key]
     keys = [key, *others]

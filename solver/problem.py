@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import product
+from typing import Any
 
 from bitplan.errors import BudgetError
 
@@ -72,7 +73,7 @@ class Solution:
     gap: float | None = None
     #: Plans along objective vs one cost (solvers that trace a frontier fill it): each point is
     #: ``{"cost": {key: total, ...}, "objective": float, "w_bits": {layer: bits}}``, cost ascending.
-    frontier: list[dict] | None = None
+    frontier: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class Problem:
     # --- JSON form -----------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: Mapping) -> Problem:
+    def from_dict(cls, raw: Mapping[str, Any]) -> Problem:
         try:
             layers = tuple(
                 Layer(
@@ -286,7 +287,7 @@ class Problem:
             minimize=str(raw.get("minimize", "size_bytes")),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "layers": [
                 {
@@ -341,12 +342,12 @@ def fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"
 
 
-def _finite(value) -> bool:
+def _finite(value: float) -> bool:
     try:
         return math.isfinite(value)
     except TypeError:  # not a number at all: the solver's arithmetic will say so
         return True
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     return repr(float(value)) if isinstance(value, (int, float)) else repr(value)

@@ -184,7 +184,7 @@ def resolve(rt: Runtime, job: Job) -> JobSpec:
         sensitivity=r["sensitivity"]["method"], sensitivity_params=r["sensitivity"].get("params", {}),
         solver=r["solver"]["method"], solver_params=r["solver"].get("params", {}), clip=r.get("clip", "mse"),
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), validate_plan=r.get("validate", True),
-        refine_seconds=r.get("refine_seconds", 120.0),
+        refine_seconds=r.get("refine_seconds", 120.0), tie_shared_inputs=bool(r.get("tie_shared_inputs", False)),
         distill=r["distill"] if r.get("distill") is not None else data is None,  # ZeroQ for synthetic data
         time_limit_s=rt.settings.job_time_limit_s,  # the solver stops in time to hand back its best plan
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import keyword
 import re
+from typing import cast
 
 from bitplan.archives.zips import MAX_DEPTH, MAX_EXPR, MAX_NAME, PLAIN, Refused, shown
 
@@ -94,14 +95,14 @@ def check_sym_expr(text: object, where: str) -> str:
     """A shape expression torch hands to ``sympy.sympify`` (an eval): arithmetic over shape symbols only."""
     tree = _parse(text, where, "shape expression")
     _Allowed(where, "shape expression", names=SYMPY_FUNCTIONS, symbols=True).visit(tree)
-    return text  # type: ignore[return-value]
+    return cast(str, text)  # _parse refused anything but a string
 
 
 def check_guard(text: object, where: str) -> str:
     """A guard torch ``exec``s when it builds the module, e.g. ``L['x'].size()[0] == L['mask'].size()[0]``."""
     tree = _parse(text, where, "guard")
     _Allowed(where, "guard", names=GUARD_NAMES, symbols=False, guard=True).visit(tree)
-    return text  # type: ignore[return-value]
+    return cast(str, text)  # _parse refused anything but a string
 
 
 def _parse(text: object, where: str, what: str) -> ast.AST:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from bitplan.archives.names import (
     IDENT,
@@ -30,7 +31,7 @@ class TensorMetaCheck:
     def __init__(self, where: str) -> None:
         self.where = where
 
-    def meta(self, tm: object, static: bool = False) -> dict:
+    def meta(self, tm: object, static: bool = False) -> dict[str, Any]:
         """``static``: sizes, strides and offset must be plain integers (stored payloads)."""
         if not isinstance(tm, dict):
             raise Refused(self.where, "tensor metadata is missing")
@@ -102,10 +103,10 @@ class ProgramCheck:
         self.where = where
         self.tensors = TensorMetaCheck(where)
 
-    def program(self, doc: object) -> dict:
+    def program(self, doc: object) -> dict[str, Any]:
         if not isinstance(doc, dict) or "graph_module" not in doc:
             raise ModelFormatError(f"{self.where} is not a serialized torch.export program", EXPORT_HINT)
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in doc.items():
             if key == "graph_module":
                 out[key] = self.graph_module(value)
@@ -129,7 +130,7 @@ class ProgramCheck:
                 out[key] = value
         return out
 
-    def range_constraints(self, value: object) -> dict:
+    def range_constraints(self, value: object) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise Refused(self.where, "range_constraints is not an object")
         for symbol, bounds in value.items():
@@ -137,10 +138,10 @@ class ProgramCheck:
             no_strings(bounds, self.where, f"range_constraints[{symbol}]")
         return value
 
-    def graph_module(self, gm: object) -> dict:
+    def graph_module(self, gm: object) -> dict[str, Any]:
         if not isinstance(gm, dict):
             raise Refused(self.where, "graph_module is not an object")
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in gm.items():
             if key == "graph":
                 out[key] = self.graph(value)
@@ -157,10 +158,10 @@ class ProgramCheck:
                 out[key] = value
         return out
 
-    def graph(self, graph: object) -> dict:
+    def graph(self, graph: object) -> dict[str, Any]:
         if not isinstance(graph, dict):
             raise Refused(self.where, "graph is not an object")
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in graph.items():
             if key in ("inputs", "outputs"):
                 out[key] = [self.argument(a) for a in _list(value, self.where, key)]
@@ -191,7 +192,7 @@ class ProgramCheck:
                 return value
         raise Refused(self.where, f"symbolic value {shown(value, 60)} is malformed")
 
-    def node(self, node: object) -> dict:
+    def node(self, node: object) -> dict[str, Any]:
         if not isinstance(node, dict):
             raise Refused(self.where, "a graph node is not an object")
         known = {"target", "inputs", "outputs", "metadata", "name", "is_hop_single_tensor_return"}
@@ -282,7 +283,7 @@ class ProgramCheck:
                 return
         raise Refused(self.where, f"symbolic argument {shown(value, 60)} is malformed")
 
-    def signature(self, sig: object) -> dict:
+    def signature(self, sig: object) -> dict[str, Any]:
         if not isinstance(sig, dict) or set(sig) - {"input_specs", "output_specs"}:
             raise Refused(self.where, "the graph signature is malformed")
         return {"input_specs": [self.spec(s, "input") for s in _list(sig.get("input_specs", []), self.where, "input_specs")],
@@ -336,7 +337,7 @@ class ProgramCheck:
                 return
         raise Refused(self.where, f"constant input {shown(value, 60)} is malformed")
 
-    def call_entry(self, entry: object) -> dict:
+    def call_entry(self, entry: object) -> dict[str, Any]:
         if not isinstance(entry, dict) or set(entry) - {"fqn", "signature"}:
             raise Refused(self.where, "a module call entry is malformed")
         fqn = entry.get("fqn")
@@ -359,14 +360,15 @@ class ProgramCheck:
                 check_identifier(name, self.where, "forward argument")
         return entry
 
-    def namedtuples(self, value: object) -> dict:
-        for type_name, definition in _dict(value, self.where, "treespec_namedtuple_fields").items():
+    def namedtuples(self, value: object) -> dict[str, Any]:
+        checked = _dict(value, self.where, "treespec_namedtuple_fields")
+        for type_name, definition in checked.items():
             check_fqn(type_name, self.where, "namedtuple type")
             if not isinstance(definition, dict) or set(definition) != {"field_names"}:
                 raise Refused(self.where, f"namedtuple {shown(type_name)} is malformed")
             for name in _list(definition["field_names"], self.where, "field_names"):
                 check_identifier(name, self.where, "namedtuple field")
-        return value  # type: ignore[return-value]
+        return checked
 
 
 class TreeSpecCheck:
@@ -425,13 +427,13 @@ class TreeSpecCheck:
                 raise Refused(self.where, "an input/output tree spec context is malformed")
 
 
-def _list(value: object, where: str, key: str) -> list:
+def _list(value: object, where: str, key: str) -> list[Any]:
     if not isinstance(value, list):
         raise Refused(where, f"{key} is not a list")
     return value
 
 
-def _dict(value: object, where: str, key: str) -> dict:
+def _dict(value: object, where: str, key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Refused(where, f"{key} is not an object")
     return value

@@ -10,6 +10,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from bitplan.archives.names import check_fqn
 from bitplan.archives.program import ITEM_BYTES, ProgramCheck, TensorMetaCheck
@@ -28,7 +29,7 @@ class CheckedPt2:
     """What :func:`check_pt2` accepted: the program with node metadata dropped, and the members to copy."""
 
     members: Members
-    program: dict
+    program: dict[str, Any]
     copy: list[str] = field(default_factory=list)
 
 
@@ -59,7 +60,7 @@ def check_pt2(path: str | Path, label: str | None = None) -> CheckedPt2:
     return CheckedPt2(m, checked, copy)
 
 
-def write_canonical_pt2(checked: CheckedPt2, out) -> None:
+def write_canonical_pt2(checked: CheckedPt2, out: str | Path | IO[bytes]) -> None:
     """Write the checked archive into ``out`` (a path or binary file): the checked program JSON (node
     metadata dropped) and the payload members copied byte for byte, under a root folder bitplan chose."""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
@@ -70,14 +71,14 @@ def write_canonical_pt2(checked: CheckedPt2, out) -> None:
         out.seek(0)
 
 
-def _json(m: Members, rel: str, label: str):
+def _json(m: Members, rel: str, label: str) -> Any:
     try:
         return json.loads(m.read(rel, MAX_JSON_BYTES))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelFormatError(f"{label}: {rel} is not valid JSON ({str(exc)[:100]})", EXPORT_HINT) from None
 
 
-def _payload_config(m: Members, rel: str, prefix: str, label: str) -> dict:
+def _payload_config(m: Members, rel: str, prefix: str, label: str) -> dict[str, Any]:
     where = f"{label} ({m.root}/{rel})"
     doc = _json(m, rel, label)
     config = doc.get("config") if isinstance(doc, dict) else None
@@ -102,7 +103,7 @@ def _payload_config(m: Members, rel: str, prefix: str, label: str) -> dict:
     return config
 
 
-def _check_payload_files(m: Members, config: dict, folder: str, label: str) -> None:
+def _check_payload_files(m: Members, config: dict[str, Any], folder: str, label: str) -> None:
     """Each tensor's last byte (from its sizes, strides and offset) lies inside its file."""
     for fqn, meta in config.items():
         rel = folder + meta["path_name"]

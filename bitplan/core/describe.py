@@ -48,7 +48,7 @@ def describe_model(path: str, data_path: str | None = None, name: str | None = N
     macs = measure_macs(model, batch) if batch is not None else {}
     layers = [
         {"name": g.name, "kind": g.kind, "params": model.weight(g).numel(), "out_channels": model.weight(g).shape[0],
-         "macs": macs.get(g.name)}
+         "macs": macs.get(g.name), "reads": g.reads or None}
         for g in model.layers
     ]
     return {

@@ -98,6 +98,8 @@ class GraphLayer:
     kind: str
     weight_key: str
     probes: list[LayerProbe] = field(default_factory=list)
+    #: the graph value its (first) use reads; layers that read the same one can be fused by a runtime
+    reads: str = ""
 
 
 def get_tensor(module: nn.Module, key: str) -> torch.Tensor:
@@ -124,6 +126,7 @@ def instrument(gm: torch.fx.GraphModule) -> list[GraphLayer]:
                 continue
             kind = "conv1d" if tensor.dim() == 3 else "conv2d"
         name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
+        source = node.args[0]
         probe = LayerProbe(node.target, name)
         probe_name = f"bitplan_probe_{count}"
         count += 1
@@ -133,7 +136,8 @@ def instrument(gm: torch.fx.GraphModule) -> list[GraphLayer]:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        layer = layers.setdefault(name, GraphLayer(name, kind, weight.target))
+        layer = layers.setdefault(name, GraphLayer(name, kind, weight.target,
+                                                   reads=source.name if isinstance(source, torch.fx.Node) else ""))
         layer.probes.append(probe)
     gm.recompile()
     return list(layers.values())

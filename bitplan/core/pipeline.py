@@ -30,6 +30,7 @@ from bitplan.schemas import (
     SensitivityTable,
     SolverInfo,
     UniformCheck,
+    shared_input_groups,
 )
 from solver import Layer, Option, Problem, SolverParams, get_info, get_solver, parse_solver_params
 from solver.ilp import explain_infeasible
@@ -119,7 +120,7 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
     macs = measure_macs(model, data.slice(0, min(len(data), 4)))
     layers = [
         LayerInfo(name=g.name, kind=g.kind, params=model.weight(g).numel(), out_channels=model.weight(g).shape[0],
-                  macs=macs[g.name])
+                  macs=macs[g.name], reads=g.reads or None)
         for g in model.layers
     ]
     costs = CostModel(tuple(layers), model.fixed_bytes(), latency_table)
@@ -164,7 +165,15 @@ def _problem(prep: Prepared, request: PlanRequest, objective) -> Problem:
         )
         for info in prep.layers
     )
-    return Problem(layers=layers, budgets=limits, fixed_cost=prep.costs.fixed_cost(), pins=request.pins)
+    return Problem(layers=layers, budgets=limits, fixed_cost=prep.costs.fixed_cost(), pins=request.pins,
+                   ties=shared_input_groups(prep.layers) if request.tie_shared_inputs else ())
+
+
+def tie_groups(prep: Prepared, request: PlanRequest) -> list[tuple[str, ...]]:
+    """Every layer once, in groups that take one bit width (singletons unless ``tie_shared_inputs``)."""
+    tied = shared_input_groups(prep.layers) if request.tie_shared_inputs else ()
+    grouped = {name for group in tied for name in group}
+    return [*tied, *((info.name,) for info in prep.layers if info.name not in grouped)]
 
 
 def check_budget_fits(prep: Prepared, request: PlanRequest) -> None:
@@ -265,6 +274,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         w_bits_options=list(request.w_bits),
         a_bits_options=list(request.a_bits),
         pins=dict(request.pins),
+        ties=[list(group) for group in problem.ties],
         seed=request.seed,
         sensitivity=SensitivityInfo(method=table.method, params=table.params, seconds=table.seconds,
                                     notes=[*prep.notes, *table.notes]),
@@ -400,7 +410,8 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
         word = "no worse than" if first_ok else "worse than"
         progress("guarantee", 0.0, f"the plan measured {word} {uni_label}; measured local search for up to "
                                    f"{cap_seconds:.0f} s")
-        movable = [info.name for info in prep.layers if info.name not in request.pins]
+        movable = [group if len(group) > 1 else group[0] for group in tie_groups(prep, request)
+                   if not set(group) & set(request.pins)]
         result = local_search(scorer, [assignment, *uniforms], sorted(request.w_bits), movable, fits,
                               _scalar_cost(prep, request), time.perf_counter() + cap_seconds, target=uni_m,
                               has_targets=has_targets, progress=progress)

@@ -21,6 +21,7 @@ must not be worse either. Only weight bits move here; each layer keeps its activ
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bitplan.core.data import Dataset
@@ -99,28 +100,31 @@ class SearchResult:
     stopped: str  # "converged" (no tried move improved) or "time_cap"
 
 
-def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[int], movable: list[str], fits, cost_of,
+def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[int], movable: Sequence[str | tuple[str, ...]],
+                 fits, cost_of,
                  deadline: float, target: Metrics | None = None, has_targets: bool = False,
                  progress: ProgressFn = no_progress) -> SearchResult:
     """Measured local search from the best of ``seeds`` (see the module's docstring).
 
     ``cost_of(assign)`` is a scalar cost (the budgets, each divided by its limit, summed) used to rank
     repairs; ``fits(assign)`` decides feasibility. Stops when no tried move improves, at ``deadline``
-    (time.perf_counter()). With targets, a move that lowers the KL is kept only if the task loss stays at
-    most the larger of the current plan's and ``target``'s.
+    (time.perf_counter()). ``movable`` names layers, or groups of tied layers that move together. With
+    targets, a move that lowers the KL is kept only if the task loss stays at most the larger of the current
+    plan's and ``target``'s.
     """
     start = time.perf_counter()
     state = min(seeds, key=lambda s: scorer(s).kl)
     base = scorer(state)
     rounds, stopped = 0, "converged"
 
-    def moved(assign: Assignment, name: str, step: int) -> Assignment | None:
-        w, a = assign[name]
-        i = levels.index(w) + step
+    def moved(assign: Assignment, unit: str | tuple[str, ...], step: int) -> Assignment | None:
+        names = (unit,) if isinstance(unit, str) else unit
+        i = levels.index(assign[names[0]][0]) + step  # tied layers have one width
         if not 0 <= i < len(levels):
             return None
         out = dict(assign)
-        out[name] = (levels[i], a)
+        for name in names:
+            out[name] = (levels[i], assign[name][1])
         return out
 
     while True:
@@ -143,7 +147,7 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[int], mov
             cand = moved(state, name, step)
             pred = d
             if step > 0:  # raise, then lower the cheapest others until the budget holds
-                used: set[str] = {name}
+                used: set[str | tuple[str, ...]] = {name}
                 while cand is not None and not fits(cand):
                     options = [(delta[o, -1] / max(cost_of(cand) - cost_of(low), 1e-12), o, low)
                                for o in movable if o not in used and (o, -1) in delta
