@@ -23,13 +23,14 @@ from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS
 
 if TYPE_CHECKING:
     from bitplan.client import Client
+    from bitplan.schemas import SensitivityTable
 
 EXIT_USER_ERROR = 2
 #: an error's request field -> the option that sets it (errors name fields; the CLI names its options)
 OPTIONS = {"data": "--data", "eval_data": "--eval-data", "dataset_id": "--data", "eval_dataset_id": "--eval-data",
            "pins": "--pin", "budgets": "--budget", "w_bits": "--wbits", "a_bits": "--abits",
            "latency_table": "--latency-table", "sensitivity": "--sensitivity / --param",
-           "solver": "--solver / --solver-param", "callback_url": "--callback-url"}
+           "solver": "--solver / --solver-param", "callback_url": "--callback-url", "table": "--table"}
 
 
 def _bits_text(bits) -> str:
@@ -94,14 +95,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from bitplan.methods import get_method, parse_params
     from solver import parse_solver_params
 
+    if args.table and (args.sensitivity != DEFAULT_SENSITIVITY or args.param):
+        raise BitplanError("--table gives the sensitivity scores: --sensitivity and --param have nothing to do",
+                           "drop them, or drop --table to compute the scores", field="table")
     parse_params(get_method(request.sensitivity), request.sensitivity_params)  # fail fast, before loading anything
     parse_solver_params(request.solver, request.solver_params)
     from bitplan.core.pipeline import make_plan
     from bitplan.progress import StderrProgress
 
+    source = None
+    if args.table:
+        from bitplan.core.pipeline import reuse_table
+
+        source = reuse_table(_read_table(args.table), args.table)
     progress = StderrProgress(enabled=None if not args.progress else True)
     try:
-        plan = make_plan(request, progress)
+        plan = make_plan(request, progress, sensitivity=source)
     finally:
         progress.close()
     if args.out:
@@ -110,6 +119,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         print(f"plan written to {args.out}")
     return 0
+
+
+def _read_table(path: str) -> SensitivityTable:
+    """A sensitivity table file (``bitplan sensitivity --out``), or a message that says what is wrong with it."""
+    from bitplan.schemas import SensitivityTable
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise BitplanError(f"cannot read the sensitivity table {path}: {exc.strerror or exc}",
+                           "give the file that bitplan sensitivity --out wrote", field="table") from None
+    try:
+        return SensitivityTable.model_validate_json(text)
+    except ValidationError as exc:
+        raise BitplanError(f"{path} is not a sensitivity table: {_validation_message(exc)}",
+                           "give the file that bitplan sensitivity --out wrote", field="table") from None
 
 
 def _summary(plan) -> str:
@@ -198,6 +223,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                                                                           args.seed, progress))
     finally:
         progress.close()
+    result = result.model_copy(update={"model_sha256": prep.model.info.sha256, "data_sha256": prep.data.sha256})
     text = result.model_dump_json(by_alias=True, indent=2)
     if args.out:
         write_atomic(Path(args.out), text + "\n")
@@ -471,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fuse them need (vLLM)")
     p.add_argument("--sensitivity", default=DEFAULT_SENSITIVITY, help=f"sensitivity method (default: {DEFAULT_SENSITIVITY})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
+    p.add_argument("--table", metavar="FILE",
+                   help="reuse the sensitivity scores `bitplan sensitivity --out FILE` wrote for this model (instead of "
+                        "--sensitivity): try several budgets or solvers without computing them again")
     p.add_argument("--solver", default=DEFAULT_SOLVER, help="ilp, pareto, evolutionary, greedy or uniform")
     p.add_argument("--solver-param", action="append", default=[], metavar="KEY=VALUE",
                    help="solver parameter, e.g. time_limit=10 (evolutionary: trials=100, measured=false)")

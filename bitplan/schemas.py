@@ -132,6 +132,8 @@ class SensitivityTable(_Frozen):
     seconds: float
     layers: list[SensitivityLayer]
     notes: list[str] = Field(default_factory=list)
+    model_sha256: str | None = Field(None, description="the model it was computed for (bitplan sensitivity --out)")
+    data_sha256: str | None = Field(None, description="the calibration data it was computed on")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

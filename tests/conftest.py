@@ -26,3 +26,14 @@ def digits_files(tmp_path_factory) -> dict[str, Path]:
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bitplan.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900)
+
+
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark what lives in tests/integration `integration`, so that one run can select every tier but the fast one
+    (``make test``: -m "integration or slow")."""
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)

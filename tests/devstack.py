@@ -41,6 +41,40 @@ def fresh_database(admin_url: str = PG_ADMIN_URL) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+#: Redis databases tests may take (0 holds the claims; 15 is the rate-limit tests', which use key prefixes)
+CLAIMABLE_DBS = range(1, 15)
+
+
+def claim_redis_db(redis_url: str = REDIS_URL, hold_s: int = 3600) -> int:
+    """A Redis database no other test process is using now (tests run in parallel under pytest-xdist): claimed
+    with SET NX on database 0, given back by :func:`release_redis_db` (or by expiry after ``hold_s``)."""
+    import redis
+
+    client = redis.Redis.from_url(f"{redis_url}/0", socket_timeout=5)
+    try:
+        for _ in range(600):
+            for db in CLAIMABLE_DBS:
+                if client.set(f"bitplan-test-claim:{db}", os.getpid(), nx=True, ex=hold_s):
+                    return db
+            time.sleep(0.5)
+    except Exception as exc:
+        raise RuntimeError(f"Redis at {redis_url} is needed for the service tests: {exc}") from exc
+    finally:
+        client.close()
+    raise RuntimeError(f"no free test database in Redis at {redis_url} after 5 minutes")
+
+
+def release_redis_db(db: int, redis_url: str = REDIS_URL) -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(f"{redis_url}/0", socket_timeout=5)
+        client.delete(f"bitplan-test-claim:{db}")
+        client.close()
+    except Exception:  # down in a fault test: the claim expires
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +93,8 @@ class DevStack:
         self.data_dir = self.workdir / "data"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.redis_db = redis_db if redis_db is not None else 8 + secrets.randbelow(7)
+        self._claimed = redis_db is None and not embedded
+        self.redis_db = redis_db if redis_db is not None else (claim_redis_db(self.redis_url) if self._claimed else 0)
         self.pg_db = f"bitplan_test_{secrets.token_hex(4)}"
         self.extra_env = extra_env or {}
         self.api: subprocess.Popen | None = None
@@ -177,6 +212,9 @@ class DevStack:
             f.close()
         if not self.embedded:
             self._drop_database()
+        if self._claimed:
+            release_redis_db(self.redis_db, self.redis_url)
+            self._claimed = False
 
     def __enter__(self) -> DevStack:
         try:

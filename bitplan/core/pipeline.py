@@ -205,6 +205,37 @@ def compute_sensitivity(prep: Prepared, ctx: SensitivityContext, request: PlanRe
     return run_sensitivity(request.sensitivity, request.sensitivity_params, ctx)
 
 
+def reuse_table(table: SensitivityTable, source: str) -> SensitivitySource:
+    """A sensitivity source that hands back ``table`` (written earlier by ``bitplan sensitivity --out``) after
+    checking that it is the model's and scores every layer at every allowed bit width."""
+
+    def reuse(prep: Prepared, ctx: SensitivityContext) -> SensitivityTable:
+        if table.model_sha256 is not None and table.model_sha256 != prep.model.info.sha256:
+            raise BitplanError(f"the sensitivity table {source} was computed for another model "
+                               f"(sha256 {table.model_sha256[:12]}…, this one is {prep.model.info.sha256[:12]}…)",
+                               "compute one for this model with bitplan sensitivity MODEL --out FILE", field="table")
+        names = [info.name for info in prep.layers]
+        have = {layer.name: layer for layer in table.layers}
+        missing = [n for n in names if n not in have]
+        if missing or len(have) != len(names):
+            extra = sorted(set(have) - set(names))
+            raise BitplanError(f"the sensitivity table {source} does not match the model's layers"
+                               + (f": it lacks {', '.join(missing[:5])}" if missing else "")
+                               + (f"{';' if missing else ':'} it has unknown {', '.join(extra[:5])}" if extra else ""),
+                               "compute it for this model with bitplan sensitivity MODEL --out FILE", field="table")
+        lacking = sorted({b for b in ctx.w_bits for n in names if b not in have[n].omega})
+        if lacking:
+            raise BitplanError(f"the sensitivity table {source} has no scores for {lacking}-bit weights",
+                               "compute it with --wbits covering the plan's bit widths", field="table")
+        note = f"reused the table in {source} ({table.method}, computed in {table.seconds:.1f} s)"
+        if table.data_sha256 is not None and table.data_sha256 != prep.data.sha256:
+            note += "; it was computed on other calibration data than this plan's"
+        ordered = [have[n] for n in names]
+        return table.model_copy(update={"layers": ordered, "notes": [note, *table.notes], "seconds": 0.0})
+
+    return reuse
+
+
 #: The least time a solver is given when the run's own limit is (nearly) spent: enough to return a plan.
 MIN_SOLVER_SECONDS = 1.0
 

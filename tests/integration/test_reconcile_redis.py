@@ -1,25 +1,27 @@
 """The reconciler asks the broker which job messages are still waiting before it resends any (a backlog behind
-busy workers must not grow duplicates). Against a real Redis (database 14), with no worker consuming."""
+busy workers must not grow duplicates). Against a real Redis (a database of its own), with no worker consuming."""
 
 from __future__ import annotations
 
 import pytest
 
 from bitplan.settings import load_settings
-from tests.devstack import REDIS_URL
+from tests.devstack import REDIS_URL, claim_redis_db, release_redis_db
 
 
 @pytest.fixture
 def redis_broker(tmp_path):
     import redis
 
-    url = f"{REDIS_URL}/14"
+    db = claim_redis_db()
+    url = f"{REDIS_URL}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     from workers.app import WorkerApp
 
     yield client, WorkerApp(load_settings(data_dir=str(tmp_path / "data"), broker_url=url))
     client.flushdb()
+    release_redis_db(db)
 
 
 def test_pending_job_ids_reads_the_redis_queue(redis_broker):
