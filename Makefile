@@ -45,14 +45,14 @@ system-deps:
 
 # The tiers (README, "Tests"): unit needs no service; integration needs PostgreSQL and Redis (and starts
 # its own API and worker processes); browser needs chromium; slow is minutes of CPU.
-# make test runs the four tiers one after another (each prints its own duration); together they are the
-# whole suite, every test once.
-PYTEST := $(BIN)/python -m pytest -q
+# make test runs the fast tier, then the other three together in TEST_JOBS processes (pytest-xdist; much of
+# their time is spent waiting on servers and child processes, which overlaps); together they are the whole
+# suite, every test once. Each tier's own target runs it alone, in one process.
+PYTEST    := $(BIN)/python -m pytest -q
+TEST_JOBS ?= 2
 test: install system-deps
 	$(PYTEST) tests/unit -m "not slow"
-	$(PYTEST) tests/integration -m "not slow and not browser"
-	$(PYTEST) -m "browser and not slow"
-	$(PYTEST) -m slow
+	$(PYTEST) -n $(TEST_JOBS) --dist worksteal -m "integration or slow"
 
 test-fast: install
 	$(PYTEST) tests/unit -m "not slow"

@@ -83,6 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import WorkerApp
 
     app = WorkerApp(settings)
+    app.set_current()  # the worker looks its tasks up in the current app (in this process, the only one)
     if args.concurrency == 1:  # the solo pool runs jobs in this process: start its sandbox now, not at the first job
         from workers.sandbox import shared_sandbox
 

@@ -133,14 +133,21 @@ class WorkerApp(Celery):  # type: ignore[misc]  # celery is untyped
                 ids.add(str(headers["id"]))
         return ids
 
-    def start_in_process_worker(self, concurrency: int = 1) -> Any:
+    def start_in_process_worker(self) -> Any:
         """Run a worker in a thread of this process (the embedded default: memory broker, no Redis); returns the
-        worker, whose ``stop()`` ends it. It only orchestrates: models are read and run in sandboxed children."""
+        worker, whose ``stop()`` ends it. It only orchestrates: models are read and run in sandboxed children.
+
+        The solo pool runs each task in that thread, where this app is made Celery's current app (Celery looks
+        tasks up in the current app, which is per thread): another app's worker thread keeps its own."""
         worker = self.WorkController(
-            app=self, concurrency=concurrency, pool_cls="solo" if concurrency == 1 else "threads",
-            hostname="embedded@localhost", loglevel="WARNING", without_heartbeat=True, without_mingle=True,
-            without_gossip=True,
+            app=self, concurrency=1, pool_cls="solo", hostname="embedded@localhost", loglevel="WARNING",
+            without_heartbeat=True, without_mingle=True, without_gossip=True,
         )
-        thread = threading.Thread(target=worker.start, name="bitplan-worker", daemon=True)
+
+        def run() -> None:
+            self.set_current()
+            worker.start()
+
+        thread = threading.Thread(target=run, name="bitplan-worker", daemon=True)
         thread.start()
         return worker

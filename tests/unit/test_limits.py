@@ -209,3 +209,25 @@ def test_two_apps_in_one_process_keep_their_own_deployment(tmp_path, monkeypatch
     one.tasks["bitplan.run_job"].run("j_y")
     assert calls == [(two.runtime, "j_x"), (one.runtime, "j_y")]
     assert two.pending_job_ids() == set()
+
+
+def test_the_in_process_worker_runs_its_apps_tasks(tmp_path, monkeypatch):
+    """The embedded default: a job sent through the memory broker is run by the worker thread, with this app's
+    runtime (Celery finds tasks through its per-thread current app, which that thread sets)."""
+    import time
+
+    from workers.app import WorkerApp
+
+    ran = []
+    monkeypatch.setattr("workers.jobs.run_job", lambda rt, job_id, **kw: ran.append((rt, job_id)) or "skipped")
+    WorkerApp(load_settings(data_dir=str(tmp_path / "other"), broker_url="memory://"))  # a second app, no worker
+    app = WorkerApp(load_settings(data_dir=str(tmp_path / "data"), broker_url="memory://"))
+    worker = app.start_in_process_worker()
+    try:
+        app.enqueue("j_embedded")
+        deadline = time.monotonic() + 30
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ran == [(app.runtime, "j_embedded")]
+    finally:
+        worker.stop(in_sighandler=False)
