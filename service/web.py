@@ -213,13 +213,15 @@ def _choices(request: Request, team: Team) -> dict[str, Any]:
         "budget_keys": BUDGET_KEYS,
         "weight_bits": WEIGHT_BITS,
         "act_bits": ACT_BITS,
+        "default_sensitivity": DEFAULT_SENSITIVITY,
+        "default_solver": DEFAULT_SOLVER,
     }
 
 
 def _defaults() -> dict[str, Any]:
     return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
             "w_bits": list(DEFAULT_W_BITS), "a_bits": str(DEFAULT_A_BITS[0]), "pins": "", "sensitivity": DEFAULT_SENSITIVITY,
-            "solver": DEFAULT_SOLVER}
+            "solver": DEFAULT_SOLVER, "tie_shared_inputs": False}
 
 
 def _values_from_job(job: Job) -> dict[str, Any]:
@@ -228,7 +230,8 @@ def _values_from_job(job: Job) -> dict[str, Any]:
     return {"model_id": job.model_id, "dataset_id": job.dataset_id or "synthetic", "budget_kind": kind,
             "budget_value": f"{value:g}", "w_bits": r["w_bits"], "a_bits": str(max(r["a_bits"])),
             "pins": "\n".join(f"{k}={v}" for k, v in r.get("pins", {}).items()),
-            "sensitivity": r["sensitivity"]["method"], "solver": r["solver"]["method"]}
+            "sensitivity": r["sensitivity"]["method"], "solver": r["solver"]["method"],
+            "tie_shared_inputs": bool(r.get("tie_shared_inputs", False))}
 
 
 @router.get("/")
@@ -262,7 +265,7 @@ async def submit(request: Request) -> Response:
         "w_bits": [int(str(b)) for b in form.getlist("w_bits") if str(b).isdigit()],
         "a_bits": str(form.get("a_bits", "16")),
         "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", DEFAULT_SENSITIVITY)),
-        "solver": str(form.get("solver", DEFAULT_SOLVER)),
+        "solver": str(form.get("solver", DEFAULT_SOLVER)), "tie_shared_inputs": form.get("tie_shared_inputs") == "1",
     }
     errors: dict[str, str] = {}
     state = request.app.state
@@ -309,8 +312,8 @@ async def submit(request: Request) -> Response:
             body = JobCreate(
                 model_id=values["model_id"], dataset_id=values["dataset_id"] or "synthetic",
                 budgets={values["budget_kind"]: budget_value}, w_bits=values["w_bits"], a_bits=[int(values["a_bits"])],
-                pins=pins, sensitivity={"method": values["sensitivity"]}, solver={"method": values["solver"]},
-                latency_table=latency_table,
+                pins=pins, tie_shared_inputs=values["tie_shared_inputs"], sensitivity={"method": values["sensitivity"]},
+                solver={"method": values["solver"]}, latency_table=latency_table,
             )
             job, _ = await _run(create_job, state, team, body)
             return RedirectResponse(f"/jobs/{job.id}", status_code=303)

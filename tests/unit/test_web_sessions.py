@@ -275,6 +275,22 @@ def test_same_site_posts_with_the_token_submit_and_cancel(stack, client):
     assert stack.job_state(job_id) == "cancelled"
 
 
+def test_the_form_ties_shared_inputs_when_asked_and_submit_again_keeps_it(stack, client):
+    sign_in(client, stack.key)
+    form = client.get("/").text
+    assert 'name="tie_shared_inputs"' in form and 'id="tie_shared_inputs" name="tie_shared_inputs" value="1">' in form
+    assert "<strong>auto</strong> (default)" in form and "<strong>hessian_trace</strong> (default)" not in form
+    ids = []
+    for extra in ({}, {"tie_shared_inputs": "1"}):
+        r = client.post("/", data=job_form(stack, csrf_token=token_of(client), **extra), headers={"Origin": HERE})
+        assert r.status_code == 303, r.text[:2000]
+        ids.append(r.headers["location"].rsplit("/", 1)[-1])
+    with stack.db.session() as s:
+        assert [s.get(Job, i).request["tie_shared_inputs"] for i in ids] == [False, True]
+    again = client.get(f"/?again={ids[1]}").text
+    assert 'id="tie_shared_inputs" name="tie_shared_inputs" value="1" checked>' in again
+
+
 def test_a_rerendered_form_keeps_the_token(stack, client):
     sign_in(client, stack.key)
     token = token_of(client)
