@@ -91,6 +91,15 @@ class GreedyParams(SolverParams):
     time_limit: float | None = _time_limit()
 
 
+class LagrangeParams(SolverParams):
+    """Lagrangian relaxation with a certified gap, for 10^5 - 10^6 units."""
+
+    tol: float = Field(1e-4, ge=0, le=1, description="the status is 'optimal' when the certified gap (plan minus the "
+                                                      "Lagrangian bound, relative) is within this")
+    rounds: int = Field(8, ge=1, le=100, description="with several budgets: cycles of one-multiplier bisections")
+    time_limit: float | None = _time_limit()
+
+
 class UniformParams(SolverParams):
     """One width for every layer."""
 
@@ -150,6 +159,9 @@ SOLVERS: dict[str, SolverEntry] = {
                    hooks=("evaluate",), caller_fields=("measured",)),
         SolverEntry("greedy", "AIMET-AMP-style: lower the layer with least Omega increase per cost saved until the "
                              "budgets hold", GreedyParams, "solver.greedy:solve_greedy"),
+        SolverEntry("lagrange", "Lagrangian relaxation (bisection on each budget's price) with a certified gap: "
+                               "10^6 units in seconds, for bits per group of columns", LagrangeParams,
+                   "solver.lagrange:solve_lagrange"),
         SolverEntry("uniform", "the highest single bit width for every layer that fits the budgets (baseline)",
                    UniformParams, "solver.greedy:solve_uniform"),
     )

@@ -21,7 +21,7 @@ from service.app import create_app
 from solver import SOLVERS, Layer, NonFiniteError, Option, Problem, get_info, get_solver, parse_solver_params, solver_params
 from storage import Database
 
-FAMILY = ("ilp", "pareto", "evolutionary", "greedy", "uniform")
+FAMILY = ("ilp", "pareto", "evolutionary", "greedy", "uniform", "lagrange")
 
 
 # --- the API ----------------------------------------------------------------------------------------------

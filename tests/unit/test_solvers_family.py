@@ -12,7 +12,7 @@ from bitplan.errors import BitplanError, InfeasibleError
 from solver import SOLVERS, Layer, Option, Problem, get_solver, solver_params
 
 WIDTHS = (2, 3, 4, 6, 8)
-FAMILY = ("ilp", "pareto", "evolutionary", "greedy", "uniform")
+FAMILY = ("ilp", "pareto", "evolutionary", "greedy", "uniform", "lagrange")
 
 
 @cache
@@ -325,3 +325,52 @@ def test_backend_failures_found_by_fuzzing_stay_fixed(backend):
     assert get_solver("ilp")(random_problem(9397), backend=backend).objective == pytest.approx(65.0)
     with pytest.raises(InfeasibleError, match="cannot all hold at once"):
         get_solver("ilp")(random_problem(3756), backend=backend)
+
+
+# --- the Lagrangian solver: its gap is a certificate -----------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=seeds)
+def test_lagrange_plan_and_bound_enclose_the_optimum(seed):
+    """plan >= optimum >= plan - gap * |plan|, for every problem it solves; with one budget it always finds a plan."""
+    problem = random_problem(seed)
+    best = optimum(seed)
+    if best is None:  # refused as infeasible, or (budgets only jointly infeasible) with no plan found
+        with pytest.raises(BitplanError):
+            get_solver("lagrange")(problem)
+        return
+    try:
+        solution = get_solver("lagrange")(problem)
+    except InfeasibleError:
+        raise
+    except BitplanError:
+        assert len(problem.budgets) > 1  # several budgets can defeat the price search; the ilp then decides
+        return
+    assert respects_everything(problem, solution.choices)
+    bound = solution.objective - solution.gap * max(abs(solution.objective), 1e-12)
+    assert bound <= best + 1e-6 * max(1.0, abs(best)) and solution.objective >= best - 1e-9
+    assert (solution.status == "optimal") == (solution.gap <= 1e-4)
+
+
+def large_problem(units: int, budgets: dict[str, float], seed: int = 0) -> Problem:
+    """Units of 128 weights (a group of columns) at 2/3/4/8 bits, Omega falling 4x per bit with a random salience."""
+    rnd = random.Random(seed)
+    layers = []
+    for i in range(units):
+        salience = rnd.lognormvariate(0, 1.5)
+        layers.append(Layer(f"g{i}", 128, tuple(
+            Option(w_bits=w, objective=salience * 4.0 ** -w, cost={"size_bytes": 128 * w / 8 + 2.0}) for w in (2, 3, 4, 8))))
+    return Problem(tuple(layers), budgets)
+
+
+@pytest.mark.parametrize("budgets", [{"avg_weight_bits": 3.3}, {"avg_weight_bits": 3.3, "size_bytes": 2000 * 54.0}])
+def test_lagrange_is_near_the_ilp_optimum_on_thousands_of_units(budgets):
+    problem = large_problem(2000, budgets)
+    exact = get_solver("ilp")(problem, backend="highs")
+    fast = get_solver("lagrange")(problem)
+    assert respects_everything(problem, fast.choices)
+    bound = fast.objective - fast.gap * abs(fast.objective)
+    assert bound <= exact.objective * (1 + 1e-9) and fast.objective >= exact.objective * (1 - 1e-9)
+    assert fast.gap < 1e-3, fast.gap  # one unit's step among 2,000
+    assert (fast.objective - exact.objective) / exact.objective < 1e-3
