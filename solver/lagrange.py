@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bitplan.errors import BitplanError
-from solver.problem import Deadline, Option, Problem, Solution
+from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
 
 Array = npt.NDArray[np.float64]
 _TOL = 1e-9
@@ -37,7 +37,8 @@ class _Arrays:
     """Every unit's options, padded to the widest unit: objective (U x m), costs (K x U x m), and the options."""
 
     names: list[list[str]]
-    options: list[list[dict[str, Option]]]
+    #: a lone layer's allowed options, or a tie group's mixes (one option per member)
+    options: list[tuple[Option, ...] | list[dict[str, Option]]]
     objective: Array
     cost: Array
     limits: Array
@@ -63,23 +64,52 @@ class _Arrays:
         return float((self.objective + priced).min(axis=1).sum() - prices @ self.limits)
 
 
-def _arrays(problem: Problem) -> _Arrays:
+def _arrays(problem: Problem) -> _Arrays | None:
+    """The arrays, or None when some tie group has no option (they share no allowed width)."""
     keys = list(problem.budgets)
     groups = problem.groups()
     # A lone layer takes its allowed options as they are (the argmin needs no dominance pruning); a tie group
     # takes every mix of its layers' options at each common width.
-    options = [[{group[0]: o} for o in problem.allowed(problem.layer(group[0]))] if len(group) == 1
-               else problem.unit_options(group) for group in groups]
+    options: list[tuple[Option, ...] | list[dict[str, Option]]] = [
+        problem.allowed(problem.layer(group[0])) if len(group) == 1 else problem.unit_options(group) for group in groups]
+    if any(not unit for unit in options):
+        return None
     width = max((len(o) for o in options), default=1)
     count = len(options)
+    total = problem.total_params
+    # flat (unit, slot, objective, costs...) rows, filled in one pass of plain Python, then scattered
+    units: list[int] = []
+    slots: list[int] = []
+    values: list[float] = []
+    costs: list[list[float]] = [[] for _ in keys]
+    avg = [k for k, key in enumerate(keys) if key == AVG_BITS]
+    other = [(k, key) for k, key in enumerate(keys) if key != AVG_BITS]
+    for u, (group, unit) in enumerate(zip(groups, options)):
+        if isinstance(unit, tuple):  # a lone layer: the common case, kept to plain loops
+            share = problem.layer(group[0]).params / total
+            for j, option in enumerate(unit):
+                units.append(u)
+                slots.append(j)
+                values.append(option.objective)
+                for k in avg:
+                    costs[k].append(share * option.w_bits)
+                for k, key in other:
+                    costs[k].append(option.cost.get(key, 0.0))
+            continue
+        for j, choice in enumerate(unit):
+            units.append(u)
+            slots.append(j)
+            values.append(sum(o.objective for o in choice.values()))
+            for k, key in enumerate(keys):
+                if key == AVG_BITS:
+                    costs[k].append(sum(problem.layer(n).params * o.w_bits for n, o in choice.items()) / total)
+                else:
+                    costs[k].append(sum(o.cost.get(key, 0.0) for o in choice.values()))
     objective = np.full((count, width), np.inf)
     cost = np.zeros((len(keys), count, width))
-    for u, (group, unit) in enumerate(zip(groups, options)):
-        layers = [problem.layer(n) for n in group]
-        for j, choice in enumerate(unit):
-            objective[u, j] = sum(o.objective for o in choice.values())
-            for k, key in enumerate(keys):
-                cost[k, u, j] = sum(problem.contribution(key, lay, choice[lay.name]) for lay in layers)
+    objective[units, slots] = values
+    for k in range(len(keys)):
+        cost[k, units, slots] = costs[k]
     limits = np.array([problem.limit(k) for k in keys], dtype=float)
     return _Arrays(groups, options, objective, cost, limits, keys)
 
@@ -90,16 +120,21 @@ def solve_lagrange(problem: Problem, tol: float = 1e-4, rounds: int = 8, time_li
     if problem.max_objective is not None:
         swapped, back = problem.swapped()
         solution = solve_lagrange(swapped, tol, rounds, time_limit)
-        choices = {name: back[id(o)] for name, o in solution.choices.items()}
-        return Solution(choices, sum(o.objective for o in choices.values()), problem.totals(choices), solution.status,
-                        solution.seconds, solution.gap)
+        original = {name: back[id(o)] for name, o in solution.choices.items()}
+        return Solution(original, sum(o.objective for o in original.values()), problem.totals(original),
+                        solution.status, solution.seconds, solution.gap)
     start = time.perf_counter()
     deadline = Deadline(time_limit)
-    from solver.ilp import check_budgets
+    from solver.ilp import check_budgets, explain_infeasible
 
-    check_budgets(problem)
     data = _arrays(problem)
-    trials, bound = _search(data, rounds, deadline)
+    if data is None:
+        check_budgets(problem)  # names the tie group with no common width
+        raise AssertionError("unreachable: a unit without options")
+    least = data.cost.min(axis=2, initial=np.inf, where=np.isfinite(data.objective)[None]).sum(axis=1)
+    if np.any(least > data.limits * (1 + 1e-9) + 1e-9):  # some budget alone cannot hold: say which, and by how much
+        raise explain_infeasible(problem)
+    trials, bound = _search(data, rounds, tol, deadline)
     plans = [_fill(data, choice) for prices in trials if (choice := _feasible(data, prices, deadline)) is not None]
     if not plans:
         raise BitplanError("the Lagrangian search found no plan within every budget (the budgets pull against each "
@@ -108,16 +143,22 @@ def solve_lagrange(problem: Problem, tol: float = 1e-4, rounds: int = 8, time_li
     plan_value = data.value(choice)
     gap = max(0.0, plan_value - bound) / max(abs(plan_value), 1e-12) if np.isfinite(bound) else None
     status = "time_limit" if deadline.hit else ("optimal" if gap is not None and gap <= tol else "heuristic")
-    choices = {name: option for u, j in enumerate(choice) for name, option in data.options[u][int(j)].items()}
+    choices: dict[str, Option] = {}
+    for u, j in enumerate(choice.tolist()):
+        unit = data.options[u]
+        if isinstance(unit, tuple):
+            choices[data.names[u][0]] = unit[j]
+        else:
+            choices.update(unit[j])
     return Solution(choices, sum(o.objective for o in choices.values()), problem.totals(choices), status,
                     time.perf_counter() - start, gap)
 
 
-def _search(data: _Arrays, rounds: int, deadline: Deadline) -> tuple[list[Array], float]:
+def _search(data: _Arrays, rounds: int, tol: float, deadline: Deadline) -> tuple[list[Array], float]:
     """Multipliers to take plans from, and the best bound seen. Each budget alone first (other prices zero): when
     one budget binds, as one usually does, its plan meets the others too and its bound is that budget's LP bound.
     With several, cycles of one-price bisections (each price the least at which its budget holds, the others
-    held) add the point they reach."""
+    held) add the point they reach, unless a budget alone already gave a plan within ``tol`` of the bound."""
     keys = len(data.keys)
     prices = np.zeros(keys)
     best = data.bound(prices)
@@ -129,6 +170,12 @@ def _search(data: _Arrays, rounds: int, deadline: Deadline) -> tuple[list[Array]
         alone[k], seen = _bisect(data, alone, k, deadline)
         trials.append(alone)
         best = max(best, seen)
+    for alone in trials:
+        choice = data.pick(alone)
+        if np.all(data.spend(choice) <= data.limits * (1 + 1e-9) + 1e-9):
+            value = data.value(choice)  # the fill can only lower it
+            if value - best <= tol * max(abs(value), 1e-12):
+                return trials, best
     for _ in range(rounds if keys > 1 else 1):
         before = prices.copy()
         for k in range(keys):

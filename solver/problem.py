@@ -221,6 +221,12 @@ class Problem:
 
     def groups(self) -> list[list[str]]:
         """Layers partitioned into tie groups (singletons for untied layers)."""
+        return [list(group) for group in self._groups]
+
+    @cached_property
+    def _groups(self) -> tuple[tuple[str, ...], ...]:
+        if not self.ties:
+            return tuple((layer.name,) for layer in self.layers)
         parent = {layer.name: layer.name for layer in self.layers}
 
         def find(x: str) -> str:
@@ -235,7 +241,7 @@ class Problem:
         out: dict[str, list[str]] = {}
         for layer in self.layers:
             out.setdefault(find(layer.name), []).append(layer.name)
-        return list(out.values())
+        return tuple(tuple(group) for group in out.values())
 
     def brute_force(self) -> tuple[float, dict[str, Option]] | None:
         """Exhaustive optimum, for tests on tiny problems only."""
