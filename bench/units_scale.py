@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
+import sys
 import time
+from pathlib import Path
 
-from solver import Layer, Option, Problem, get_solver
+from solver import get_solver
 from solver.ilp import silence_banner
 
-
-def units_problem(n: int, budgets: dict[str, float], seed: int = 0) -> Problem:
-    rnd = random.Random(seed)
-    layers = []
-    for i in range(n):
-        salience = rnd.lognormvariate(0, 1.5)
-        layers.append(Layer(f"g{i}", 128, tuple(
-            Option(w_bits=w, objective=salience * 4.0 ** -w, cost={"size_bytes": 128 * w / 8 + 2.0}) for w in (2, 3, 4, 8))))
-    return Problem(tuple(layers), budgets)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.problems: the generator the tests use too
+from tests.problems import group_units_problem  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +41,7 @@ def main() -> None:
         for label, budgets in (("one", {"avg_weight_bits": 3.3}),
                                ("two", {"avg_weight_bits": 3.3, "size_bytes": 52.0 * n})):
             start = time.perf_counter()
-            problem = units_problem(n, budgets)
+            problem = group_units_problem(n, budgets)
             build = time.perf_counter() - start
             start = time.perf_counter()
             fast = get_solver("lagrange")(problem)

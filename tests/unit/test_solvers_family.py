@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from bitplan.errors import BitplanError, InfeasibleError
 from solver import SOLVERS, Layer, Option, Problem, get_solver, solver_params
+from tests.problems import group_units_problem
 
 WIDTHS = (2, 3, 4, 6, 8)
 FAMILY = ("ilp", "pareto", "evolutionary", "greedy", "uniform", "lagrange")
@@ -353,20 +354,9 @@ def test_lagrange_plan_and_bound_enclose_the_optimum(seed):
     assert (solution.status == "optimal") == (solution.gap <= 1e-4)
 
 
-def large_problem(units: int, budgets: dict[str, float], seed: int = 0) -> Problem:
-    """Units of 128 weights (a group of columns) at 2/3/4/8 bits, Omega falling 4x per bit with a random salience."""
-    rnd = random.Random(seed)
-    layers = []
-    for i in range(units):
-        salience = rnd.lognormvariate(0, 1.5)
-        layers.append(Layer(f"g{i}", 128, tuple(
-            Option(w_bits=w, objective=salience * 4.0 ** -w, cost={"size_bytes": 128 * w / 8 + 2.0}) for w in (2, 3, 4, 8))))
-    return Problem(tuple(layers), budgets)
-
-
 @pytest.mark.parametrize("budgets", [{"avg_weight_bits": 3.3}, {"avg_weight_bits": 3.3, "size_bytes": 2000 * 54.0}])
 def test_lagrange_is_near_the_ilp_optimum_on_thousands_of_units(budgets):
-    problem = large_problem(2000, budgets)
+    problem = group_units_problem(2000, budgets)
     exact = get_solver("ilp")(problem, backend="highs")
     fast = get_solver("lagrange")(problem)
     assert respects_everything(problem, fast.choices)
