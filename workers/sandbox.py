@@ -118,6 +118,7 @@ class Sandbox:
         """Start the zygote now (it imports torch: seconds), rather than on the first request."""
         with self._lock:
             if self._zygote is None or not self._zygote.alive():
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # a fresh TMPDIR has none yet
                 self._zygote = _Zygote.start(self.root)
 
     def warm_in_background(self) -> None:

@@ -126,6 +126,17 @@ def test_the_sandboxed_child_sees_no_secrets_and_has_limits(monkeypatch, tmp_pat
     assert probe["limits"]["RLIMIT_CORE"] == [0, 0]
 
 
+def test_warming_starts_the_zygote_in_a_fresh_temp_dir(tmp_path):
+    """`bitplan serve` warms the sandbox at start; in a TMPDIR without bitplan-sandbox/ that used to fail
+    ("No such file or directory"), leaving the zygote to start at the first upload."""
+    sandbox = Sandbox(tmp_path / "fresh")
+    try:
+        sandbox.warm()
+        assert sandbox._zygote is not None and sandbox._zygote.alive()
+    finally:
+        sandbox.close()
+
+
 def test_a_child_past_its_wall_limit_is_killed(tmp_path):
     sandbox = shared_sandbox()
     started = time.monotonic()
