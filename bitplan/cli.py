@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from bitplan.errors import BitplanError
+from bitplan.errors import BitplanError, gpu_out_of_memory
 from bitplan.files import write_atomic
 from bitplan.methods import DEFAULT_SENSITIVITY
 from bitplan.params import message_of
-from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS
+from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_SOLVER, DEFAULT_W_BITS, DTYPES
 
 if TYPE_CHECKING:
     from bitplan.client import Client
@@ -30,7 +30,14 @@ EXIT_USER_ERROR = 2
 OPTIONS = {"data": "--data", "eval_data": "--eval-data", "dataset_id": "--data", "eval_dataset_id": "--eval-data",
            "pins": "--pin", "budgets": "--budget", "w_bits": "--wbits", "a_bits": "--abits",
            "latency_table": "--latency-table", "sensitivity": "--sensitivity / --param",
-           "solver": "--solver / --solver-param", "callback_url": "--callback-url", "table": "--table"}
+           "solver": "--solver / --solver-param", "callback_url": "--callback-url", "table": "--table",
+           "device": "--device", "dtype": "--dtype", "batch_size": "--param batch_size / max_samples"}
+
+
+SEQ_LEN_HELP = "tokens per sample when the data is text, tokenised with the checkpoint's tokenizer.json (default: 128)"
+GRANULARITY_HELP = ("layer (default): one weight width per layer; channel: per output channel; group:N: per block of N "
+                    "input columns (e.g. group:128). Linear layers get units after the layer plan, keeping its bit "
+                    "total, and keep them only if they measure better")
 
 
 def _bits_text(bits) -> str:
@@ -88,7 +95,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             clip=args.clip, seed=args.seed,
             latency_table=load_latency_table(args.latency_table) if args.latency_table else None,
             validate_plan=not args.no_validate, refine_seconds=args.refine_seconds, distill=args.distill,
-            tie_shared_inputs=args.tie_shared_inputs,
+            tie_shared_inputs=args.tie_shared_inputs, device=args.device, dtype=args.dtype, seq_len=args.seq_len,
+            granularity=args.granularity,
         )
     except ValidationError as exc:
         raise BitplanError(_validation_message(exc)) from None
@@ -168,6 +176,14 @@ def _summary(plan) -> str:
     if plan.uniform_check is not None:
         lines.append(f"against uniform precision: {plan.uniform_check.outcome.replace('_', ' ')}. "
                      f"{plan.uniform_check.message}")
+    if plan.units is not None:
+        u = plan.units
+        mixed = sum(1 for layer in u.layers if len(set(layer.bits)) > 1)
+        lines.append(f"units ({u.granularity}): {u.units:,} units in {len(u.layers)} layers, {mixed} of them mixed; "
+                     f"kl {u.measured_mixed.kl:.5f} (per unit) vs {u.measured_uniform.kl:.5f} (per layer); "
+                     f"size {u.size_bytes / 1e3:.1f} kB. {u.message}")
+        for note in u.notes:
+            lines.append(f"  note: {note}")
     lines.append("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in plan.timings.items()))
     return "\n".join(lines)
 
@@ -216,7 +232,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     bad = [b for b in bits if b not in WEIGHT_BITS]
     if bad:
         raise BitplanError(f"weight bits {bad} not supported", f"choose from {list(WEIGHT_BITS)}")
-    prep = prepare(args.model, args.data, clip=args.clip)
+    prep = prepare(args.model, args.data, clip=args.clip, device=args.device, dtype=args.dtype, seq_len=args.seq_len)
     progress = StderrProgress(enabled=None if not args.progress else True)
     try:
         result = run_sensitivity(args.method, params, SensitivityContext(prep.model, prep.data, bits, prep.bank,
@@ -343,14 +359,18 @@ def _job_fields(args: argparse.Namespace) -> dict:
         "a_bits": _parse_bits(args.abits) if args.abits else None,
         "pins": _parse_pins(args.pin) or None,
         "tie_shared_inputs": True if args.tie_shared_inputs else None,
+        "granularity": args.granularity,
         "sensitivity": _method_field(args.sensitivity, args.param, DEFAULT_SENSITIVITY),
         "solver": _method_field(args.solver, args.solver_param, DEFAULT_SOLVER),
         "clip": args.clip,
         "seed": args.seed,
+        "seq_len": args.seq_len,
         "validate": False if args.no_validate else None,
         "shards": args.shards,
         "callback_url": args.callback_url,
         "latency_table": load_latency_table(args.latency_table) if args.latency_table else None,
+        "device": args.device,
+        "dtype": args.dtype,
     }
 
 
@@ -473,6 +493,16 @@ def _formatted(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _device_options(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """--device and --dtype (bitplan/core/device.py); for submit, unset leaves the server's default."""
+    p.add_argument("--device", default=None if server else DEFAULT_DEVICE, metavar="auto|cpu|cuda[:N]",
+                   help="where the model runs: auto (cuda when there is a GPU, else cpu), cpu, cuda or cuda:N"
+                        + (" (default: auto; a cuda job goes to the server's GPU workers)" if server else ""))
+    p.add_argument("--dtype", default=None if server else DEFAULT_DTYPE, choices=DTYPES,
+                   help="compute dtype: bfloat16/float16 run the model under autocast, weights and sensitivity sums "
+                        "stay float32; float16 needs a GPU" + (" (default: float32)" if server else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bitplan import __version__
 
@@ -481,8 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="find the per-layer bit widths that fit a budget, and measure them")
-    p.add_argument("model", help="model.pt2 (torch.export), model.ts (TorchScript) or catalog:NAME")
-    p.add_argument("--data", help="calibration data .npz/.safetensors (default for catalog models: their own)")
+    p.add_argument("model", help="model.pt2 (torch.export), model.ts (TorchScript), a Hugging Face checkpoint (folder "
+                                 "or .zip with config.json + *.safetensors) or catalog:NAME")
+    p.add_argument("--data", help="calibration data .npz/.safetensors, or text (.txt, .jsonl) for a Hugging Face "
+                                  "checkpoint (default for catalog models: their own)")
+    p.add_argument("--seq-len", type=int, default=128, help=SEQ_LEN_HELP)
+    p.add_argument("--granularity", default="layer", help=GRANULARITY_HELP)
     p.add_argument("--eval-data", help="held-out data for the measured figures (default: every 5th calibration sample, "
                    "kept aside from the search)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
@@ -516,11 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "precision (default: 120; 0: return the best uniform plan at once)")
     p.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
     p.add_argument("--out", help="write the plan file (JSON, schema bitplan.plan/v1)")
+    _device_options(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sensitivity", help="score every layer's sensitivity to each bit width")
-    p.add_argument("model", help="model.pt2, model.ts or catalog:NAME")
-    p.add_argument("--data", help="calibration data (default for catalog models: their own)")
+    p.add_argument("model", help="model.pt2, model.ts, a Hugging Face checkpoint (folder or .zip) or catalog:NAME")
+    p.add_argument("--data", help="calibration data, or text for a checkpoint (default for catalog models: their own)")
+    p.add_argument("--seq-len", type=int, default=128, help=SEQ_LEN_HELP)
     p.add_argument("--method", default=DEFAULT_SENSITIVITY,
                    help="auto, hessian_trace, hessian_eigen, fisher, taylor, lrp, perturbation (default: auto)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
@@ -529,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", help="write the table (JSON)")
+    _device_options(p)
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("inspect", help="list the quantizable layers with parameters and MACs")
@@ -557,8 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--key", help="API key (default: $BITPLAN_API_KEY, else the local key of `bitplan serve`)")
 
     p = sub.add_parser("submit", parents=[conn], help="upload a model (and data) to the server and start a planning job")
-    p.add_argument("model", help="model.pt2 or TorchScript file to upload, or the id (m_...) of an uploaded model")
-    p.add_argument("--data", default="synthetic", help="calibration .npz/.safetensors to upload, a dataset id (d_...), "
+    p.add_argument("model", help="model.pt2, TorchScript or zipped Hugging Face checkpoint to upload, or the id (m_...) "
+                                 "of an uploaded model")
+    p.add_argument("--seq-len", type=int, help=SEQ_LEN_HELP)
+    p.add_argument("--granularity", help=GRANULARITY_HELP)
+    p.add_argument("--data", default="synthetic", help="calibration .npz/.safetensors (or .txt/.jsonl text for a "
+                   "checkpoint) to upload, a dataset id (d_...), "
                    "or 'synthetic' (the default: random inputs shaped like the model's)")
     p.add_argument("--eval-data", help="held-out data (file or d_... id) for the measured figures")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
@@ -584,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
     p.add_argument("--progress", action="store_true", help="with --wait: draw progress bars even when stderr is not a terminal")
     p.add_argument("--out", help="with --wait: write the plan file (JSON)")
+    _device_options(p, server=True)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", parents=[conn], help="one line per job: JOB state stage progress%%")
@@ -631,6 +673,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BitplanError as exc:
         print(f"bitplan: error: {error_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as exc:  # torch's CUDA out-of-memory error is the user's to act on, not a bug
+        oom = gpu_out_of_memory(exc)
+        if oom is None:
+            raise
+        print(f"bitplan: error: {error_line(oom)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("bitplan: interrupted", file=sys.stderr)

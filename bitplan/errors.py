@@ -103,4 +103,31 @@ class InfeasibleError(BitplanError):
         return cls(message, hint, extra.pop("minimums", None), field=field, **extra)
 
 
+class GpuOutOfMemoryError(BitplanError):
+    """The run needed more GPU memory than the device had free: the user can ask for less."""
+
+    code = "gpu_out_of_memory"
+
+
+GPU_OOM_HINT = ("use fewer samples or smaller micro-batches (the sensitivity parameters max_samples and batch_size, "
+                "and the plan's batch_size), or dtype bfloat16, or a GPU with more free memory")
+
+
+def gpu_out_of_memory(exc: BaseException) -> GpuOutOfMemoryError | None:
+    """``exc`` as a GpuOutOfMemoryError when it is torch's CUDA out-of-memory error (torch.cuda.OutOfMemoryError, or
+    a RuntimeError saying "CUDA out of memory" / a cuBLAS or cuDNN allocation failure), else None. Torch-free, so the
+    CLI and the sandbox can classify the error without importing torch."""
+    text = str(exc)
+    torch_oom = (type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch")
+                 and "can't allocate memory" not in text)  # (the CPU allocator's words: host memory, not the GPU's)
+    if not (torch_oom or (isinstance(exc, RuntimeError) and any(
+            s in text for s in ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")))):
+        return None
+    first = (text.strip().splitlines() or ["CUDA out of memory"])[0]
+    # torch says e.g. "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB of which
+    # 1.2 GiB is free. ..."; the first two sentences say how much and on which device
+    shown = ". ".join(first.split(". ")[:3]).rstrip(".")[:400]
+    return GpuOutOfMemoryError(f"ran out of GPU memory ({shown})", GPU_OOM_HINT, field="batch_size")
+
+
 BitplanError._by_code["bad_input"] = BitplanError

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bitplan.errors import BitplanError
+from bitplan.hutchinson import ProbeShard, join, split_probes, stop_point, summarise
 from bitplan.params import parse_model
 from bitplan.schemas import SensitivityLayer, SensitivityTable
 
@@ -23,7 +24,12 @@ DEFAULT_SENSITIVITY = "auto"
 
 
 class HessianTraceParams(BaseModel):
-    """Hutchinson estimate of each layer's Hessian trace (HAWQ-V2/V3)."""
+    """Hutchinson estimate of each layer's Hessian trace (HAWQ-V2/V3).
+
+    Split over workers by probes (``shards``), every shard computes its passes of all ``max_probes`` probes
+    and the merge keeps the ones where a single worker's stopping rule would have stopped: the same table,
+    with probes computed and discarded when the rule fires early. ``activations=true`` cannot be split.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,8 +42,10 @@ class HessianTraceParams(BaseModel):
     loss: Literal["task", "kl"] = Field(
         "task", description="task: cross-entropy with targets, else KL to full precision; kl: always KL to full precision"
     )
-    hvp: Literal["auto", "exact", "finite_difference"] = Field(
-        "auto", description="auto: exact double backward, else the math form of SDPA, else finite differences"
+    hvp: Literal["auto", "exact", "finite_difference", "forward_difference"] = Field(
+        "auto", description="auto: exact double backward, else the math form of SDPA, else central finite "
+                            "differences; on a GPU a model with fused attention uses forward_difference (one gradient "
+                            "per probe on the fused kernels)"
     )
     activations: bool = Field(False, description="also score each layer's input activation (HAWQ-V2), for --abits choices")
     omega: Literal["diagonal", "trace"] = Field(
@@ -55,7 +63,7 @@ class HessianEigenParams(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     max_samples: int = Field(128, ge=1)
     loss: Literal["task", "kl"] = "task"
-    hvp: Literal["auto", "exact", "finite_difference"] = "auto"
+    hvp: Literal["auto", "exact", "finite_difference", "forward_difference"] = "auto"
 
 
 class FisherParams(BaseModel):
@@ -127,9 +135,24 @@ class MethodInfo:
     summary: str
     params: type[BaseModel]
     impl: str  # "module:function", called as function(context, params) -> SensitivityTable
-    # True when a layer's scores do not depend on which other layers are scored, so the layers can be
-    # split over workers (SensitivityContext.only) and the shards merged into exactly the one-run table.
-    shardable: bool = False
+    # How the work splits over workers into shards that merge into exactly the one-run table (None: it does not).
+    # "layers": a layer's scores do not depend on which other layers are scored (SensitivityContext.only; merge_shards).
+    # "probes": random probes drawn from (seed, probe index), computed by ``probe_impl`` in whole passes and merged
+    # with the one-run stopping rule (merge_probe_shards).
+    shard_by: Literal["layers", "probes"] | None = None
+    probe_impl: str | None = None  # "module:function", called as function(context, params, start, end) -> ProbeShard
+    unshardable_if: tuple[str, ...] = ()  # boolean parameters that, when true, keep the run in one piece
+
+    @property
+    def shardable(self) -> bool:
+        return self.shard_by is not None
+
+    def load_probe_shard(self) -> Callable[..., ProbeShard]:
+        if self.probe_impl is None:
+            raise BitplanError(f"sensitivity method '{self.name}' cannot be split by probes")
+        module, _, attr = self.probe_impl.partition(":")
+        function: Callable[..., ProbeShard] = getattr(importlib.import_module(module), attr)
+        return function
 
     def load(self) -> Callable[..., SensitivityTable]:
         module, _, attr = self.impl.partition(":")
@@ -143,13 +166,16 @@ METHODS: dict[str, MethodInfo] = {
         "HAWQ-V2/V3: Omega = Tr(H)/n x ||Q_b(W) - W||^2, trace by Hutchinson with a standard-error stopping rule",
         HessianTraceParams,
         "bitplan.core.sensitivity.hessian_trace:hessian_trace",
+        shard_by="probes",  # probe i is drawn from (seed, i); shards are whole passes (bitplan/hutchinson.py)
+        probe_impl="bitplan.core.sensitivity.hessian_trace:hessian_trace_shard",
+        unshardable_if=("activations",),  # the activation traces are one pass after the weight probes
     ),
     "hessian_eigen": MethodInfo(
         "hessian_eigen",
         "HAWQ: Omega = lambda_max(H) x ||Q_b(W) - W||^2, top eigenvalue per layer by power iteration",
         HessianEigenParams,
         "bitplan.core.sensitivity.hessian_eigen:hessian_eigen",
-        shardable=True,  # each layer iterates alone, from a start vector drawn from (seed, layer index)
+        shard_by="layers",  # each layer iterates alone, from a start vector drawn from (seed, layer index)
     ),
     "fisher": MethodInfo(
         "fisher",
@@ -175,7 +201,7 @@ METHODS: dict[str, MethodInfo] = {
         "ZeroQ/AIMET: measured loss increase with one layer quantized at a time (costly, closest to the truth)",
         PerturbationParams,
         "bitplan.core.sensitivity.perturbation:perturbation",
-        shardable=True,  # each layer's loss increase is measured with that layer alone quantized
+        shard_by="layers",  # each layer's loss increase is measured with that layer alone quantized
     ),
     "auto": MethodInfo(
         "auto",
@@ -200,8 +226,31 @@ def parse_params(info: MethodInfo, raw: dict[str, Any]) -> BaseModel:
     return parse_model(info.params, raw, f"sensitivity method '{info.name}'", "sensitivity")
 
 
-def shardable_methods() -> list[str]:
-    return [name for name, info in METHODS.items() if info.shardable]
+def shardable_methods(by: str | None = None) -> list[str]:
+    """The methods that can be split into shards (``by``: only those split by "layers" or by "probes")."""
+    return [name for name, info in METHODS.items() if info.shardable and by in (None, info.shard_by)]
+
+
+def check_shardable(info: MethodInfo, params: BaseModel) -> None:
+    """Refuse to split a method (with these parameters) whose shards could not merge into the one-run table."""
+    if not info.shardable:
+        raise BitplanError(f"sensitivity method '{info.name}' cannot be split into shards",
+                           "use shards=1, or one of: " + ", ".join(shardable_methods()), field="shards",
+                           code="invalid_request")
+    on = [name for name in info.unshardable_if if getattr(params, name)]
+    if on:
+        raise BitplanError(f"sensitivity method '{info.name}' with {', '.join(f'{n}=true' for n in on)} cannot be split "
+                           "into shards", f"use shards=1, or {', '.join(f'{n}=false' for n in on)}", field="shards",
+                           code="invalid_request")
+
+
+def plan_shards(info: MethodInfo, params: BaseModel, layer_names: list[str], shards: int) -> list[dict[str, Any]]:
+    """The shards of one run: ``{"layers": [names]}`` blocks, or ``{"probes": [start, end]}`` ranges of whole passes."""
+    check_shardable(info, params)
+    if info.shard_by == "probes":
+        p = params.model_dump()
+        return [{"probes": [start, end]} for start, end in split_probes(p["max_probes"], p["probes_per_pass"], shards)]
+    return [{"layers": block} for block in shard_layers(layer_names, shards)]
 
 
 def shard_layers(names: list[str], shards: int) -> list[list[str]]:
@@ -255,3 +304,23 @@ def merge_shards(tables: list[SensitivityTable], order: list[str]) -> Sensitivit
     notes = list(dict.fromkeys(note for t in tables for note in t.notes))
     return SensitivityTable(method=first.method, params=first.params, seconds=sum(t.seconds for t in tables),
                             layers=[by_name[name] for name in order], notes=notes)
+
+
+def merge_probe_shards(parts: list[ProbeShard], order: list[str] | None = None) -> SensitivityTable:
+    """Join probe shards into the table one worker would have given for the same seed, float for float.
+
+    The rows of all shards, in probe order, go through one worker's stopping rule at the same pass
+    boundaries (the probes after the point where it stops are discarded) and the same summary; seconds
+    add up (the work done, every probe computed included). ``order`` (the model's layers) is checked when
+    given. Shards must come from one run and cover every probe of ``max_probes`` exactly once.
+    """
+    whole = join(parts)
+    if order is not None and whole.layers != list(order):
+        raise BitplanError("the probe shards' layers are not the model's", "merge with the model's own layer names")
+    p = whole.params
+    used = stop_point(whole.estimates, int(p["max_probes"]), int(p["min_probes"]), int(p["probes_per_pass"]),
+                      float(p["tol"]))
+    stats, omega, detail, notes = summarise(whole, used)
+    layers = [SensitivityLayer(name=name, stat=stats[name], omega=omega[name], omega_act={}, detail=detail[name])
+              for name in whole.layers]
+    return SensitivityTable(method=whole.method, params=whole.params, seconds=whole.seconds, layers=layers, notes=notes)

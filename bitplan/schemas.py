@@ -25,6 +25,33 @@ DEFAULT_SOLVER = "ilp"
 #: Bit widths an activation may take; 16 means "keep full precision".
 ACT_BITS = (4, 8, 16)
 
+#: Where a run computes (``device``) and in which floating-point format (``dtype``); see bitplan/core/device.py.
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[DtypeName, ...] = ("float32", "bfloat16", "float16")
+DEFAULT_DEVICE = "auto"
+DEFAULT_DTYPE: DtypeName = "float32"
+
+
+def check_device(value: object) -> str:
+    """``value`` as a device name (auto, cpu, cuda, cuda:N; case and spaces ignored), else ValueError saying why.
+
+    Torch-free: the API checks a job's device with it before anything is queued; which devices this machine
+    has is decided where the work runs (bitplan.core.device.resolve_device)."""
+    text = str(value).strip().lower()
+    kind, sep, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and sep and index.isdigit() and len(index) <= 3):
+        return text if not sep else f"cuda:{int(index)}"
+    raise ValueError(f"'{str(value)[:40]}' is not a device; choose {DEVICE_CHOICES}")
+
+
+def needs_gpu(device: str, gpu_workers: bool = False) -> bool:
+    """Whether a job asking for ``device`` must run on a GPU worker: cuda and cuda:N always; auto when the
+    deployment has GPU workers (BITPLAN_GPU_WORKERS)."""
+    device = check_device(device)
+    return device.startswith("cuda") or (device == "auto" and gpu_workers)
+
+
 BUDGET_KEYS = {
     "avg_weight_bits": "parameter-weighted mean weight bit width of the quantizable layers",
     "size_bytes": "model size: packed weights at their bits + per-channel fp32 scales + every other tensor",
@@ -32,6 +59,9 @@ BUDGET_KEYS = {
     "latency_ms": "sum of per-layer latencies from the lookup table given with --latency-table",
 }
 
+
+#: bits per layer, per output channel, or per group of N input columns (bitplan.core.units)
+GRANULARITY_PATTERN = r"^(layer|channel|group:([1-9][0-9]{0,3}))$"
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -106,7 +136,7 @@ def shared_input_groups(layers: Sequence[LayerInfo]) -> tuple[tuple[str, ...], .
 
 class ModelInfo(_Frozen):
     sha256: str
-    format: Literal["pt2", "torchscript", "catalog"]
+    format: Literal["pt2", "torchscript", "catalog", "hf"]
     name: str
 
 
@@ -198,6 +228,32 @@ class PlanLayer(_Frozen):
     sensitivity: float = Field(description="Omega of the chosen option (predicted loss increase)")
 
 
+class UnitLayer(_Frozen):
+    name: str
+    layer_bits: int = Field(description="the layer plan's width for this layer")
+    bits: list[int] = Field(description="each unit's weight bits: per block of input columns (group:N) or per "
+                                        "output channel (channel), in order")
+    predicted: float = Field(description="sum of the units' activation-weighted quantization error at these bits")
+    predicted_uniform: float = Field(description="the same with every unit at layer_bits")
+    gap: float | None = Field(None, description="the solver's certified optimality gap (relative)")
+
+
+class UnitPlan(_Frozen):
+    """Bits below a layer (``granularity`` group:N or channel): what was solved, measured and kept."""
+
+    granularity: str
+    units: int = Field(description="units solved, over every split layer")
+    kept: Literal["mixed", "uniform"] = Field(description="mixed: the per-unit bits measured better than every unit "
+                                                          "at its layer's width, and are the answer; uniform: not, "
+                                                          "so every unit keeps its layer's width")
+    message: str
+    measured_mixed: Metrics
+    measured_uniform: Metrics
+    size_bytes: float = Field(description="the plan's size with per-unit scales (fp16 per row and group, or per row)")
+    layers: list[UnitLayer]
+    notes: list[str] = Field(default_factory=list)
+
+
 class SolverInfo(_Frozen):
     method: str
     status: str = Field(description="optimal, heuristic, or time_limit: the time limit stopped the search "
@@ -238,6 +294,7 @@ class PlanFile(BaseModel):
     frontier: list[dict[str, Any]] | None = Field(
         None, description="non-dominated plans around the chosen one, if the solver gives them")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
+    units: UnitPlan | None = Field(None, description="bits below a layer, when the request's granularity asked")
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
@@ -248,9 +305,11 @@ class PlanRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="a .pt2 / TorchScript path, or catalog:NAME")
+    model: str = Field(description="a .pt2 / TorchScript path, a Hugging Face checkpoint (directory or zip), "
+                                   "or catalog:NAME")
     model_name: str | None = Field(None, description="the name the plan shows (default: the file name)")
-    data: str | None = Field(None, description="calibration .npz/.safetensors; a catalog model's own by default")
+    data: str | None = Field(None, description="calibration .npz/.safetensors (or .txt/.jsonl text for a Hugging Face "
+                                               "checkpoint); a catalog model's own by default")
     eval_data: str | None = Field(None, description="held-out data for the measured figures; default: every 5th "
                                                       "calibration sample, kept aside from the search")
     budget: Budget
@@ -274,7 +333,17 @@ class PlanRequest(BaseModel):
                                              "inputs")
     latency_table: dict[str, dict[int, float]] | None = None
     seed: int = 0
+    seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the data is text (.txt/.jsonl), "
+                                                            "tokenised with a Hugging Face checkpoint's tokenizer.json")
+    granularity: str = Field("layer", pattern=GRANULARITY_PATTERN,
+                             description="layer: one width per layer; channel: per output channel; group:N: per block "
+                                         "of N input columns (linear layers; the layer plan's bit total is kept)")
     batch_size: int = Field(64, ge=1, description="evaluation batch size")
+    device: str = Field(DEFAULT_DEVICE, description="where the model runs: auto (cuda when this machine has a GPU, "
+                                                    "else cpu), cpu, cuda or cuda:N")
+    dtype: DtypeName = Field(
+        DEFAULT_DTYPE, description="compute dtype: bfloat16/float16 run matmuls, convolutions and attention under "
+                                   "autocast (weights, losses and the sensitivity sums stay float32); float16 needs a GPU")
     validate_plan: bool = True
     guarantee: bool = Field(
         True, description="measure the plan against the best uniform plan that fits; refine it or return uniform "
@@ -291,6 +360,11 @@ class PlanRequest(BaseModel):
         if bad or not v:
             raise ValueError(f"weight bits {bad or '[]'} not supported; choose from {list(WEIGHT_BITS)}")
         return tuple(sorted(set(v)))
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _check_device(cls, v: Any) -> str:
+        return check_device(v)
 
     @field_validator("a_bits", mode="before")
     @classmethod

@@ -24,6 +24,8 @@ message naming the variable, and an explicit override always wins, 0 included
 | BITPLAN_SESSION_HOURS  | 168: web sign-in sessions last this long  | server             |
 | BITPLAN_MAX_ATTEMPTS   | 3: a job whose worker died this often fails | server, workers  |
 | BITPLAN_RATE_BURST     | 200 requests per key in a burst           | server             |
+| BITPLAN_GPU_WORKERS    | false: jobs with device auto go to the "gpu" queue when true | server |
+| BITPLAN_WORKER_DEVICE  | cpu: where this worker runs jobs (`bitplan worker --device`) | workers |
 | BITPLAN_URL            | http://127.0.0.1:8000                     | client verbs       |
 | BITPLAN_API_KEY        | $BITPLAN_DATA_DIR/local-key if present    | client verbs       |
 """
@@ -38,6 +40,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bitplan.errors import BitplanError
+from bitplan.schemas import check_device
 
 
 def _default_memory_mb() -> int:
@@ -73,6 +76,15 @@ class Settings(BaseSettings):
     worker_memory_mb: int = Field(default_factory=_default_memory_mb, ge=0,
                                   description="address-space limit of the processes that read models; 0: none")
     session_hours: float = Field(168.0, gt=0)
+    gpu_workers: bool = Field(False, description="the deployment runs GPU workers (bitplan worker --device cuda): "
+                                                 "jobs with device auto are queued for them too, not only device cuda")
+    worker_device: str = Field("cpu", description="where this worker runs jobs: cpu, cuda, cuda:N or auto (cuda if "
+                                                  "the machine has one); a job's own cpu or cuda:N wins")
+
+    @field_validator("worker_device", mode="before")
+    @classmethod
+    def _device(cls, value: object) -> str:
+        return check_device(value)
 
     @field_validator("callback_allow", mode="before")
     @classmethod

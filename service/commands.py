@@ -75,6 +75,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from bitplan.schemas import check_device
+
+    try:
+        device = check_device(args.device)
+    except ValueError as exc:
+        raise BitplanError(str(exc), "a worker runs jobs on cpu, cuda or cuda:N", field="device") from None
+    if device == "auto":
+        raise BitplanError("a worker's device is cpu, cuda or cuda:N, not auto",
+                           "say which: the device decides which queue the worker takes jobs from", field="device")
+    if device.startswith("cuda"):
+        _check_gpu(device)
+    os.environ["BITPLAN_WORKER_DEVICE"] = device  # read by the jobs this worker runs (bitplan.settings)
     settings = _settings(args)
     if settings.embedded:
         raise BitplanError("a separate worker needs a broker server; the memory:// broker only works inside `bitplan serve`",
@@ -88,12 +100,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from workers.sandbox import shared_sandbox
 
         shared_sandbox().warm_in_background()
+    app.worker_main(worker_argv(args, app.conf.task_default_queue or "celery"))
+    return 0
+
+
+def _check_gpu(device: str) -> None:
+    """Refuse to start a GPU worker on a machine whose torch sees no such GPU (it would fail every job it takes).
+    Asked in a child process: the worker's own process never initialises CUDA or imports torch."""
+    import subprocess
+
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        count = int(run.stdout.strip() or 0)
+    except (subprocess.SubprocessError, ValueError, OSError):
+        count = 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise BitplanError(f"--device {device}: torch on this machine sees {count} CUDA device(s)",
+                           "start GPU workers on machines with an NVIDIA GPU and a CUDA build of torch, or use --device cpu",
+                           field="device", code="device_unavailable")
+
+
+def worker_argv(args: argparse.Namespace, default_queue: str = "celery") -> list[str]:
+    """The Celery worker's command line: a GPU worker (``--device cuda[:N]``) consumes the gpu queue (and the
+    default one with ``--cpu-jobs-too``), a CPU worker the default queue."""
+    from workers.app import worker_queues
+
     argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
-            "--pool=" + ("solo" if args.concurrency == 1 else "prefork"), "--without-gossip", "--without-mingle"]
+            "--pool=" + ("solo" if args.concurrency == 1 else "prefork"), "--without-gossip", "--without-mingle",
+            "--queues=" + ",".join(worker_queues(str(args.device).strip().lower(), bool(args.cpu_jobs_too), default_queue))]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
-    app.worker_main(argv)
-    return 0
+    return argv
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -135,6 +174,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--concurrency", type=int, default=1, help="jobs at once (processes)")
     p.add_argument("--hostname", help="worker name, e.g. w1@%%h")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where this worker runs jobs: cpu (the default queue) or cuda / cuda:N (the gpu queue: jobs "
+                        "asking for cuda, and for auto when the server has BITPLAN_GPU_WORKERS=true)")
+    p.add_argument("--cpu-jobs-too", action="store_true",
+                   help="a GPU worker takes jobs from the default queue too (they run on its GPU when they ask for auto)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("keys", help="create or revoke API keys")

@@ -15,17 +15,22 @@ from pydantic_core import PydanticCustomError
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
 from bitplan.inputs import match_inputs
-from bitplan.methods import DEFAULT_SENSITIVITY, get_method, parse_params, shardable_methods
+from bitplan.methods import DEFAULT_SENSITIVITY, check_shardable, get_method, parse_params
 from bitplan.params import cut
 from bitplan.schemas import (
     ACT_BITS,
     BUDGET_KEYS,
     DEFAULT_A_BITS,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     DEFAULT_SOLVER,
     DEFAULT_W_BITS,
+    GRANULARITY_PATTERN,
     WEIGHT_BITS,
     Budget,
+    DtypeName,
     LayerInfo,
+    check_device,
     shared_input_groups,
 )
 from service.errors import ApiError
@@ -83,6 +88,10 @@ class JobCreate(BaseModel):
     w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
     a_bits: list[int] = Field(list(DEFAULT_A_BITS), min_length=1, max_length=3)
     pins: dict[str, int] = Field(default_factory=dict)
+    granularity: str = Field("layer", pattern=GRANULARITY_PATTERN,
+                             description="layer: one width per layer; channel: per output channel; group:N: per block "
+                                         "of N input columns (linear layers, after the layer plan, keeping its bit "
+                                         "total; kept only if measured better)")
     tie_shared_inputs: bool = Field(False, description="give layers that read the same value (q, k and v; gate and up) "
                                                        "one bit width, as runtimes that fuse them need (vLLM)")
     sensitivity: MethodChoice = MethodChoice(method=DEFAULT_SENSITIVITY)
@@ -90,6 +99,14 @@ class JobCreate(BaseModel):
     clip: Literal["mse", "minmax"] = "mse"
     latency_table: dict[str, dict[int, FiniteMs]] | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field(DEFAULT_DEVICE, max_length=16,
+                        description="auto, cpu, cuda or cuda:N: a job asking for cuda (or auto, where the deployment has "
+                                    "GPU workers) runs on a GPU worker")
+    dtype: DtypeName = Field(
+        DEFAULT_DTYPE, description="compute dtype: bfloat16/float16 run the model under autocast (weights and the "
+                                   "sensitivity sums stay float32); float16 needs a GPU")
+    seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the dataset is text, tokenised with "
+                                                            "the Hugging Face checkpoint's tokenizer.json")
     validate_plan: bool = Field(True, alias="validate", description="measure the plan on the eval data (and check it "
                                                                     "against uniform precision)")
     refine_seconds: float = Field(120.0, ge=0, le=3600, allow_inf_nan=False,
@@ -125,6 +142,14 @@ class JobCreate(BaseModel):
         if bad:
             raise _invalid(f"activation bits {bad} not supported; choose from {list(ACT_BITS)}")
         return sorted(set(v))
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> str:
+        try:
+            return check_device(v)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
 
     @field_validator("callback_url")
     @classmethod
@@ -215,10 +240,11 @@ def check_methods(job: JobCreate) -> dict[str, Any]:
         parse_solver_params(job.solver.method, job.solver.params)
     except BitplanError as exc:
         raise ApiError.from_error(exc) from None
-    if job.shards > 1 and not info.shardable:
-        shardable = shardable_methods()
-        raise ApiError(422, f"sensitivity method '{info.name}' cannot be split into shards",
-                       "use shards=1, or one of: " + ", ".join(shardable), code="invalid_request", field="shards")
+    if job.shards > 1:  # not every method splits, nor every parameter choice (hessian_trace's activations=true)
+        try:
+            check_shardable(info, parse_params(info, job.sensitivity.params))
+        except BitplanError as exc:
+            raise ApiError.from_error(exc) from None
     request = job.model_dump(mode="json", by_alias=True)
     request["budgets"] = job.budgets.limits()
     return request
@@ -241,6 +267,10 @@ def check_against_model(job: JobCreate, model: dict[str, Any],
     it the data is checked by the worker only.
     """
     _check_budget(job, model)
+    if job.dataset_id == "synthetic" and model.get("format") == "hf":
+        raise ApiError(422, "a Hugging Face checkpoint needs calibration text: random token ids make no sample of a "
+                       "language's text", "upload text (.txt, or .jsonl with a \"text\" field per line) as the dataset, "
+                       "or token ids (.npz with 'inputs.input_ids' and 'targets')", code="bad_data", field="dataset_id")
     if dataset is None:
         return
     for role, data_id in (("dataset", job.dataset_id), ("eval dataset", job.eval_dataset_id)):
@@ -298,6 +328,11 @@ def check_data_fits(model: dict[str, Any], data: dict[str, Any], role: str = "da
     (``bitplan.inputs.match_inputs``) that ``conform()`` applies to the tensors. A TorchScript model is traced
     again with the job's data, so only its input names are fixed. Descriptions without inputs (older rows) are
     left to the worker. Errors name ``field``, the request field they are about."""
+    if data.get("text") and model.get("format") != "hf":
+        raise ApiError(422, f"{role} '{data.get('name') or ''}' is text, and only a Hugging Face checkpoint has a "
+                       "tokenizer to turn text into model inputs",
+                       "send arrays (.npz or .safetensors with 'inputs'), or a zipped checkpoint with its tokenizer.json",
+                       code="needs_tokenizer", field=field)
     spec, given = model.get("inputs") or [], data.get("inputs") or []
     if not spec or not given:
         return

@@ -87,7 +87,7 @@ def store_upload(state: State, team: Team, kind: str, source: BinaryIO, filename
                             description={k: desc.get(k) for k in ("inputs", "layers", "other_bytes")})
         else:
             row = DatasetFile(team_id=team.id, sha256=desc["sha256"], name=name, size_bytes=desc["size_bytes"],
-                              description={k: desc.get(k) for k in ("samples", "has_targets", "inputs")})
+                              description={k: desc.get(k) for k in ("samples", "has_targets", "inputs", "text")})
         try:
             with state.db.session() as s:
                 s.add(row)

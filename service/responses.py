@@ -35,6 +35,8 @@ class DatasetOut(_Open):
     samples: int | None = None
     has_targets: bool | None = None
     inputs: list[InputSpec]
+    text: dict[str, int] | None = Field(None, description="text data (for a Hugging Face checkpoint): documents and "
+                                                          "characters; its samples are made with the model's tokenizer")
     size_bytes: int
     created_at: str | None = None
 

@@ -221,7 +221,7 @@ def _choices(request: Request, team: Team) -> dict[str, Any]:
 def _defaults() -> dict[str, Any]:
     return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
             "w_bits": list(DEFAULT_W_BITS), "a_bits": str(DEFAULT_A_BITS[0]), "pins": "", "sensitivity": DEFAULT_SENSITIVITY,
-            "solver": DEFAULT_SOLVER, "tie_shared_inputs": False}
+            "solver": DEFAULT_SOLVER, "tie_shared_inputs": False, "seq_len": "128"}
 
 
 def _values_from_job(job: Job) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def _values_from_job(job: Job) -> dict[str, Any]:
             "budget_value": f"{value:g}", "w_bits": r["w_bits"], "a_bits": str(max(r["a_bits"])),
             "pins": "\n".join(f"{k}={v}" for k, v in r.get("pins", {}).items()),
             "sensitivity": r["sensitivity"]["method"], "solver": r["solver"]["method"],
-            "tie_shared_inputs": bool(r.get("tie_shared_inputs", False))}
+            "tie_shared_inputs": bool(r.get("tie_shared_inputs", False)), "seq_len": str(r.get("seq_len", 128))}
 
 
 @router.get("/")
@@ -266,6 +266,7 @@ async def submit(request: Request) -> Response:
         "a_bits": str(form.get("a_bits", "16")),
         "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", DEFAULT_SENSITIVITY)),
         "solver": str(form.get("solver", DEFAULT_SOLVER)), "tie_shared_inputs": form.get("tie_shared_inputs") == "1",
+        "seq_len": str(form.get("seq_len", "128")).strip() or "128",
     }
     errors: dict[str, str] = {}
     state = request.app.state
@@ -286,7 +287,8 @@ async def submit(request: Request) -> Response:
         except ApiError as exc:
             errors["model"] = _say(exc)
     if not values["model_id"] and "model" not in errors:
-        errors["model"] = "choose an uploaded model or upload a model file (.pt2 or TorchScript)"
+        errors["model"] = ("choose an uploaded model or upload a model file (.pt2, TorchScript or a zipped Hugging Face "
+                           "checkpoint)")
     latency_table = None
     if values["budget_kind"] == "latency_ms":
         table_file = _file(form, "latency_table")
@@ -302,6 +304,8 @@ async def submit(request: Request) -> Response:
         errors["pins"] = pin_error
     if not values["w_bits"]:
         errors["w_bits"] = "allow at least one bit width"
+    if not values["seq_len"].isdigit():
+        errors["seq_len"] = f"'{values['seq_len']}' is not a whole number of tokens"
     try:
         budget_value = float(values["budget_value"])
     except ValueError:
@@ -313,7 +317,7 @@ async def submit(request: Request) -> Response:
                 model_id=values["model_id"], dataset_id=values["dataset_id"] or "synthetic",
                 budgets={values["budget_kind"]: budget_value}, w_bits=values["w_bits"], a_bits=[int(values["a_bits"])],
                 pins=pins, tie_shared_inputs=values["tie_shared_inputs"], sensitivity={"method": values["sensitivity"]},
-                solver={"method": values["solver"]}, latency_table=latency_table,
+                solver={"method": values["solver"]}, latency_table=latency_table, seq_len=int(values["seq_len"]),
             )
             job, _ = await _run(create_job, state, team, body)
             return RedirectResponse(f"/jobs/{job.id}", status_code=303)
@@ -351,7 +355,7 @@ def _pins(text: str) -> tuple[dict[str, int], str | None]:
 #: the request's fields (an error's ``field``, a validation error's first ``loc``) -> the form's inputs
 FORM_FIELDS = {"budgets": "budget_value", "w_bits": "w_bits", "pins": "pins", "model_id": "model",
                "dataset_id": "dataset", "eval_dataset_id": "dataset", "latency_table": "latency_table",
-               "sensitivity": "sensitivity", "solver": "solver"}
+               "sensitivity": "sensitivity", "solver": "solver", "seq_len": "seq_len"}
 
 
 def _field_of(loc: Iterable[object]) -> str:

@@ -47,5 +47,6 @@ def model_dict(row: ModelFile) -> dict:
 def dataset_dict(row: DatasetFile) -> dict:
     d = row.description
     return {"id": row.id, "sha256": row.sha256, "name": row.name, "samples": d.get("samples"),
-            "has_targets": d.get("has_targets"), "inputs": d.get("inputs", []), "size_bytes": row.size_bytes,
+            "has_targets": d.get("has_targets"), "inputs": d.get("inputs", []), "text": d.get("text"),
+            "size_bytes": row.size_bytes,
             "created_at": iso(row.created_at)}

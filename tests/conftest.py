@@ -23,6 +23,18 @@ def digits_files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def hf_files(tmp_path_factory) -> dict[str, Path]:
+    """A small Llama-architecture Hugging Face checkpoint (tests/hf_checkpoint.py): its folder, the folder zipped,
+    and calibration text."""
+    from tests.hf_checkpoint import build_checkpoint, write_text, zip_dir
+
+    out = tmp_path_factory.mktemp("hf")
+    folder = build_checkpoint(out / "tiny-llama")
+    return {"dir": folder, "zip": zip_dir(folder, out / "tiny-llama.zip"), "text": write_text(out / "calib.txt"),
+            "jsonl": write_text(out / "calib.jsonl", jsonl=True)}
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bitplan.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900)

@@ -7,6 +7,12 @@ process (tests, or an embedded server beside another) do not see each other's br
 
 Jobs are acknowledged late and redelivered if a worker dies, so a job step must be safe to run twice
 (``workers.jobs`` checks the job's state before working).
+
+Queues: a job that needs a GPU (its ``device`` is cuda or cuda:N, or auto when BITPLAN_GPU_WORKERS says the
+deployment has GPU workers) goes to the ``gpu`` queue, every other job to Celery's default queue. The route is
+decided per task from the job's stored request (:meth:`WorkerApp.route`), so a job's shards and its merge follow
+it; ``bitplan worker --device cuda`` consumes the gpu queue (and, with ``--cpu-jobs-too``, the default one). The
+embedded deployment has one in-process worker, which takes every job from the default queue.
 """
 
 from __future__ import annotations
@@ -24,6 +30,37 @@ if TYPE_CHECKING:
     from storage import BlobStore, Database
 
 log = logging.getLogger("bitplan.worker")
+
+#: the Celery queue of jobs that need a GPU worker (the others use Celery's default queue, "celery")
+GPU_QUEUE = "gpu"
+
+
+def queue_for(device: str, settings: Settings) -> str | None:
+    """The queue of a job asking for ``device``: GPU_QUEUE when it needs a GPU worker, None (the default queue)
+    otherwise, and always in the embedded deployment, whose one in-process worker takes every job."""
+    from bitplan.schemas import needs_gpu
+
+    if settings.embedded:
+        return None
+    return GPU_QUEUE if needs_gpu(device, settings.gpu_workers) else None
+
+
+def job_device(requested: str, worker: str) -> str:
+    """The device a job runs on at a worker whose device is ``worker``: the job's cpu or cuda:N as asked; its cuda
+    on the worker's GPU (cuda:N for a ``--device cuda:N`` worker); its auto wherever the worker runs jobs."""
+    if requested == "cpu" or requested.startswith("cuda:"):
+        return requested
+    if requested == "cuda":
+        return worker if worker.startswith("cuda") else "cuda"
+    return worker
+
+
+def worker_queues(device: str, cpu_jobs_too: bool = False, default_queue: str = "celery") -> list[str]:
+    """The queues a ``bitplan worker --device DEVICE`` consumes: a GPU worker the gpu queue (and the default one
+    with ``cpu_jobs_too``), a CPU worker the default queue."""
+    if device.startswith("cuda"):
+        return [GPU_QUEUE, default_queue] if cpu_jobs_too else [GPU_QUEUE]
+    return [default_queue]
 
 
 class Runtime:
@@ -85,6 +122,7 @@ class WorkerApp(Celery):  # type: ignore[misc]  # celery is untyped
             task_time_limit=settings.job_time_limit_s + 300,
             worker_hijack_root_logger=False,
             worker_send_task_events=False,
+            task_routes=(self.route,),  # the gpu queue for jobs that need a GPU (queue_for)
         )
         from workers.tasks import register
 
@@ -93,6 +131,31 @@ class WorkerApp(Celery):  # type: ignore[misc]  # celery is untyped
     @property
     def settings(self) -> Settings:
         return self.runtime.settings
+
+    def route(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> dict[str, str] | None:
+        """A Celery router: the queue of the job a ``bitplan.*`` task works on (its first argument that is a job
+        id), from the job's stored ``device``; None leaves Celery's default queue."""
+        if not name.startswith("bitplan.") or self.settings.embedded:
+            return None
+        job_id = next((a for a in [*(args or ()), *(kwargs or {}).values()] if isinstance(a, str) and a.startswith("j_")),
+                      None)
+        queue = self.job_queue(job_id) if job_id else None
+        return {"queue": queue} if queue else None
+
+    def job_queue(self, job_id: str) -> str | None:
+        """The queue of a stored job (None: the default queue, also for an unknown job). When the database cannot be
+        read the default queue is used: the job cannot start anywhere until it can be read again."""
+        from sqlalchemy import select
+
+        from storage.models import Job
+
+        try:
+            with self.runtime.db.session() as s:
+                request = s.scalar(select(Job.request).where(Job.id == job_id))
+        except Exception as exc:
+            log.warning("could not read job %s to route it (%s); default queue", job_id, exc)
+            return None
+        return queue_for(str((request or {}).get("device") or "auto"), self.settings) if request is not None else None
 
     def enqueue(self, job_id: str) -> None:
         """Queue a job (called by the API after the job row is committed). The task id is the job id, so a
@@ -113,13 +176,13 @@ class WorkerApp(Celery):  # type: ignore[misc]  # celery is untyped
         are not counted: that worker may be dead (the reconciler decides by the job's heartbeat)."""
         with self.connection_for_read() as conn:
             channel = conn.default_channel
-            queue = self.conf.task_default_queue or "celery"
+            queues = [self.conf.task_default_queue or "celery", GPU_QUEUE]
             kind = type(channel).__module__
             if kind == "kombu.transport.memory":
                 messages: list[Any] = [m for q in list(type(channel).queues.values()) for m in list(q.queue)[:limit]]
             elif kind == "kombu.transport.redis":
                 client = channel.client
-                keys = [channel._q_for_pri(queue, pri) for pri in channel.priority_steps]
+                keys = [channel._q_for_pri(queue, pri) for queue in queues for pri in channel.priority_steps]
                 raw = [m for key in keys for m in client.lrange(key, 0, limit - 1)]
                 messages = [json.loads(m) for m in raw]
             else:

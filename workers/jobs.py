@@ -32,17 +32,19 @@ from bitplan.errors import BitplanError
 from bitplan.schemas import Budget, PlanFile, PlanRequest, SensitivityTable
 from storage import BlobStore, Database
 from storage.models import TERMINAL_STATES, DatasetFile, Job, JobState, ModelFile, SensitivityEntry, move, utcnow
+from workers.app import job_device
 from workers.callbacks import schedule_callback
 
 if TYPE_CHECKING:
     from bitplan.settings import Settings
     from workers.app import Runtime
 
-#: sends a job's shards to the workers: (job id, layer blocks, lease)
-ShardDispatch = Callable[[str, list[list[str]], str], None]
+#: sends a job's shards to the workers: (job id, shards, lease); a shard is {"layers": [names]} or {"probes": [start, end]}
+ShardDispatch = Callable[[str, list[dict], str], None]
 
 log = logging.getLogger("bitplan.worker")
-CACHE_VERSION = 2  # 2: tables are computed on the search part of the data (every 5th sample held out)
+CACHE_VERSION = 3  # 2: tables are computed on the search part of the data (every 5th sample held out);
+# 3: hessian_trace draws probe i from (seed, i), so its shards can split the probes (other tables than before)
 
 
 class JobCancelled(Exception):
@@ -159,7 +161,9 @@ class JobSpec:
         spec = {"v": CACHE_VERSION, "model": self.model_sha256, "data": self.data_sha256,
                 "method": self.request.sensitivity, "params": params.model_dump(mode="json"),
                 "w_bits": list(self.request.w_bits), "clip": self.request.clip, "seed": self.request.seed,
-                "distill": self.request.distill}
+                "distill": self.request.distill, "seq_len": self.request.seq_len}
+        if self.request.dtype != "float32":  # half-precision compute scores differently; the device does not matter
+            spec["dtype"] = self.request.dtype
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(), spec
 
 
@@ -183,10 +187,13 @@ def resolve(rt: Runtime, job: Job) -> JobSpec:
         budget=Budget(**r["budgets"]), w_bits=tuple(r["w_bits"]), a_bits=tuple(r["a_bits"]), pins=r.get("pins", {}),
         sensitivity=r["sensitivity"]["method"], sensitivity_params=r["sensitivity"].get("params", {}),
         solver=r["solver"]["method"], solver_params=r["solver"].get("params", {}), clip=r.get("clip", "mse"),
-        latency_table=r.get("latency_table"), seed=r.get("seed", 0), validate_plan=r.get("validate", True),
+        latency_table=r.get("latency_table"), seed=r.get("seed", 0), seq_len=r.get("seq_len", 128),
+        validate_plan=r.get("validate", True),
         refine_seconds=r.get("refine_seconds", 120.0), tie_shared_inputs=bool(r.get("tie_shared_inputs", False)),
+        granularity=r.get("granularity", "layer"),
         distill=r["distill"] if r.get("distill") is not None else data is None,  # ZeroQ for synthetic data
         time_limit_s=rt.settings.job_time_limit_s,  # the solver stops in time to hand back its best plan
+        device=job_device(str(r.get("device") or "auto"), rt.settings.worker_device), dtype=r.get("dtype", "float32"),
     )
     names = [layer["name"] for layer in model.description.get("layers", [])]
     if eval_data is not None:
@@ -327,7 +334,7 @@ def run_job(rt: Runtime, job_id: str, dispatch_shards: ShardDispatch | None = No
 
 def _work(rt: Runtime, job: Job, attempt: Attempt, dispatch_shards: ShardDispatch | None,
           table: SensitivityTable | None) -> str:
-    from bitplan.methods import get_method, shard_layers, shardable_methods
+    from bitplan.methods import get_method, parse_params, plan_shards
 
     db = rt.db
     reporter = Reporter(db, job.id, attempt)
@@ -340,12 +347,9 @@ def _work(rt: Runtime, job: Job, attempt: Attempt, dispatch_shards: ShardDispatc
     given = table or hit
     method = get_method(spec.request.sensitivity)
     if given is None and spec.shards > 1 and dispatch_shards is not None:
-        if not method.shardable:
-            raise BitplanError(f"sensitivity method '{method.name}' cannot be split into shards",
-                               "use shards=1, or one of: " + ", ".join(shardable_methods()), field="shards")
-        blocks = shard_layers(spec.layer_names, spec.shards)
-        reporter("sensitivity", 0.0, f"split into {len(blocks)} shards")
-        dispatch_shards(job.id, blocks, attempt.lease)
+        shards = plan_shards(method, parse_params(method, spec.request.sensitivity_params), spec.layer_names, spec.shards)
+        reporter("sensitivity", 0.0, f"split into {len(shards)} shards by {method.shard_by}")
+        dispatch_shards(job.id, shards, attempt.lease)
         return "sharded"
     args = {"request": spec.request.model_dump(mode="json"),
             "table": given.model_dump(mode="json", by_alias=True) if given is not None else None,
@@ -370,7 +374,11 @@ def run_untrusted(settings: Settings, task: str, args: dict, attempt: Attempt, r
     and the child is killed as soon as the attempt must stop (JobCancelled is raised then)."""
     from workers.sandbox import Limits, SandboxStopped, shared_sandbox
 
-    limits = Limits(wall_s=settings.job_time_limit_s + 60.0, memory_mb=settings.worker_memory_mb)
+    device = str((args.get("request") or {}).get("device") or "cpu")
+    # CUDA reserves virtual address space far beyond any host-memory limit (RLIMIT_AS would fail its start), so a job
+    # that may use the GPU runs without BITPLAN_WORKER_MEMORY_MB; its GPU memory is its own device's to run out of
+    gpu = device.startswith("cuda") or device == "auto"
+    limits = Limits(wall_s=settings.job_time_limit_s + 60.0, memory_mb=0 if gpu else settings.worker_memory_mb)
     env = {k: os.environ[k] for k in ("BITPLAN_MAX_UNPACKED_MB",) if os.environ.get(k)}
     try:
         return shared_sandbox().run(task, args, limits, on_progress=reporter, should_stop=attempt.why_stop, env=env)
@@ -382,8 +390,22 @@ def run_untrusted(settings: Settings, task: str, args: dict, attempt: Attempt, r
         raise
 
 
-def run_shard(rt: Runtime, job_id: str, layers: list[str], index: int, count: int, lease: str) -> dict | None:
-    """Score ``layers`` only; returns the partial table (JSON) or None if the job ended or changed hands meanwhile."""
+def shard_spec(shard: dict | list) -> dict:
+    """``{"layers": [names]}`` or ``{"probes": [start, end]}`` (a bare list of layer names: a task sent before probe shards)."""
+    if isinstance(shard, list):
+        return {"layers": [str(name) for name in shard]}
+    if set(shard) == {"layers"}:
+        return {"layers": [str(name) for name in shard["layers"]]}
+    if set(shard) == {"probes"} and len(shard["probes"]) == 2:
+        return {"probes": [int(shard["probes"][0]), int(shard["probes"][1])]}
+    raise BitplanError(f"not a sensitivity shard: {shard!r}"[:300])
+
+
+def run_shard(rt: Runtime, job_id: str, shard: dict | list, index: int, count: int, lease: str) -> dict | None:
+    """Compute one shard (a layer block or a probe range); returns its partial result (JSON: ``table``, or ``probes``
+    for a probe shard) or None if the job ended or changed hands meanwhile."""
+    from bitplan.hutchinson import ProbeShard
+
     db, settings = rt.db, rt.settings
     job = _holding(db, job_id, lease)
     if job is None:
@@ -392,10 +414,18 @@ def run_shard(rt: Runtime, job_id: str, layers: list[str], index: int, count: in
         reporter = Reporter(db, job_id, attempt, prefix=f"shard {index + 1}/{count}: ")
         try:
             spec = resolve(rt, job)
-            result = run_untrusted(settings, "shard", {"request": spec.request.model_dump(mode="json"), "layers": layers},
+            what = shard_spec(shard)
+            result = run_untrusted(settings, "shard", {"request": spec.request.model_dump(mode="json"), **what},
                                    attempt, reporter)
+            worker = f"{socket.gethostname()}:{os.getpid()}"
+            if "probes" in what:
+                rows = ProbeShard.model_validate(result["probes"])
+                rows.check()
+                if [rows.start, rows.end] != what["probes"]:
+                    raise BitplanError(f"the probe shard computed probes [{rows.start}, {rows.end}), not {what['probes']}")
+                return {"probes": rows.model_dump(mode="json"), "worker": worker}
             table = SensitivityTable.model_validate(result["table"])
-            return {"table": table.model_dump(mode="json", by_alias=True), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+            return {"table": table.model_dump(mode="json", by_alias=True), "worker": worker}
         except JobCancelled:
             return None
         except Exception as exc:
@@ -404,8 +434,10 @@ def run_shard(rt: Runtime, job_id: str, layers: list[str], index: int, count: in
 
 
 def merge_and_continue(rt: Runtime, parts: list[dict | None], job_id: str, lease: str) -> str:
-    """The chord's callback: merge the shard tables, cache the result, then solve and validate."""
-    from bitplan.methods import merge_shards
+    """The chord's callback: merge the shards (layer tables, or probe rows), cache the result, then solve and
+    validate. Nothing is stored unless every shard came back and the merge succeeded."""
+    from bitplan.hutchinson import ProbeShard
+    from bitplan.methods import merge_probe_shards, merge_shards
 
     db = rt.db
     job = _holding(db, job_id, lease)
@@ -413,10 +445,19 @@ def merge_and_continue(rt: Runtime, parts: list[dict | None], job_id: str, lease
         return "skipped"
     try:
         spec = resolve(rt, job)
-        merged = merge_shards([SensitivityTable.model_validate(p["table"]) for p in parts], spec.layer_names)
+        if all("probes" in p for p in parts):
+            merged = merge_probe_shards([ProbeShard.model_validate(p["probes"]) for p in parts], spec.layer_names)
+        elif all("table" in p for p in parts):
+            merged = merge_shards([SensitivityTable.model_validate(p["table"]) for p in parts], spec.layer_names)
+        else:
+            raise BitplanError("the sensitivity shards of one job mix layer blocks and probe ranges")
         workers = sorted({p["worker"] for p in parts})
-        merged = merged.model_copy(update={"notes": [*merged.notes,
-                                                     f"computed in {len(parts)} shards on worker(s) {', '.join(workers)}"]})
+        note = f"computed in {len(parts)} shards on worker(s) {', '.join(workers)}"
+        if all("probes" in p for p in parts) and merged.layers:
+            computed, used = int(merged.params["max_probes"]), int(merged.layers[0].detail.get("probes", 0))
+            note += (f", split by probes: all {computed} computed, the first {used} kept (where one worker's "
+                     "stopping rule stops), so the table is one worker's")
+        merged = merged.model_copy(update={"notes": [*merged.notes, note]})
         key, key_spec = spec.cache_key()
         store_table(db, key, key_spec, merged)
     except Exception as exc:

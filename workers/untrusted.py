@@ -13,7 +13,7 @@ import os
 import resource
 from typing import TextIO
 
-from bitplan.errors import BitplanError
+from bitplan.errors import BitplanError, gpu_out_of_memory
 
 
 def run(task: str, args: dict, out: TextIO):
@@ -36,7 +36,10 @@ def run(task: str, args: dict, out: TextIO):
 
 def describe_error(exc: BaseException) -> dict:
     """A failure as JSON: a BitplanError keeps its code, message, hint (and minimums); running out of the memory
-    limit is the user's to act on too; anything else is a bug."""
+    limit is the user's to act on too, and so is running out of GPU memory; anything else is a bug."""
+    gpu = gpu_out_of_memory(exc)
+    if gpu is not None:  # the child ends with the task, so its GPU memory is freed and the worker takes the next job
+        return {"kind": "user", **gpu.to_dict()}
     if _out_of_memory(exc):
         limit = resource.getrlimit(resource.RLIMIT_AS)[0]
         shown = f"its limit of {limit >> 20:,} MB" if limit > 0 else "the machine's memory"
@@ -100,12 +103,20 @@ def _plan(args: dict, progress) -> dict:
 
 
 def _shard(args: dict, progress) -> dict:
+    """One shard of a job's sensitivity: ``layers`` (a block of layers: a partial table) or ``probes`` ([start, end)
+    of a method split by probes: one row per probe, merged by the worker that receives every shard)."""
     from bitplan.core.pipeline import prepare
-    from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
+    from bitplan.core.sensitivity import SensitivityContext, run_probe_shard, run_sensitivity
     from bitplan.schemas import PlanRequest
 
     r = PlanRequest.model_validate(args["request"])
-    prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name, r.distill, r.seed)
+    prep = prepare(r.model, r.data, r.eval_data, r.latency_table, r.clip, r.model_name, r.distill, r.seed, r.seq_len,
+                   r.device, r.dtype)
+    if "probes" in args:
+        start, end = (int(x) for x in args["probes"])
+        ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress)
+        rows = run_probe_shard(r.sensitivity, r.sensitivity_params, ctx, start, end)
+        return {"probes": rows.model_dump(mode="json")}
     ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress,
                              only=frozenset(args["layers"]))
     table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)

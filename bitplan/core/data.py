@@ -1,6 +1,8 @@
 """Calibration / evaluation data: ``.npz`` or ``.safetensors`` holding ``inputs``
 (one positional input) or ``inputs.<name>`` (keyword inputs), and optional
 integer ``targets``. Never unpickled: npz is read with ``allow_pickle=False``.
+Or text (``.txt``, ``.jsonl``) for a Hugging Face checkpoint, tokenised with its
+``tokenizer.json`` into windows of next-token targets.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from bitplan.files import sha256_file
 from bitplan.inputs import POSITIONAL, match_inputs
 from bitplan.schemas import InputSpec
 
-DATA_FORMATS = "send .npz (numpy.savez) or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer 'targets'"
+DATA_FORMATS = ("send .npz (numpy.savez) or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer "
+                "'targets'; or, for a Hugging Face checkpoint, text as .txt or .jsonl")
 PICKLE_HINT = "bitplan never unpickles uploads, because unpickling can run arbitrary code"
 
 
@@ -30,6 +33,19 @@ class Batch:
     kwargs: dict
     targets: torch.Tensor | None
     size: int
+
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        tensors = [*self.args, *self.kwargs.values(), self.targets]
+        if all(not isinstance(t, torch.Tensor) or t.device == device for t in tensors):
+            return self
+        return Batch(tuple(_moved(a, device) for a in self.args), {k: _moved(v, device) for k, v in self.kwargs.items()},
+                     _moved(self.targets, device), self.size)
+
+
+def _moved(value, device: torch.device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -53,6 +69,12 @@ class Dataset:
         return Dataset({k: v[index] for k, v in self.inputs.items()},
                        None if self.targets is None else self.targets[index],
                        f"{self.source} [{label}]", hashlib.sha256(f"{self.sha256}:{label}".encode()).hexdigest())
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same samples with every tensor on ``device`` (moved once, so batches are sliced there)."""
+        device = torch.device(device)
+        return replace(self, inputs={k: v.to(device) for k, v in self.inputs.items()},
+                       targets=None if self.targets is None else self.targets.to(device))
 
     def slice(self, start: int, end: int) -> Batch:
         parts = {k: v[start:end] for k, v in self.inputs.items()}
@@ -91,13 +113,119 @@ def _data_format(path: Path) -> str:
     if head[:1] == b"\x80":
         raise DataError(f"{path.name} is a Python pickle; {PICKLE_HINT}", DATA_FORMATS)
     suffix = path.suffix.lower()
-    if suffix in (".npz", ".safetensors"):
+    if suffix in (".npz", ".safetensors", ".txt", ".jsonl"):
         return suffix
     if head[:4] == b"PK\x03\x04":
         return ".npz"
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
         return ".safetensors"
-    raise DataError(f"{path.name} is neither a .npz nor a .safetensors file", DATA_FORMATS)
+    text = _text_kind(path)
+    if text is not None:
+        return text
+    raise DataError(f"{path.name} is neither a .npz nor a .safetensors file, nor UTF-8 text", DATA_FORMATS)
+
+
+def _text_kind(path: Path) -> str | None:
+    """'.jsonl' or '.txt' when the file's first 64 KB are UTF-8 text without NUL bytes (the service stores
+    uploads without their suffix), else None."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head or b"\0" in head:
+        return None
+    for cut in range(4):  # the 64 KB may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return ".jsonl" if first.startswith("{") else ".txt"
+
+
+def is_text(path: str | Path) -> bool:
+    """Is ``path`` text calibration data (tokenised with a checkpoint's tokenizer), rather than arrays?"""
+    return Path(path).is_file() and _data_format(Path(path)) in (".txt", ".jsonl")
+
+
+#: text data bitplan reads at most (calibration needs a few MB: 2,048 windows of 129 tokens are ~1 MB of text)
+MAX_TEXT_BYTES = 64 << 20
+#: token windows made from text at most
+MAX_WINDOWS = 2048
+TEXT_HINT = ("text data is a .txt file (one stream) or .jsonl (one {\"text\": ...} object per line), tokenised with "
+             "the tokenizer.json of a Hugging Face checkpoint")
+
+
+@dataclass
+class TextData:
+    documents: list[str]
+    source: str
+    sha256: str
+
+    @property
+    def characters(self) -> int:
+        return sum(len(d) for d in self.documents)
+
+
+def read_text(path: str | Path) -> TextData:
+    """A .txt file as one document, or a .jsonl file's ``text`` fields, checked line by line."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_TEXT_BYTES:
+        raise DataError(f"{path.name} is {size / 1e6:,.0f} MB of text, more than the {MAX_TEXT_BYTES >> 20} MB bitplan reads",
+                        "calibration needs a few MB of text: send a sample of it", field="data")
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name} is not UTF-8 text ({exc})", TEXT_HINT, field="data") from None
+    if _data_format(path) == ".txt":
+        documents = [raw] if raw.strip() else []
+    else:
+        import json
+
+        documents = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path.name}, line {number}: not JSON ({exc.msg})", TEXT_HINT, field="data") from None
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                raise DataError(f"{path.name}, line {number}: expected an object with a \"text\" string",
+                                TEXT_HINT, field="data")
+            documents.append(item["text"])
+    if not documents:
+        raise DataError(f"{path.name} holds no text", TEXT_HINT, field="data")
+    return TextData(documents, str(path), sha256_file(path))
+
+
+def tokenize_text(text: TextData, tokenizer, seq_len: int, vocab_size: int | None, label: str = "the data") -> Dataset:
+    """Windows of ``seq_len + 1`` consecutive tokens of the documents (joined): inputs ``input_ids`` are the first
+    ``seq_len`` of each, targets the next-token ids. At most MAX_WINDOWS windows."""
+    name = Path(text.source).name
+    if tokenizer is None:
+        raise DataError(f"{name} is text, and this model has no tokenizer.json to turn it into token ids",
+                        "send a Hugging Face checkpoint with its tokenizer.json, or token ids as .npz "
+                        "('inputs.input_ids', int64, N x T, with 'targets')", code="needs_tokenizer", field="data")
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(text.documents):
+        ids.extend(enc.ids)
+        if len(ids) >= MAX_WINDOWS * (seq_len + 1):
+            break
+    windows = min(len(ids) // (seq_len + 1), MAX_WINDOWS)
+    if windows < 1:
+        raise DataError(f"{label}: {name} gives {len(ids):,} tokens, fewer than one window of seq_len + 1 = "
+                        f"{seq_len + 1} tokens", "send more text, or ask for a smaller seq_len", field="data")
+    tensor = torch.tensor(ids[: windows * (seq_len + 1)], dtype=torch.int64).view(windows, seq_len + 1)
+    if vocab_size is not None and int(tensor.max()) >= vocab_size:
+        raise DataError(f"{label}: the tokenizer gives token id {int(tensor.max())}, but the model's vocabulary has "
+                        f"{vocab_size} entries: tokenizer.json does not belong to this model",
+                        "send the checkpoint's own tokenizer.json", field="data")
+    digest = hashlib.sha256(f"{text.sha256}:tokens:{seq_len}".encode()).hexdigest()
+    return Dataset({"input_ids": tensor[:, :-1].contiguous()}, tensor[:, 1:].contiguous(),
+                   f"{text.source} ({windows} windows of {seq_len} tokens)", digest)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -146,10 +274,13 @@ def _tensor(path: Path, key: str, arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def load_data(path: str | Path) -> Dataset:
+def load_data(path: str | Path, tokenizer=None, seq_len: int = 128, vocab_size: int | None = None) -> Dataset:
+    """Arrays from .npz/.safetensors, or text (.txt/.jsonl) tokenised with ``tokenizer`` into ``seq_len`` windows."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file '{path}' not found")
+    if _data_format(path) in (".txt", ".jsonl"):
+        return tokenize_text(read_text(path), tokenizer, seq_len, vocab_size)
     arrays = _read_arrays(path)
     inputs: dict[str, torch.Tensor] = {}
     targets = None

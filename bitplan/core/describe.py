@@ -19,13 +19,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from bitplan.core.data import conform, load_data
+from bitplan.core.data import conform, is_text, load_data, read_text
 from bitplan.core.evaluate import measure_macs
 from bitplan.core.loading import SEND_INSTEAD, load_model
 from bitplan.errors import BitplanError
 
 EXIT_USER_ERROR = 2
-DATA_HINT = "send .npz or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer 'targets'"
+DATA_HINT = ("send .npz or .safetensors holding 'inputs' (or 'inputs.<name>') and optional integer 'targets', or text "
+             "(.txt, .jsonl) for a Hugging Face checkpoint")
 
 
 def describe_model(path: str, data_path: str | None = None, name: str | None = None) -> dict:
@@ -37,8 +38,12 @@ def describe_model(path: str, data_path: str | None = None, name: str | None = N
     """
     from bitplan.core.pipeline import resolve_data
 
-    data = resolve_data(path, data_path, "calib") if data_path or path.startswith("catalog:") else None
-    model = load_model(path, sample=data)
+    if data_path and is_text(data_path):  # text is tokenised with the model's own tokenizer
+        model = load_model(path)
+        data = resolve_data(path, data_path, "calib", model)
+    else:
+        data = resolve_data(path, data_path, "calib") if data_path or path.startswith("catalog:") else None
+        model = load_model(path, sample=data)
     batch = None
     if data is not None:
         data = conform(data, model.inputs)
@@ -55,15 +60,29 @@ def describe_model(path: str, data_path: str | None = None, name: str | None = N
         "sha256": model.info.sha256,
         "name": name or model.info.name,
         "format": model.info.format,
-        "size_bytes": None if model.info.format == "catalog" else Path(path).stat().st_size,
+        "size_bytes": None if model.info.format == "catalog" else _size(Path(path)),
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in model.inputs],
         "layers": layers,
         "other_bytes": model.fixed_bytes(),
     }
 
 
+def _size(path: Path) -> int:
+    """A file's size, or a checkpoint directory's (its files, not subfolders)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
 def describe_data(path: str, name: str | None = None) -> dict:
-    """Samples, inputs (full shapes) and whether targets exist, of a calibration/evaluation file."""
+    """Samples, inputs (full shapes) and whether targets exist, of a calibration/evaluation file. Text (for a
+    Hugging Face checkpoint) is read and counted, not tokenised: its samples are made with the model's tokenizer."""
+    if is_text(path):
+        text = read_text(path)
+        return {"sha256": text.sha256, "name": name or Path(path).name, "samples": len(text.documents),
+                "has_targets": True, "inputs": [], "text": {"documents": len(text.documents),
+                                                            "characters": text.characters},
+                "size_bytes": Path(path).stat().st_size}
     data = load_data(path)
     return {
         "sha256": data.sha256,

@@ -143,6 +143,34 @@ def instrument(gm: torch.fx.GraphModule) -> list[GraphLayer]:
     return list(layers.values())
 
 
+def move_graph(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """Move ``gm`` to ``device``: its parameters and buffers, the tensor constants it holds as plain attributes
+    (an unlifted export program keeps them so; ``Module.to`` does not see them), and the devices written into
+    its nodes (``arange(..., device=cpu)`` and ``to(..., device=cpu)`` in a causal mask, traced on the CPU).
+    Trace-time metadata assertions (``_assert_tensor_metadata``) are dropped: they check the device and dtype
+    the graph was traced with, which a moved graph, or one run under autocast, no longer has."""
+    gm.to(device)
+    registered = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            value = getattr(module, name, None)
+            if isinstance(value, torch.Tensor) and id(value) not in registered and value.device != device:
+                setattr(module, name, value.to(device))
+        elif node.op == "call_function":
+            if node.target is aten._assert_tensor_metadata.default and not node.users:
+                gm.graph.erase_node(node)
+                continue
+            node.args = torch.fx.node.map_aggregate(node.args, lambda a: _on(a, device))
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: _on(a, device))
+    gm.recompile()
+
+
+def _on(value, device: torch.device):
+    return device if isinstance(value, torch.device) else value
+
+
 def replace_sdpa_with_math(gm: torch.fx.GraphModule) -> int:
     """Swap fused scaled-dot-product attention for its composite math form.
 

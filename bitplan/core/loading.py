@@ -17,8 +17,9 @@ import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,8 +35,9 @@ from bitplan.schemas import InputSpec, ModelInfo
 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 SEND_INSTEAD = (
-    "send a torch.export program (torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')) "
-    "or a TorchScript archive (torch.jit.save(torch.jit.script(model), 'model.ts'))"
+    "send a torch.export program (torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')), "
+    "a TorchScript archive (torch.jit.save(torch.jit.script(model), 'model.ts')) or a zipped Hugging Face checkpoint "
+    "(config.json + *.safetensors)"
 )
 
 
@@ -47,12 +49,38 @@ class LoadedModel:
     layers: list[GraphLayer]
     positional: bool  # call with positional args (TorchScript) rather than keywords
     example: Batch | None = None  # inputs stored in the archive, if any
+    tokenizer: Any = None  # a Hugging Face checkpoint's tokenizers.Tokenizer, for text data
+    vocab_size: int | None = None  # a language model's: token ids must be below it
+    notes: list[str] = field(default_factory=list)  # what loading did that the plan should say
+    # where it runs (bitplan.core.device): set by to(); compute_dtype other than float32 runs call() under autocast
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    compute_dtype: torch.dtype = torch.float32
+    max_batch: int | None = None  # on a GPU: the most samples a micro-batch may hold (device.micro_batch_cap)
 
     def weight(self, layer: GraphLayer) -> torch.Tensor:
         return get_tensor(self.gm, layer.weight_key)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+        """Move the graph to ``device`` and compute in ``dtype`` from now on (weights stay as stored); returns self."""
+        from bitplan.core.graph import move_graph
+
+        device = torch.device(device)
+        if device != self.device or dtype != torch.float32:  # (also drops the trace's dtype assertions)
+            move_graph(self.gm, device)
+            if self.example is not None:
+                self.example = self.example.to(device)
+        self.device, self.compute_dtype = device, dtype
+        return self
+
     def call(self, batch: Batch, overrides: dict[str, torch.Tensor] | None = None):
-        """Run the model on ``batch``, with some stored tensors replaced (e.g. by Q_b(W))."""
+        """Run the model on ``batch`` (moved to the model's device), with some stored tensors replaced (e.g. by
+        Q_b(W)); under autocast when the compute dtype is not float32."""
+        if self.compute_dtype != torch.float32:
+            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                return self._call(batch.to(self.device), overrides)
+        return self._call(batch.to(self.device), overrides)
+
+    def _call(self, batch: Batch, overrides: dict[str, torch.Tensor] | None = None):
         args, kwargs = batch.args, batch.kwargs
         if self.positional and kwargs:
             args, kwargs = tuple(kwargs[s.name] for s in self.inputs), {}
@@ -74,7 +102,7 @@ class LoadedModel:
 
 
 def sniff(path: Path) -> str:
-    """Return 'pt2' or 'torchscript', or raise without deserialising anything.
+    """Return 'pt2', 'torchscript' or 'hf' (a zipped checkpoint), or raise without deserialising anything.
 
     The zip's declared sizes are checked before ``testzip`` decompresses a byte, so a zip bomb costs nothing.
     """
@@ -101,6 +129,10 @@ def sniff(path: Path) -> str:
         return "pt2"
     if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
         return "torchscript"
+    from bitplan.archives.hf import zip_is_checkpoint
+
+    if zip_is_checkpoint(names):
+        return "hf"
     if any(n.endswith("data.pkl") for n in names):
         raise UnsafeModelError(
             f"{path.name} is a torch.save() pickle archive; loading it would unpickle arbitrary Python objects",
@@ -160,9 +192,23 @@ def load_model(ref: str, sample: Dataset | None = None) -> LoadedModel:
         return _finish(program.module(), ModelInfo(sha256=entry.sha256(), format="catalog", name=ref), positional=False)
 
     path = Path(ref)
+    if path.is_dir():
+        from bitplan.archives.hf import is_checkpoint_dir
+        from bitplan.core.hf import load_checkpoint
+
+        if not is_checkpoint_dir(path):
+            raise ModelFormatError(f"'{ref}' is a directory without a config.json",
+                                   "give a Hugging Face checkpoint directory (config.json + *.safetensors), a .pt2 "
+                                   "or TorchScript file, or catalog:NAME")
+        return load_checkpoint(path)
     if not path.is_file():
-        raise ModelFormatError(f"model file '{ref}' not found", "give a .pt2 or TorchScript file, or catalog:NAME")
+        raise ModelFormatError(f"model file '{ref}' not found", "give a .pt2 or TorchScript file, a Hugging Face "
+                                                                 "checkpoint directory, or catalog:NAME")
     kind = sniff(path)
+    if kind == "hf":
+        from bitplan.core.hf import load_checkpoint
+
+        return load_checkpoint(path)
     info = ModelInfo(sha256=sha256_file(path), format=kind, name=path.name)
     if kind == "pt2":
         return _load_pt2(path, info)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from bitplan.core.data import Dataset, conform, holdout_split, load_data
+from bitplan.core.data import Dataset, conform, holdout_split, is_text, load_data
+from bitplan.core.device import micro_batch_cap
+from bitplan.core.device import resolve as resolve_placement
 from bitplan.core.evaluate import Reference, calibrate_activations, check_targets, measure, measure_macs, set_activation_bits
 from bitplan.core.loading import LoadedModel, load_model
 from bitplan.core.quant import WeightBank
@@ -69,8 +71,13 @@ def random_inputs(model: LoadedModel, samples: int, seed: int) -> Dataset:
     return data
 
 
-def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
+def resolve_data(model_ref: str, path: str | None, split: str, model: LoadedModel | None = None,
+                 seq_len: int = 128) -> Dataset:
+    """The data at ``path`` (text tokenised with ``model``'s tokenizer into ``seq_len`` windows), else a catalog
+    model's own split."""
     if path is not None:
+        if model is not None:
+            return load_data(path, model.tokenizer, seq_len, model.vocab_size)
         return load_data(path)
     if model_ref.startswith("catalog:"):
         from bitplan.catalog import get_entry
@@ -83,25 +90,37 @@ def resolve_data(model_ref: str, path: str | None, split: str) -> Dataset:
 
 def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
             latency_table: dict | None = None, clip: str = "mse", model_name: str | None = None,
-            distill: bool = False, seed: int = 0) -> Prepared:
+            distill: bool = False, seed: int = 0, seq_len: int = 128, device: str = "auto",
+            dtype: str = "float32") -> Prepared:
     """Load the model and its data, check them against each other, measure the layer table.
 
     ``model_name`` replaces the file name in the plan (the service stores uploads under their sha256).
     ``distill``: the calibration inputs are optimised to match the model's BatchNorm statistics (ZeroQ); with
     no ``data_path`` (and not a catalog model) they start as random inputs shaped like the model's.
+    ``seq_len``: tokens per sample when the data is text (a Hugging Face checkpoint's tokenizer makes them).
+    ``device``/``dtype``: where the model and its data are put and the compute dtype (bitplan.core.device); on a
+    GPU, ``model.max_batch`` caps every micro-batch by the free memory.
     """
-    notes = []
-    if not model_ref.startswith("catalog:") and not Path(model_ref).is_file():  # say so before asking for data
-        raise ModelFormatError(f"model file '{model_ref}' not found", "give a .pt2 or TorchScript file, or catalog:NAME")
+    notes: list[str] = []
+    placement = resolve_placement(device, dtype)  # an unavailable device fails before anything is loaded
+    if not model_ref.startswith("catalog:") and not Path(model_ref).exists():  # say so before asking for data
+        raise ModelFormatError(f"model file '{model_ref}' not found", "give a .pt2 or TorchScript file, a Hugging Face "
+                                                                      "checkpoint directory, or catalog:NAME")
     if distill and data_path is None and not model_ref.startswith("catalog:"):
         model = load_model(model_ref)
         data = random_inputs(model, DISTILL_SAMPLES, seed)
+    elif data_path is not None and is_text(data_path):  # text needs the model's tokenizer first
+        model = load_model(model_ref)
+        data = resolve_data(model_ref, data_path, "calib", model, seq_len)
     else:
         data = resolve_data(model_ref, data_path, "calib")
         model = load_model(model_ref, sample=data)
     if model_name:
         model.info = model.info.model_copy(update={"name": model_name})
+    notes.extend(model.notes)
     data = _conformed(data, model, "calibration", notes)
+    model.to(placement.device, placement.dtype)
+    data = data.to(placement.device)
     if distill:
         from bitplan.core.distill import distil
 
@@ -111,10 +130,16 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
     if eval_path is None and data_path is None and model_ref.startswith("catalog:"):
         eval_data = _conformed(resolve_data(model_ref, None, "eval"), model, "held-out", notes)
     elif eval_path is not None:
-        eval_data = _conformed(load_data(eval_path), model, "held-out", notes)
+        eval_data = _conformed(load_data(eval_path, model.tokenizer, seq_len, model.vocab_size), model, "held-out", notes)
     else:  # keep part of the calibration data aside: the search must not see what the plan is judged on
         data, kept = holdout_split(data)
         eval_data, held_out = (kept, "split") if kept is not None else (data, "none")
+    eval_data = eval_data.to(placement.device)
+    if placement.is_cuda or placement.dtype != torch.float32:
+        notes.append(placement.describe())
+    if placement.is_cuda:
+        model.max_batch, note = micro_batch_cap(model, data)
+        notes.append(note)
     check_targets(model, data)
     check_targets(model, eval_data)
     macs = measure_macs(model, data.slice(0, min(len(data), 4)))
@@ -131,7 +156,15 @@ def prepare(model_ref: str, data_path: str | None, eval_path: str | None = None,
 def _conformed(data: Dataset, model: LoadedModel, label: str, notes: list[str]) -> Dataset:
     """``data`` checked against the model's inputs; a dtype cast (float64 -> float32, say) is noted, not silent."""
     before = {k: v.dtype for k, v in data.inputs.items()}
-    out = conform(data, model.inputs, f"the {label} data", "data" if label == "calibration" else "eval_data")
+    field = "data" if label == "calibration" else "eval_data"
+    out = conform(data, model.inputs, f"the {label} data", field)
+    ids = out.inputs.get("input_ids")
+    if model.vocab_size is not None and ids is not None and ids.numel() and not ids.is_floating_point():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= model.vocab_size:
+            raise DataError(f"the {label} data's input_ids run from {lo} to {hi}, but the model's vocabulary has "
+                            f"{model.vocab_size} entries (ids 0 to {model.vocab_size - 1})",
+                            "tokenise with the checkpoint's own tokenizer", field=field)
     casts = [f"{k or 'inputs'} {str(before[k]).removeprefix('torch.')} -> {str(v.dtype).removeprefix('torch.')}"
              for k, v in out.inputs.items() if k in before and before[k] != v.dtype]
     if casts:
@@ -259,8 +292,10 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
     with timer.stage("load"):
         progress("load", 0.0, request.model_name or request.model)
         prep = prepare(request.model, request.data, request.eval_data, request.latency_table, request.clip,
-                       request.model_name, request.distill, request.seed)
+                       request.model_name, request.distill, request.seed, request.seq_len, request.device, request.dtype)
         progress("load", 1.0, f"{len(prep.layers)} layers")
+    if prep.model.max_batch is not None and prep.model.max_batch < request.batch_size:  # what fits the GPU's memory
+        request = request.model_copy(update={"batch_size": prep.model.max_batch})
     unknown = sorted(set(request.pins) - {info.name for info in prep.layers})
     if unknown:
         raise BitplanError(f"pins name unknown layer(s) {unknown}",
@@ -298,6 +333,12 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
             measured = validate(prep, request, assignment, progress)
         if request.guarantee and check is not None:
             assignment, measured, check = held_out_check(prep, request, assignment, measured, check)
+    units = None
+    if request.granularity != "layer":
+        from bitplan.core.units import plan_units
+
+        with timer.stage("units"):
+            units = plan_units(prep, request, assignment, progress)
     omega_of = {layer.name: {(o.w_bits, o.a_bits): o.objective for o in layer.options} for layer in problem.layers}
     return PlanFile(
         model=prep.model.info,
@@ -322,6 +363,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         uniform_check=check,
         frontier=frontier,
         timings=timer.seconds,
+        units=units,
     )
 
 

@@ -99,11 +99,13 @@ def test_cache_reuse_skips_the_sensitivity_work(teams):
     assert p2["cost"]["avg_weight_bits"] <= 3 + 1e-9
 
 
-def test_sharded_over_two_workers_gives_the_same_plan(teams):
+@pytest.mark.parametrize("sensitivity", [  # split by layer blocks; split by probe ranges (2 passes of 4 probes)
+    {"method": "perturbation", "params": {"max_samples": 128}},
+    {"method": "hessian_trace", "params": {"max_probes": 8, "min_probes": 8, "max_samples": 64}}], ids=["layers", "probes"])
+def test_sharded_over_two_workers_gives_the_same_plan(teams, sensitivity):
     a, _ = teams
     body = {"model_id": a.model["id"], "dataset_id": a.data["id"], "budgets": {"avg_weight_bits": 3.5},
-            "w_bits": [2, 3, 4, 8], "reuse_sensitivity": False,
-            "sensitivity": {"method": "perturbation", "params": {"max_samples": 128}}}
+            "w_bits": [2, 3, 4, 8], "reuse_sensitivity": False, "sensitivity": sensitivity}
     split = a.wait(a.submit(**body, shards=2).json()["id"])
     whole = a.wait(a.submit(**body, shards=1).json()["id"])
     assert split["state"] == whole["state"] == "succeeded", (split, whole)
@@ -112,7 +114,10 @@ def test_sharded_over_two_workers_gives_the_same_plan(teams):
     assert [(x["name"], x["w_bits"]) for x in ps["layers"]] == [(x["name"], x["w_bits"]) for x in pw["layers"]]
     assert [x["sensitivity"] for x in ps["layers"]] == [x["sensitivity"] for x in pw["layers"]]
     note = next(n for n in ps["sensitivity"]["notes"] if n.startswith("computed in 2 shards"))
-    assert len(note.split("worker(s) ")[1].split(", ")) == 2, note  # both worker processes took a shard
+    workers = note.split("worker(s) ")[1].split(", split by")[0].split(", ")
+    assert len(workers) == 2, note  # both worker processes took a shard
+    if sensitivity["method"] == "hessian_trace":
+        assert "split by probes: all 8 computed, the first 8 kept" in note, note
 
 
 def test_cancel_running_and_queued_jobs(teams):
@@ -203,3 +208,43 @@ def test_cli_client_verbs(stack, teams, digits_files, tmp_path):
     assert csv.stdout.startswith("name,kind,params")
     denied = run_cli("status", job_id, "--url", stack.url, "--key", "bp_wrong")
     assert denied.returncode == 2 and "not valid" in denied.stderr
+
+
+def test_a_hugging_face_checkpoint_plans_through_the_api(stack, teams, hf_files, tmp_path):
+    """Upload a zipped checkpoint and calibration text, plan it on the workers; a checkpoint that ships code is
+    refused and nothing of it is stored; text for a model without a tokenizer is refused at submit."""
+    import json
+    import zipfile
+
+    a, _ = teams
+    model = a.upload("models", hf_files["zip"])
+    assert model.status_code == 201, model.text
+    model = model.json()
+    assert model["format"] == "hf" and model["inputs"][0]["name"] == "input_ids" and len(model["layers"]) == 15
+    text = a.upload("datasets", hf_files["jsonl"])
+    assert text.status_code == 201, text.text
+    text = text.json()
+    r = a.submit(model_id=a.model["id"], dataset_id=text["id"], budgets={"avg_weight_bits": 4})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "needs_tokenizer", r.text
+    r = a.submit(model_id=model["id"], budgets={"avg_weight_bits": 4})  # synthetic data: no language to sample
+    assert r.status_code == 422 and r.json()["error"]["field"] == "dataset_id" and ".txt" in r.json()["error"]["hint"]
+    job = a.wait(a.submit(model_id=model["id"], dataset_id=text["id"], budgets={"avg_weight_bits": 4}, seq_len=32,
+                          w_bits=[2, 4, 8], refine_seconds=0, sensitivity=FAST).json()["id"])
+    assert job["state"] == "succeeded", job
+    plan = a.http.get(f"/v1/jobs/{job['id']}/plan").json()
+    assert plan["layers"][-1]["name"] == "lm_head" and plan["cost"]["avg_weight_bits"] <= 4 + 1e-9
+    assert plan["measured"]["data"].startswith("calib.jsonl")
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(hf_files["zip"]) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("config.json") and "generation" not in info.filename:
+                config = json.loads(data)
+                config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+                data = json.dumps(config).encode()
+            dst.writestr(info.filename, data)
+    before = a.http.get("/v1/models").json()
+    r = a.upload("models", evil)
+    assert r.status_code == 422 and "trust_remote_code" in r.json()["error"]["message"], r.text
+    assert a.http.get("/v1/models").json() == before

@@ -47,6 +47,15 @@ def wait_for(condition, timeout: float = 60, every: float = 0.1):
     return wait_until(condition, timeout, every)
 
 
+def sign_in(driver, server) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(server.url + "/login")
+    driver.find_element(By.ID, "key").send_keys(server.key)
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    wait_for(lambda: driver.find_elements(By.ID, "job-form"))
+
+
 def screenshot(driver, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     height = driver.execute_script("return document.body.scrollHeight")
@@ -163,6 +172,32 @@ def test_sign_in_submit_watch_and_read_the_plan(server, digits_files, tmp_path):
         driver.quit()
 
 
+def test_a_hugging_face_checkpoint_through_the_form(server, hf_files, tmp_path):
+    """A zipped checkpoint and its calibration text uploaded through the form plan like any model."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser(tmp_path / "downloads")
+    try:
+        sign_in(driver, server)
+        driver.find_element(By.ID, "model_file").send_keys(str(hf_files["zip"]))
+        driver.find_element(By.ID, "data_file").send_keys(str(hf_files["text"]))
+        seq = driver.find_element(By.ID, "seq_len")
+        seq.clear()
+        seq.send_keys("32")
+        driver.find_element(By.CSS_SELECTOR, "input[name=sensitivity][value=hessian_trace]").click()
+        driver.find_element(By.ID, "submit").click()
+        wait_for(lambda: "/jobs/j_" in driver.current_url, timeout=120)
+        try:
+            wait_for(lambda: driver.find_elements(By.ID, "plan-table"), timeout=300)
+        except AssertionError:
+            raise AssertionError(f"page: {driver.page_source[-3000:]}\n{server.log('api.log')[-3000:]}") from None
+        assert driver.find_element(By.ID, "job-state").text == "succeeded"
+        names = [r.find_element(By.TAG_NAME, "th").text for r in driver.find_elements(By.CSS_SELECTOR, "#plan-table tbody tr")]
+        assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "lm_head" and len(names) == 15
+        assert "tiny-llama.zip" in driver.page_source
+    finally:
+        driver.quit()
+
 def test_narrow_screen_and_keyboard(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -199,10 +234,7 @@ def test_sign_out_ends_the_session_even_for_a_copied_cookie(server, tmp_path):
 
     driver = browser(tmp_path / "dl")
     try:
-        driver.get(server.url + "/login")
-        driver.find_element(By.ID, "key").send_keys(server.key)
-        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-        wait_for(lambda: driver.find_elements(By.ID, "job-form"))
+        sign_in(driver, server)
         copied = driver.get_cookie("bitplan_session")
         replay(copied)  # while the session lives, the copied cookie alone signs in
         assert driver.current_url.endswith("/jobs") and driver.find_elements(By.CSS_SELECTOR, "form.signout")

@@ -237,3 +237,31 @@ def test_op_without_second_derivative_falls_back_to_finite_differences(tmp_path)
     exact = _exact_block_traces(twin, x, targets)
     for layer in table.layers:
         assert abs(layer.stat - exact[layer.name]) <= 4 * layer.detail["trace_se"] + 0.02 * abs(exact[layer.name])
+
+
+def test_forward_differences_keep_fused_attention_and_match_the_exact_trace(tmp_path, monkeypatch):
+    """hvp=forward_difference: one gradient per probe (plus one per batch) on the fused kernels, no math swap; the
+    same probes give central differences' traces (two gradients per probe) to 0.1 %, and the exact products' to
+    the same tolerance as central differences do. auto picks it on a GPU only."""
+    from bitplan.core.sensitivity import hvp as hvp_module
+
+    module = TinyAttention()
+    x = torch.randn(24, 5, 4)
+    targets = torch.randint(0, 3, (24,))
+    model, data, bank = _setup(tmp_path, module, x, targets)
+    params = {"max_probes": 16, "min_probes": 16, "probes_per_pass": 8, "batch_size": 24}
+    exact = _table(model, data, bank, hvp="auto", **params)
+    calls = []
+    monkeypatch.setattr(hvp_module, "replace_sdpa_with_math", lambda gm: calls.append(gm) or 0)
+    forward = _table(model, data, bank, hvp="forward_difference", **params)
+    assert not calls and any("forward differences" in n for n in forward.notes)
+    central = _table(model, data, bank, hvp="finite_difference", **params)
+    for a, b, c in zip(exact.layers, forward.layers, central.layers):
+        assert b.stat == pytest.approx(c.stat, rel=1e-3), a.name
+        assert abs(b.stat - a.stat) <= abs(c.stat - a.stat) + 1e-3 * abs(a.stat), a.name
+    # auto: exact (math form) on a CPU; forward differences when the weights live on a GPU
+    assert any("math form" in n for n in exact.notes)
+    monkeypatch.setattr(hvp_module, "_on_cuda", lambda weights: True)
+    on_gpu = _table(model, data, bank, hvp="auto", **params)
+    assert any("forward differences" in n for n in on_gpu.notes)
+    assert [layer.stat for layer in on_gpu.layers] == [layer.stat for layer in forward.layers]

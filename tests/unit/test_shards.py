@@ -1,5 +1,5 @@
-"""Layer shards of the sensitivity work merge into exactly the one-run table; the
-describe entry point and synthetic data that the REST service runs out of process."""
+"""Layer shards and probe shards of the sensitivity work merge into exactly the one-run
+table; the describe entry point and synthetic data that the REST service runs out of process."""
 
 from __future__ import annotations
 
@@ -19,9 +19,19 @@ from bitplan.core.describe import main as describe_main
 from bitplan.core.loading import load_model
 from bitplan.core.pipeline import prepare
 from bitplan.core.quant import WeightBank
-from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
+from bitplan.core.sensitivity import SensitivityContext, run_probe_shard, run_sensitivity
 from bitplan.errors import BitplanError, DataError
-from bitplan.methods import METHODS, merge_shards, shard_layers
+from bitplan.hutchinson import ProbeShard, split_probes, stop_point
+from bitplan.methods import (
+    METHODS,
+    check_shardable,
+    get_method,
+    merge_probe_shards,
+    merge_shards,
+    parse_params,
+    plan_shards,
+    shard_layers,
+)
 from bitplan.schemas import SensitivityLayer, SensitivityTable
 from bitplan.synthetic import write_synthetic
 
@@ -50,8 +60,10 @@ def _run(prep, method, params, only=None, seed=0):
 # --- sharding ---------------------------------------------------------------------------------
 
 
-def test_only_perturbation_and_hessian_eigen_are_shardable():
-    assert {name for name, info in METHODS.items() if info.shardable} == set(SHARDABLE)
+def test_only_perturbation_and_hessian_eigen_split_by_layer_and_hessian_trace_by_probe():
+    assert {name for name, info in METHODS.items() if info.shard_by == "layers"} == set(SHARDABLE)
+    assert {name for name, info in METHODS.items() if info.shard_by == "probes"} == {"hessian_trace"}
+    assert {name for name, info in METHODS.items() if info.shardable} == set(SHARDABLE) | {"hessian_trace"}
 
 
 @pytest.mark.parametrize("method", sorted(SHARDABLE))
@@ -71,6 +83,147 @@ def test_merged_shards_equal_one_run(digits, one_run, method, shards):
     assert merged.layers == full.layers  # stat and detail too
     assert merged.notes == full.notes and merged.params == full.params and merged.method == full.method
     assert merged.seconds == pytest.approx(sum(p.seconds for p in parts))
+
+
+# --- probe shards (hessian_trace) ----------------------------------------------------------------
+
+TRACE = {"max_samples": 16, "batch_size": 8, "max_probes": 8, "min_probes": 8, "probes_per_pass": 2}
+
+
+def _probe_parts(prep, params, shards, seed=0):
+    """Each shard computed alone and sent through JSON, as a worker hands it back."""
+    info = get_method("hessian_trace")
+    specs = plan_shards(info, parse_params(info, params), [g.name for g in prep.model.layers], shards)
+    parts = []
+    for spec in specs:
+        ctx = SensitivityContext(prep.model, prep.data, BITS, prep.bank, seed)
+        rows = run_probe_shard("hessian_trace", params, ctx, *spec["probes"])
+        parts.append(ProbeShard.model_validate(json.loads(json.dumps(rows.model_dump(mode="json")))))
+    return specs, parts
+
+
+def _assert_same_table(merged, full):
+    for got, want in zip(merged.layers, full.layers, strict=True):
+        assert got.name == want.name and got.stat == want.stat, got.name
+        for bits in BITS:
+            assert got.omega[bits] == want.omega[bits], (got.name, bits)  # ==: the very same floats
+    assert merged.layers == full.layers  # detail (probes used, standard error) too
+    assert merged.notes == full.notes and merged.params == full.params and merged.method == full.method
+
+
+@pytest.mark.parametrize("omega", ["diagonal", "trace"])
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_merged_probe_shards_equal_one_run(digits, shards, omega):
+    params = TRACE | {"omega": omega}
+    full = _run(digits, "hessian_trace", params, seed=5)
+    specs, parts = _probe_parts(digits, params, shards, seed=5)
+    assert [s["probes"] for s in specs] == [list(r) for r in split_probes(8, 2, shards)] and len(specs) == shards
+    merged = merge_probe_shards(parts, [g.name for g in digits.model.layers])
+    _assert_same_table(merged, full)
+    assert full.layers[0].detail["probes"] == 8
+    assert merged.seconds == pytest.approx(sum(p.seconds for p in parts))
+    other = merge_probe_shards(_probe_parts(digits, params, shards, seed=6)[1])  # another seed: other probes
+    assert other.layers[0].stat != full.layers[0].stat
+
+
+def test_merge_keeps_the_probes_one_worker_stops_at(digits):
+    """A loose tol stops one worker early; the merge of shards that computed every probe keeps the same prefix."""
+    params = TRACE | {"max_probes": 12, "min_probes": 4, "tol": 0.6}
+    full = _run(digits, "hessian_trace", params)
+    used = int(full.layers[0].detail["probes"])
+    assert 4 <= used < 12  # the rule fired before max_probes (else this test shows nothing)
+    _, parts = _probe_parts(digits, params, 3)
+    assert sum(p.end - p.start for p in parts) == 12  # the shards computed every probe ...
+    merged = merge_probe_shards(parts)
+    _assert_same_table(merged, full)  # ... and the merge dropped those after where one worker stopped
+    rows = [row for p in parts for row in p.estimates]
+    assert stop_point(rows, 12, 4, 2, 0.6) == used
+    assert stop_point(rows, 12, 12, 2, 0.6) == 12 and stop_point(rows, 12, 4, 2, 1e-9) == 12
+    strict = _run(digits, "hessian_trace", params | {"tol": 1e-9})  # never stops early: every probe, rows unchanged
+    assert merge_probe_shards(_probe_parts(digits, params | {"tol": 1e-9}, 2)[1]).layers == strict.layers
+    assert strict.layers[0].detail["probes"] == 12
+
+
+def test_split_probes_gives_contiguous_whole_passes_balanced_to_a_pass():
+    assert split_probes(10, 4, 2) == [(0, 4), (4, 10)]  # passes of 4, 4, 2: the short last pass joins a shard of 4
+    assert split_probes(48, 4, 2) == [(0, 24), (24, 48)] and split_probes(7, 3, 1) == [(0, 7)]
+    assert split_probes(8, 4, 5) == [(0, 4), (4, 8)]  # never an empty shard: at most one per pass
+    for max_probes in range(2, 40):
+        for per_pass in range(1, 9):
+            for shards in range(1, 12):
+                ranges = split_probes(max_probes, per_pass, shards)
+                assert ranges[0][0] == 0 and ranges[-1][1] == max_probes
+                assert all(a < b and a % per_pass == 0 for a, b in ranges)
+                assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+                assert len(ranges) == min(shards, -(-max_probes // per_pass))
+                sizes = [b - a for a, b in ranges]
+                assert max(sizes) - min(sizes) <= 2 * per_pass
+    with pytest.raises(BitplanError):
+        split_probes(8, 2, 0)
+
+
+def test_probe_shards_refuse_activations_and_other_methods(digits):
+    info = get_method("hessian_trace")
+    with pytest.raises(BitplanError, match="activations=true cannot be split") as err:
+        plan_shards(info, parse_params(info, {"activations": True}), ["a"], 2)
+    assert err.value.field == "shards" and "activations=false" in err.value.hint
+    check_shardable(info, parse_params(info, {}))  # activations=false: splits
+    ctx = SensitivityContext(digits.model, digits.data, BITS, digits.bank, 0)
+    with pytest.raises(BitplanError, match="activations=true"):
+        run_probe_shard("hessian_trace", TRACE | {"activations": True}, ctx, 0, 4)
+    with pytest.raises(BitplanError, match="whole passes of 2"):
+        run_probe_shard("hessian_trace", TRACE, ctx, 1, 4)  # a pass's probes are computed together, never split
+    with pytest.raises(BitplanError, match="whole passes"):
+        run_probe_shard("hessian_trace", TRACE, ctx, 4, 10)
+    with pytest.raises(BitplanError, match="not split by probes"):
+        run_probe_shard("perturbation", SHARDABLE["perturbation"], ctx, 0, 4)
+    fisher = get_method("fisher")
+    with pytest.raises(BitplanError, match="'fisher' cannot be split") as err:
+        plan_shards(fisher, parse_params(fisher, {}), ["a"], 2)
+    assert "hessian_trace" in err.value.hint and "perturbation" in err.value.hint
+    assert plan_shards(get_method("perturbation"), parse_params(get_method("perturbation"), {}), ["a", "b", "c"], 2) \
+        == [{"layers": ["a", "b"]}, {"layers": ["c"]}]
+
+
+def test_the_api_refuses_shards_it_cannot_merge_and_accepts_probe_shards():
+    from service.errors import ApiError
+    from service.jobspec import JobCreate, check_methods
+
+    def job(method, params=None, shards=2):
+        return JobCreate(model_id="m", budgets={"avg_weight_bits": 4}, shards=shards,
+                         sensitivity={"method": method, "params": params or {}})
+
+    assert check_methods(job("hessian_trace"))["shards"] == 2
+    assert check_methods(job("hessian_trace", {"activations": True}, shards=1))["shards"] == 1
+    for method, params, message in [("hessian_trace", {"activations": True}, "with activations=true cannot be split"),
+                                    ("fisher", {}, "'fisher' cannot be split")]:
+        with pytest.raises(ApiError) as err:
+            check_methods(job(method, params))
+        assert err.value.status == 422 and message in err.value.message and err.value.field == "shards"
+
+
+def test_merge_probe_shards_refuses_gaps_overlaps_and_mixed_runs(digits):
+    _, parts = _probe_parts(digits, TRACE, 3)  # [0, 4), [4, 6), [6, 8)... as split_probes cut them
+    a, b, c = parts
+    assert merge_probe_shards([c, a, b]).layers == merge_probe_shards(parts).layers  # any order of arrival
+    with pytest.raises(BitplanError, match="a gap at probe"):
+        merge_probe_shards([a, c])
+    with pytest.raises(BitplanError, match="overlap"):
+        merge_probe_shards([a, a, b, c])
+    with pytest.raises(BitplanError, match="not all 8"):
+        merge_probe_shards([a, b])
+    with pytest.raises(BitplanError, match="disagree on params"):
+        merge_probe_shards([a, b, c.model_copy(update={"params": c.params | {"seed": 1}})])
+    with pytest.raises(BitplanError, match="disagree on batch_sizes"):  # e.g. a GPU worker capped its micro-batches
+        merge_probe_shards([a, b, c.model_copy(update={"batch_sizes": [4, 4, 4, 4]})])
+    with pytest.raises(BitplanError, match="differently"):
+        merge_probe_shards([a, b, c.model_copy(update={"notes": ["finite differences"]})])
+    with pytest.raises(BitplanError, match="wrong shape"):
+        merge_probe_shards([a, b, c.model_copy(update={"estimates": c.estimates[:-1]})])
+    with pytest.raises(BitplanError, match="not the model's"):
+        merge_probe_shards(parts, ["conv1"])
+    with pytest.raises(BitplanError, match="no sensitivity shards"):
+        merge_probe_shards([])
 
 
 def test_a_shard_falls_back_like_the_full_run(tmp_path):

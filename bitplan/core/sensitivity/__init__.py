@@ -10,7 +10,8 @@ from bitplan.core.graph import GraphLayer
 from bitplan.core.loading import LoadedModel
 from bitplan.core.quant import WeightBank
 from bitplan.errors import BitplanError
-from bitplan.methods import get_method, parse_params, shardable_methods
+from bitplan.hutchinson import ProbeShard
+from bitplan.methods import check_shardable, get_method, parse_params, shardable_methods
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import SensitivityTable
 
@@ -34,15 +35,26 @@ def run_sensitivity(name: str, params: dict, ctx: SensitivityContext) -> Sensiti
     info = get_method(name)
     parsed = parse_params(info, params)
     if ctx.only is not None:
-        _check_shard(info.name, info.shardable, ctx)
+        _check_shard(info.name, info.shard_by == "layers", ctx)
     return info.load()(ctx, parsed)
+
+
+def run_probe_shard(name: str, params: dict, ctx: SensitivityContext, start: int, end: int) -> ProbeShard:
+    """Probes ``[start, end)`` of a method split by probes (``bitplan.methods.plan_shards``), over every layer."""
+    info = get_method(name)
+    parsed = parse_params(info, params)
+    check_shardable(info, parsed)
+    if info.shard_by != "probes":
+        raise BitplanError(f"{name} is not split by probes", "methods split by probes: "
+                           + ", ".join(shardable_methods("probes")))
+    return info.load_probe_shard()(ctx, parsed, start, end)
 
 
 def _check_shard(method: str, shardable: bool, ctx: SensitivityContext) -> None:
     """Refuse a layer subset that would not reproduce the one-run scores, or names no layer of the model."""
     if not shardable:
         raise BitplanError(f"{method} scores all layers jointly, so it cannot score a subset of them",
-                           "methods that can be split by layer: " + ", ".join(shardable_methods()))
+                           "methods that can be split by layer: " + ", ".join(shardable_methods("layers")))
     names = [g.name for g in ctx.model.layers]
     unknown = sorted(ctx.only - set(names))
     if unknown:

@@ -16,8 +16,10 @@ from bitplan.schemas import SensitivityLayer, SensitivityTable
 
 
 def calibration_batches(ctx: SensitivityContext, batch_size: int, max_samples: int, use_kl: bool = False) -> list[Batch]:
-    """Micro-batches of at most ``max_samples`` calibration samples (targets dropped when ``use_kl``)."""
-    batches = list(ctx.data.batches(batch_size, max_samples))
+    """Micro-batches of at most ``max_samples`` calibration samples (targets dropped when ``use_kl``); on a GPU
+    at most ``model.max_batch`` samples each, what fits its free memory (bitplan.core.device)."""
+    cap = ctx.model.max_batch
+    batches = list(ctx.data.batches(batch_size if cap is None else max(1, min(batch_size, cap)), max_samples))
     return [replace(b, targets=None) for b in batches] if use_kl else batches
 
 

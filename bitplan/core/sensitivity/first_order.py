@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bitplan.core.device import accumulator
 from bitplan.core.evaluate import flat, logits_of
 from bitplan.core.sensitivity import SensitivityContext
 from bitplan.core.sensitivity.common import Clock, calibration_batches, table, weights_of
@@ -39,14 +40,15 @@ def fisher(ctx: SensitivityContext, params: FisherParams) -> SensitivityTable:
     batches = calibration_batches(ctx, 1, params.max_samples)  # per-sample gradients
     gen = torch.Generator().manual_seed(ctx.seed)
     use_targets = ctx.data.targets is not None and params.labels != "model"
-    diag = {k: torch.zeros_like(w) for k, w in weights.items()}
+    diag = {k: accumulator(w) for k, w in weights.items()}
     for i, batch in enumerate(batches):
         if use_targets:
             labels = batch.targets.reshape(-1)
         else:
             with torch.no_grad():
                 probs = F.softmax(flat(logits_of(ctx.model.call(batch))), -1)
-            labels = torch.multinomial(probs, 1, generator=gen).reshape(-1)
+            # drawn on the CPU with the seeded generator: the same labels on any device
+            labels = torch.multinomial(probs.cpu(), 1, generator=gen).reshape(-1).to(probs.device)
         for k, g in _sample_grads(ctx, batch, weights, labels).items():
             diag[k] += g.pow(2) / len(batches)
         if i % 16 == 0 or i == len(batches) - 1:
@@ -70,7 +72,7 @@ def taylor(ctx: SensitivityContext, params: TaylorParams) -> SensitivityTable:
     weights = weights_of(ctx)
     batches = calibration_batches(ctx, params.batch_size, params.max_samples)
     n = sum(b.size for b in batches)
-    grad = {k: torch.zeros_like(w) for k, w in weights.items()}
+    grad = {k: accumulator(w) for k, w in weights.items()}
     for i, batch in enumerate(batches):
         for k, g in _sample_grads(ctx, batch, weights, batch.targets.reshape(-1)).items():
             grad[k] += g / n

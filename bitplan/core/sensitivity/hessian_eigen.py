@@ -29,8 +29,8 @@ def layer_seed(seed: int, index: int) -> int:
 
 
 def start_vector(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(layer_seed(seed, index))
-    v = torch.randn(like.shape, generator=gen, dtype=like.dtype)
+    gen = torch.Generator().manual_seed(layer_seed(seed, index))  # drawn on the CPU: the same start on any device
+    v = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
     return v / v.norm()
 
 

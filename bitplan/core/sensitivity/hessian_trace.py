@@ -7,14 +7,21 @@ expectation). Hv is accumulated over micro-batches, so memory is bounded by one
 batch's double-backward graph, and several probes share that graph. Probing
 stops once every layer's standard error is within ``tol`` of its mean.
 
+Probe i is drawn from its own generator, seeded from (seed, i), so the probes can
+be split over workers (``hessian_trace_shard``: whole passes of ``probes_per_pass``,
+one row per probe) and merged into exactly this table: the merge adds the rows up
+in probe order and applies the same stopping rule at the same pass boundaries, so
+it keeps the same probes (``bitplan/hutchinson.py`` says why passes, not single
+probes, are the unit). A sharded run computes all ``max_probes`` probes and
+discards those after the point where one worker would have stopped; with
+``activations=true`` it cannot be sharded at all.
+
 With ``activations=true`` the same estimator runs on each layer's input
 activation (HAWQ-V2's extension): Omega_act(l, a) = Tr(H_x)/n_x * E||Q_a(x) - x||^2
 per sample, so a plan can choose activation bits too.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -24,72 +31,94 @@ from bitplan.core.quant import fake_quant_activation
 from bitplan.core.sensitivity import SensitivityContext
 from bitplan.core.sensitivity.common import Clock, calibration_batches, loss_name, loss_of, reference_logp, table, weights_of
 from bitplan.core.sensitivity.hvp import HessianOracle, NoDoubleBackward, has_sdpa, is_missing_derivative
+from bitplan.errors import BitplanError
+from bitplan.hutchinson import ProbeShard, probe_seed, stops, summarise
 from bitplan.methods import HessianTraceParams
 from bitplan.schemas import ACT_BITS, SensitivityTable
 
 
 def rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(like.dtype)
+    """±1 shaped like ``like``, on its device, drawn on the CPU from ``gen``: a GPU run probes with the same signs."""
+    return (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(device=like.device, dtype=like.dtype)
 
 
 def hessian_trace(ctx: SensitivityContext, params: HessianTraceParams) -> SensitivityTable:
+    clock = Clock()
+    rows, batches, refs = probe_rows(ctx, params, 0, params.max_probes, stop=True)
+    stats, omega, detail, notes = summarise(rows, len(rows.estimates))
+    omega_act = None
+    if params.activations:  # its own generator: the weight probes drawn before it do not move its draws
+        gen = torch.Generator().manual_seed(probe_seed(ctx.seed, "activations"))
+        omega_act = activation_omega(ctx, params, batches, refs, gen, detail, notes)
+    return table("hessian_trace", params, ctx, clock, stats, omega, notes, detail, omega_act)
+
+
+def hessian_trace_shard(ctx: SensitivityContext, params: HessianTraceParams, start: int, end: int) -> ProbeShard:
+    """Probes ``[start, end)`` of the run (whole passes), one row each and no stopping rule: the merge
+    (``bitplan.methods.merge_probe_shards``) applies the rule to the rows of all shards in probe order."""
+    if params.activations:
+        raise BitplanError("hessian_trace with activations=true cannot be split into probe shards: the activation "
+                           "traces are one more pass over the data, after the weight probes",
+                           "use shards=1, or activations=false", field="shards", code="invalid_request")
+    if ctx.only is not None:
+        raise BitplanError("a hessian_trace probe shard scores every layer", "give no layer subset")
+    ppp = params.probes_per_pass
+    if not (0 <= start < end <= params.max_probes) or start % ppp or (end % ppp and end != params.max_probes):
+        raise BitplanError(f"probes [{start}, {end}) are not whole passes of {ppp} within max_probes={params.max_probes}",
+                           "split the probes with bitplan.hutchinson.split_probes")
+    return probe_rows(ctx, params, start, end, stop=False)[0]
+
+
+def probe_rows(ctx: SensitivityContext, params: HessianTraceParams, start: int, end: int,
+               stop: bool) -> tuple[ProbeShard, list, list]:
+    """One row per probe of ``[start, end)``, a pass at a time; with ``stop`` (a whole run from probe 0), only until
+    the stopping rule fires at a pass boundary. Also the calibration batches and references, for the activations."""
     clock = Clock()
     layers = ctx.model.layers
     weights = weights_of(ctx)
     keys = list(weights)
     batches = calibration_batches(ctx, params.batch_size, params.max_samples, use_kl=params.loss == "kl")
     refs = reference_logp(ctx, batches)
-    gen = torch.Generator().manual_seed(ctx.seed)
     estimates: list[list[float]] = []  # one row per probe, one column per layer
     bits = list(ctx.w_bits)
-    # diagonal weighting: per probe, sum_i v_i (Hv)_i (Q_b(W) - W)_i^2 for every bit width b
+    diagonal = params.omega == "diagonal"
+    # diagonal weighting: per probe, sum_i v_i (Hv)_i (Q_b(W) - W)_i^2 for every layer and bit width b
     err2 = {key: {b: (ctx.bank.get(key, b) - weights[key]).double().pow(2) for b in bits} for key in keys} \
-        if params.omega == "diagonal" else {}
-    weighted: dict[str, dict[int, float]] = {key: {b: 0.0 for b in bits} for key in keys}
+        if diagonal else {}
+    weighted: list[list[list[float]]] = []
+    at = start
     with HessianOracle(ctx, batches, refs, weights, params.hvp) as oracle:
-        while len(estimates) < params.max_probes:
-            k = min(params.probes_per_pass, params.max_probes - len(estimates))
-            probes = [{key: rademacher(weights[key], gen) for key in keys} for _ in range(k)]
+        while at < end:
+            k = min(params.probes_per_pass, end - at)  # a pass: the same probes whichever worker computes it
+            probes = []
+            for i in range(at, at + k):
+                gen = torch.Generator().manual_seed(probe_seed(ctx.seed, i))
+                probes.append({key: rademacher(weights[key], gen) for key in keys})
             for v, hv in zip(probes, oracle.joint(probes)):
-                estimates.append([float((v[key] * hv[key]).sum()) for key in keys])
-                for key in err2:
-                    diag = (v[key] * hv[key]).double()
-                    for b in bits:
-                        weighted[key][b] += float((diag * err2[key][b]).sum())
-            worst = worst_relative_se(estimates)
-            ctx.progress("sensitivity", len(estimates) / params.max_probes,
-                         f"{len(estimates)} random probes; the noisiest layer is known to ±{100 * min(worst, 9.99):.0f}% "
-                         f"(stops at ±{100 * params.tol:.0f}%)")
-            if len(estimates) >= params.min_probes and worst <= params.tol:
-                break
+                diag = {key: (v[key] * hv[key]) for key in keys}
+                estimates.append([float(diag[g.weight_key].sum()) for g in layers])
+                if diagonal:
+                    weighted.append([[float((diag[g.weight_key].double() * err2[g.weight_key][b]).sum()) for b in bits]
+                                     for g in layers])
+            at += k
+            if stop:
+                done, worst = stops(estimates, params.min_probes, params.tol)
+                ctx.progress("sensitivity", len(estimates) / params.max_probes,
+                             f"{len(estimates)} random probes; the noisiest layer is known to ±{100 * min(worst, 9.99):.0f}% "
+                             f"(stops at ±{100 * params.tol:.0f}%)")
+                if done:
+                    break
+            else:
+                ctx.progress("sensitivity", (at - start) / (end - start),
+                             f"probes {start + 1}-{at} of this shard's {start + 1}-{end} (of {params.max_probes})")
         notes = oracle.notes
-
-    n_probes = len(estimates)
-    n_samples = sum(b.size for b in batches)
-    notes.append(f"Hessian of {loss_name(batches)}; {n_probes} probes on {n_samples} samples; "
-                 f"stopping rule: rel. SE <= {params.tol}")
-    stats, omega, detail, clamped = {}, {}, {}, []
-    for j, layer in enumerate(layers):
-        column = [row[j] for row in estimates]
-        mean = sum(column) / n_probes
-        if mean < 0:
-            clamped.append(layer.name)
-        n = weights[layer.weight_key].numel()
-        stats[layer.name] = mean
-        if params.omega == "diagonal":
-            omega[layer.name] = {b: max(weighted[layer.weight_key][b] / n_probes, 0.0) for b in ctx.w_bits}
-        else:
-            omega[layer.name] = {b: max(mean, 0.0) / n * ctx.bank.error_sq(layer.weight_key, b) for b in ctx.w_bits}
-        detail[layer.name] = {"trace_se": std(column) / math.sqrt(n_probes), "probes": n_probes, "params": n}
-    if params.omega == "diagonal":
-        notes.append("Omega = sum_i diag(H)_i (Q_b(W) - W)_i^2, the Hutchinson diagonal weighted by each weight's own "
-                     "error (invariant to per-channel scales such as a BatchNorm folded into the conv)")
-    elif clamped:
-        notes.append("negative trace estimates (non-convex loss) clamped to 0 for: " + ", ".join(clamped))
-    omega_act = None
-    if params.activations:
-        omega_act = activation_omega(ctx, params, batches, refs, gen, detail, notes)
-    return table("hessian_trace", params, ctx, clock, stats, omega, notes, detail, omega_act)
+    rows = ProbeShard(
+        params=params.model_dump() | {"seed": ctx.seed}, start=start, end=at, layers=[g.name for g in layers],
+        numel=[weights[g.weight_key].numel() for g in layers], w_bits=bits,
+        error_sq=[] if diagonal else [[ctx.bank.error_sq(g.weight_key, b) for b in bits] for g in layers],
+        estimates=estimates, weighted=weighted, notes=notes, loss=loss_name(batches),
+        samples=sum(b.size for b in batches), batch_sizes=[b.size for b in batches], seconds=clock.seconds())
+    return rows, batches, refs
 
 
 def activation_omega(ctx, params, batches, refs, gen, detail, notes) -> dict[str, dict[int, float]]:
@@ -164,20 +193,3 @@ def _activation_hvps(ctx, batch, ref, probes, n_probes, gen):
         if is_missing_derivative(exc):
             raise NoDoubleBackward(str(exc).splitlines()[0]) from None
         raise
-
-
-def std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return float("inf")
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def worst_relative_se(estimates: list[list[float]]) -> float:
-    n = len(estimates)
-    if n < 2:
-        return float("inf")
-    columns = list(zip(*estimates))
-    means = [abs(sum(c) / n) for c in columns]
-    floor = 1e-6 * max(means + [1e-30])
-    return max(std(list(c)) / math.sqrt(n) / max(m, floor) for c, m in zip(columns, means))

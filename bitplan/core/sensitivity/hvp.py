@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from bitplan.core.data import Batch
+from bitplan.core.device import accumulator, float32_compute
 from bitplan.core.graph import replace_sdpa_with_math, restore_sdpa
 from bitplan.core.sensitivity import SensitivityContext
 from bitplan.core.sensitivity.common import loss_of
@@ -26,6 +27,9 @@ MODE_NOTES = {
     "exact": "Hessian-vector products: exact (double backward)",
     "exact_sdpa_math": "Hessian-vector products: exact, with scaled_dot_product_attention in its math form",
     "finite_difference": "Hessian-vector products: central finite differences of gradients",
+    "forward_difference": "Hessian-vector products: forward differences of gradients on the model's own (fused) "
+                          "kernels, (g(w + e.v) - g(w)) / e, one gradient per probe plus one per batch that the "
+                          "probes share",
 }
 
 
@@ -50,7 +54,11 @@ class HessianOracle(contextlib.AbstractContextManager):
                  requested: str = "auto") -> None:
         self.ctx, self.batches, self.refs, self.weights = ctx, batches, refs, weights
         self.requested = requested
-        self.mode = "finite_difference" if requested == "finite_difference" else "exact"
+        self.mode = requested if requested in ("finite_difference", "forward_difference") else "exact"
+        if requested == "auto" and _on_cuda(weights) and has_sdpa(ctx.model.gm):
+            # fused attention has no double backward, and its math form costs 2-3x a gradient per probe on a GPU:
+            # forward differences keep the fused kernels at about one gradient per probe
+            self.mode = "forward_difference"
         self.fallbacks: list[str] = []
         self.n_samples = sum(b.size for b in batches)
         self.batched: bool | None = None  # whether vmapped (is_grads_batched) products work on this model
@@ -86,7 +94,8 @@ class HessianOracle(contextlib.AbstractContextManager):
             return
         probes = [{k: torch.ones_like(self.weights[k])} for k in keys]
         batch, ref = self.batches[0], self.refs[0]
-        self._retry(lambda: None if self.mode == "finite_difference" else self._exact(batch, ref, probes, block=True))
+        self._retry(lambda: None if self.mode in ("finite_difference", "forward_difference")
+                    else self._exact(batch, ref, probes, block=True))
 
     # --- machinery -------------------------------------------------------------------------------
 
@@ -113,11 +122,15 @@ class HessianOracle(contextlib.AbstractContextManager):
         self.fallbacks.append(f"double backward failed ({reason}); fell back to finite differences")
 
     def _accumulate(self, probes, block: bool):
-        total = [{k: torch.zeros_like(self.weights[k]) for k in p} if block else
-                 {k: torch.zeros_like(w) for k, w in self.weights.items()} for p in probes]
+        total = [{k: accumulator(self.weights[k]) for k in p} if block else
+                 {k: accumulator(w) for k, w in self.weights.items()} for p in probes]
         for batch, ref in zip(self.batches, self.refs):
-            part = self._fd(batch, ref, probes, block) if self.mode == "finite_difference" \
-                else self._exact(batch, ref, probes, block)
+            if self.mode == "finite_difference":
+                part = self._fd(batch, ref, probes, block)
+            elif self.mode == "forward_difference":
+                part = self._forward(batch, ref, probes, block)
+            else:
+                part = self._exact(batch, ref, probes, block)
             for acc, hv in zip(total, part):
                 for k in acc:
                     acc[k] += hv[k] * (batch.size / self.n_samples)
@@ -178,12 +191,35 @@ class HessianOracle(contextlib.AbstractContextManager):
         return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
 
     def _fd(self, batch, ref, probes, block):
-        """(g(w + e.v) - g(w - e.v)) / 2e per weight, with a step e_k relative to each weight's scale."""
+        """(g(w + e.v) - g(w - e.v)) / 2e per weight, with a step e_k relative to each weight's scale.
+
+        In float32 whatever the compute dtype: a gradient difference at a relative step of 1e-3 is below
+        bfloat16's resolution."""
         steps = {k: FD_REL_STEP * float(w.pow(2).mean().sqrt().clamp_min(1e-8)) for k, w in self.weights.items()}
         out = []
-        for v in probes:
-            plus = self._grad(batch, ref, {k: w + steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
-            minus = self._grad(batch, ref, {k: w - steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
-            keys = v if block else self.weights
-            out.append({k: (plus[k] - minus[k]) / (2 * steps[k]) for k in keys})
+        with float32_compute(self.ctx.model):
+            for v in probes:
+                plus = self._grad(batch, ref, {k: w + steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
+                minus = self._grad(batch, ref, {k: w - steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
+                keys = v if block else self.weights
+                out.append({k: (plus[k] - minus[k]) / (2 * steps[k]) for k in keys})
         return out
+
+    def _forward(self, batch, ref, probes, block):
+        """(g(w + e.v) - g(w)) / e per weight: the gradient at w is computed once per batch and shared by every
+        probe, so k probes cost k + 1 gradients (central differences cost 2k), on whatever kernels the model
+        runs (fused attention included). First-order accurate in e, the same relative step as central
+        differences; in float32 whatever the compute dtype."""
+        steps = {k: FD_REL_STEP * float(w.pow(2).mean().sqrt().clamp_min(1e-8)) for k, w in self.weights.items()}
+        out = []
+        with float32_compute(self.ctx.model):
+            base = self._grad(batch, ref, self.weights)
+            for v in probes:
+                plus = self._grad(batch, ref, {k: w + steps[k] * v[k] if k in v else w for k, w in self.weights.items()})
+                keys = v if block else self.weights
+                out.append({k: (plus[k] - base[k]) / steps[k] for k in keys})
+        return out
+
+
+def _on_cuda(weights: dict[str, torch.Tensor]) -> bool:
+    return any(w.device.type == "cuda" for w in weights.values())
