@@ -121,6 +121,8 @@ def main() -> None:
                 table = SensitivityTable.model_validate(parts[0]["table"])
             merge_s = time.perf_counter() - t0 if parts[0].get("probes") is not None else 0.0
             tables[label].append(table)
+            print(f"  {label}: {wall + merge_s:.1f} s wall, {sum(p['cpu_s'] for p in parts):.1f} s CPU, "
+                  f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
             if label not in best or wall + merge_s < best[label][0]:
                 best[label] = (wall + merge_s, parts, merge_s)
     reference = tables[setups[0][0]][0]
