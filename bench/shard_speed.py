@@ -2,7 +2,8 @@
 merged table is the one-worker table (``==`` on every float).
 
 Every worker is a fresh process with one torch thread (``torch.set_num_threads(1)``) that pays what
-a service worker's shard pays: the imports, loading and preparing the model, the calibration
+a service worker's shard pays: the imports, loading and preparing the model (the catalog model
+exported once to ``.pt2`` with its calibration ``.npz``, as a user uploads them), the calibration
 references, then its probes (``bitplan.core.sensitivity.run_probe_shard``); the parent merges the
 rows (``bitplan.methods.merge_probe_shards``). Measured against:
 
@@ -14,8 +15,8 @@ probes. Then a simulated curve for more workers (one core or GPU each): the meas
 shard (process start, imports, model load: ``overhead``) plus its share of whole passes at the
 measured cost per probe, plus the merge.
 
-    python bench/shard_speed.py [--model digits_resnet] [--probes 512] [--per-pass 8] [--samples 256]
-                                [--batch-size 32] [--workers 1,2] [--simulate 4,8,16] [--repeat 3]
+    python bench/shard_speed.py [--model digits_resnet] [--probes 1024] [--per-pass 8] [--samples 256]
+                                [--batch-size 32] [--workers 1,2] [--simulate 4,8,16] [--repeat 2] [--no-two-threads]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +49,7 @@ def child(spec: dict) -> dict:
     from bitplan.core.pipeline import prepare
     from bitplan.core.sensitivity import SensitivityContext, run_probe_shard, run_sensitivity
 
-    prep = prepare(f"catalog:{spec['model']}", None)
+    prep = prepare(spec["model"], spec["data"])  # files, as a service worker loads an upload
     ctx = SensitivityContext(prep.model, prep.data, BITS, prep.bank, 0)
     loaded = time.perf_counter()
     if spec["probes"] is None:
@@ -80,13 +82,15 @@ def launch(specs: list[dict]) -> tuple[float, list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits_resnet")
-    parser.add_argument("--probes", type=int, default=512)
+    parser.add_argument("--probes", type=int, default=1024)
     parser.add_argument("--per-pass", type=int, default=8)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--simulate", default="4,8,16")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per setup; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per setup; the fastest counts")
+    parser.add_argument("--two-threads", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time one plain run with two threads")
     parser.add_argument("--child")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -95,10 +99,14 @@ def main() -> None:
         return
     params = {"max_probes": args.probes, "min_probes": args.probes, "probes_per_pass": args.per_pass, "tol": 1e-9,
               "max_samples": args.samples, "batch_size": args.batch_size}
-    base = {"model": args.model, "params": params}
+    files = Path(tempfile.mkdtemp(prefix="shard-speed-"))
+    subprocess.run([sys.executable, "-m", "bitplan.cli", "catalog", "export", args.model, "--out", str(files)],
+                   check=True, capture_output=True)
+    base = {"model": str(files / f"{args.model}.pt2"), "data": str(files / f"{args.model}_calib.npz"), "params": params}
 
-    print(f"hessian_trace on catalog:{args.model}: {args.probes} probes in passes of {args.per_pass}, "
-          f"{args.samples} samples in batches of {args.batch_size}, bits {BITS}; {os.cpu_count()} CPUs, "
+    print(f"hessian_trace on catalog:{args.model} (exported to .pt2 + calibration .npz, as uploaded): {args.probes} "
+          f"probes in passes of {args.per_pass}, at most {args.samples} samples in batches of {args.batch_size}, bits "
+          f"{BITS}; {os.cpu_count()} CPUs, "
           f"load average before: {os.getloadavg()[0]:.2f}\n", flush=True)
     t_all = time.perf_counter()
     plain = [base | {"probes": None, "threads": 1}]
@@ -108,7 +116,8 @@ def main() -> None:
         spans = ", ".join(f"{a}-{b - 1}" for a, b in ranges)
         setups.append((f"{len(ranges)} probe shard{'s' * (len(ranges) > 1)} (probes {spans})", f"{len(ranges)} × 1",
                        [base | {"probes": list(r), "threads": 1} for r in ranges]))
-    setups.append(("one plain run, two threads", "1 × 2", [base | {"probes": None, "threads": 2}]))
+    if args.two_threads:
+        setups.append(("one plain run, two threads", "1 × 2", [base | {"probes": None, "threads": 2}]))
     best: dict[str, tuple[float, list[dict], float]] = {}  # the fastest of the repeats: the least disturbed by others
     tables: dict[str, list[SensitivityTable]] = {label: [] for label, _, _ in setups}
     for _ in range(args.repeat):  # interleaved, so a busy spell on the machine does not hit one setup only
@@ -164,6 +173,7 @@ def main() -> None:
         seen = f"{measured[n][0]:.1f} | {t1 / measured[n][0]:.2f}×" if n in measured else "– | –"
         print(f"| {n} | {most} | {predicted:.1f} | {predict(1)[1] / predicted:.2f}× | {seen} |")
     print(f"\nload average after: {os.getloadavg()[0]:.2f} ({time.perf_counter() - t_all:.0f} s in all)")
+    shutil.rmtree(files, ignore_errors=True)
 
 
 if __name__ == "__main__":
