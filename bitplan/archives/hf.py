@@ -103,10 +103,12 @@ class CheckedCheckpoint:
 class _Source:
     """A checkpoint's files: relative name -> size, and a way to open one (a directory or a zip)."""
 
-    def __init__(self, files: dict[str, int], opener: Callable[[str], IO[bytes]], digest: str) -> None:
+    def __init__(self, files: dict[str, int], opener: Callable[[str], IO[bytes]], digest: str,
+                 folder: Path | None = None) -> None:
         self.files = files
         self._open = opener
         self.digest = digest
+        self.folder = folder  # a directory's files can be linked, not copied
 
     def open(self, rel: str) -> IO[bytes]:
         fh: IO[bytes] = self._open(rel)
@@ -131,7 +133,7 @@ def zip_is_checkpoint(names: list[str]) -> bool:
     return CONFIG in base and any(b.endswith(".safetensors") for b in base)
 
 
-def _dir_source(path: Path, label: str) -> _Source:
+def _dir_source(path: Path) -> _Source:
     files: dict[str, int] = {}
     for entry in sorted(path.iterdir()):
         try:
@@ -146,7 +148,7 @@ def _dir_source(path: Path, label: str) -> _Source:
     for rel in sorted(files):
         if _is_read(rel):
             digest.update(rel.encode() + b"\0" + _sha256(path / rel).encode() + b"\n")
-    return _Source(files, lambda rel: open(path / rel, "rb"), digest.hexdigest())
+    return _Source(files, lambda rel: open(path / rel, "rb"), digest.hexdigest(), folder=path)
 
 
 def _sha256(path: Path) -> str:
@@ -209,7 +211,7 @@ def check_checkpoint(path: str | Path, label: str | None = None) -> CheckedCheck
     """Check a checkpoint directory or zip; raise UnsafeModelError / ModelFormatError saying what is wrong."""
     path = Path(path)
     label = label or path.name
-    source = _dir_source(path, label) if path.is_dir() else _zip_source(path, label)
+    source = _dir_source(path) if path.is_dir() else _zip_source(path, label)
     if CONFIG not in source.files:
         raise ModelFormatError(f"{label} has no config.json: not a Hugging Face checkpoint", HF_HINT)
     config = _strict_json(source.read(CONFIG, MAX_CONFIG_BYTES, "a config", label), f"{label} (config.json)")
@@ -266,7 +268,8 @@ def check_checkpoint(path: str | Path, label: str | None = None) -> CheckedCheck
 
 def write_canonical_checkpoint(checked: CheckedCheckpoint, dest: str | Path) -> Path:
     """Write the checked files into the empty directory ``dest``: config.json and the index re-serialised from
-    what was parsed, the shards and tokenizer.json copied byte for byte. Returns ``dest``."""
+    what was parsed, the shards and tokenizer.json copied byte for byte from a zip, linked from a local folder.
+    Returns ``dest``."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     source = checked._source
@@ -277,6 +280,9 @@ def write_canonical_checkpoint(checked: CheckedCheckpoint, dest: str | Path) -> 
         weight_map = {name: rel for rel, tensors in checked.shards.items() for name in tensors}
         (dest / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     for rel in [*checked.shards, *([TOKENIZER] if checked.tokenizer else [])]:
+        if source.folder is not None:  # a local folder (the CLI's): link its checked files, no copy of the weights
+            (dest / rel).symlink_to((source.folder / rel).resolve())
+            continue
         with source.open(rel) as src, open(dest / rel, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
     return dest

@@ -76,9 +76,7 @@ def resolve_data(model_ref: str, path: str | None, split: str, model: LoadedMode
     """The data at ``path`` (text tokenised with ``model``'s tokenizer into ``seq_len`` windows), else a catalog
     model's own split."""
     if path is not None:
-        if model is not None:
-            return load_data(path, model.tokenizer, seq_len, model.vocab_size)
-        return load_data(path)
+        return load_data(path, model.tokenizer if model else None, seq_len, model.vocab_size if model else None)
     if model_ref.startswith("catalog:"):
         from bitplan.catalog import get_entry
 
