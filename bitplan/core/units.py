@@ -31,20 +31,20 @@ from bitplan.core.evaluate import Reference, measure
 from bitplan.core.quant import quantize_weight
 from bitplan.errors import BitplanError
 from bitplan.progress import ProgressFn, no_progress
-from bitplan.schemas import UnitLayer, UnitPlan
+from bitplan.schemas import GRANULARITY_PATTERN, UnitLayer, UnitPlan
 
-GRANULARITY = re.compile(r"layer|channel|group:(\d+)\Z")
+GRANULARITY = re.compile(GRANULARITY_PATTERN)  # the request's own rule; group sizes are bounded below
 SCALE_BYTES = 2  # one fp16 scale per (row, group), as group-quantized formats store them
 
 
 def parse_granularity(text: str) -> tuple[str, int | None]:
     """('layer' | 'channel' | 'group', group size or None)."""
-    match = GRANULARITY.fullmatch(text)
-    if not match or (match.group(1) is not None and not 8 <= int(match.group(1)) <= 4096):
+    match = GRANULARITY.match(text)
+    if not match or (match.group(2) is not None and not 8 <= int(match.group(2)) <= 4096):
         raise BitplanError(f"granularity '{text}' is not one bitplan knows",
                            "use layer (one width per layer), channel (per output channel) or group:N "
                            "(per block of N input columns, 8 <= N <= 4096, e.g. group:128)", field="granularity")
-    return ("group", int(match.group(1))) if match.group(1) else (text, None)
+    return ("group", int(match.group(2))) if match.group(2) else (text, None)
 
 
 @dataclass
