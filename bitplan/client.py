@@ -16,10 +16,13 @@ from typing import IO, Any
 import httpx
 
 from bitplan.errors import BitplanError
+from bitplan.exports import FORMATS as EXPORT_FORMATS
 from bitplan.progress import ProgressFn
 from bitplan.settings import load_settings
 
 #: Job states after which nothing changes any more.
+#: what GET /v1/jobs/{id}/plan serves: the plan file, its CSV, or a runtime's file (bitplan.exports)
+PLAN_FORMATS = ("json", "csv", *EXPORT_FORMATS)
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 HINT_UNREACHABLE = "start the server with `bitplan serve` or set BITPLAN_URL"
@@ -204,12 +207,17 @@ class Client:
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
     def plan(self, job_id: str, format: str = "json") -> dict | str:
-        """The plan file (``bitplan.plan/v1``) as a dict, or the per-layer CSV text with ``format="csv"``."""
+        """The plan file (``bitplan.plan/v1``) as a dict; with ``format="csv"`` the per-layer CSV text, or with a
+        runtime's name (torchao, compressed-tensors, gguf, modelopt) the text of that runtime's file."""
         if format == "json":
             return self._json("GET", f"/v1/jobs/{job_id}/plan")
-        if format == "csv":
-            return self._request("GET", f"/v1/jobs/{job_id}/plan", params={"format": "csv"}).text
-        raise ClientError(f"unknown plan format '{format}'", "use json or csv")
+        if format in PLAN_FORMATS:
+            return self._request("GET", f"/v1/jobs/{job_id}/plan", params={"format": format}).text
+        raise ClientError(f"unknown plan format '{format}'", f"use one of: {', '.join(PLAN_FORMATS)}")
+
+    def exports(self, job_id: str) -> dict:
+        """What each runtime format would hold for the job's plan, or why it cannot."""
+        return self._json("GET", f"/v1/jobs/{job_id}/exports")
 
     def frontier(self, job_id: str) -> dict:
         return self._json("GET", f"/v1/jobs/{job_id}/frontier")

@@ -103,6 +103,12 @@ class InfeasibleError(BitplanError):
         return cls(message, hint, extra.pop("minimums", None), field=field, **extra)
 
 
+class ExportError(BitplanError):
+    """A plan that cannot be written in the asked runtime format (the message says why, the hint what would work)."""
+
+    code = "export_unsupported"
+
+
 class GpuOutOfMemoryError(BitplanError):
     """The run needed more GPU memory than the device had free: the user can ask for less."""
 

@@ -138,6 +138,8 @@ class ModelInfo(_Frozen):
     sha256: str
     format: Literal["pt2", "torchscript", "catalog", "hf"]
     name: str
+    model_type: str | None = Field(None, description="a Hugging Face checkpoint's config model_type (llama, qwen2, ...); "
+                                                     "the GGUF export maps tensor names by it")
 
 
 class SensitivityLayer(_Frozen):
@@ -285,6 +287,8 @@ class PlanFile(BaseModel):
     ties: list[list[str]] = Field(default_factory=list, description="groups of layers given one bit width "
                                                                     "(tie_shared_inputs)")
     seed: int
+    clip: Literal["mse", "minmax"] = Field("mse", description="how the weights' ranges were chosen when the plan was "
+                                                               "measured (bitplan apply quantizes with the same)")
     sensitivity: SensitivityInfo
     solver: SolverInfo
     layers: list[PlanLayer]

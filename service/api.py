@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from bitplan.errors import BitplanError
+from bitplan.exports import export_choices, export_plan
 from bitplan.schemas import PlanFile
 from service.errors import ApiError
 from service.jobspec import JobCreate
@@ -155,15 +157,34 @@ def _plan_of(job: Job) -> dict[str, Any]:
     return job.plan
 
 
-@router.get("/jobs/{job_id}/plan", responses={200: {"model": PlanFile, "content": {"text/csv": {}}}},
-            summary="The plan file (schema bitplan.plan/v1), or ?format=csv", response_model=None)
+PlanFormat = Literal["json", "csv", "torchao", "compressed-tensors", "gguf", "modelopt"]
+
+
+@router.get("/jobs/{job_id}/plan", responses={200: {"model": PlanFile, "content": {
+                "text/csv": {}, "text/plain": {}, "application/yaml": {}}}},
+            summary="The plan file (schema bitplan.plan/v1), ?format=csv, or a runtime's file "
+                    "(torchao, compressed-tensors, gguf, modelopt: see /exports)", response_model=None)
 def get_plan(job_id: str, team: TeamDep, s: SessionDep,
-             format: Literal["json", "csv"] = "json") -> dict[str, Any] | PlainTextResponse:  # noqa: A002
+             format: PlanFormat = "json") -> dict[str, Any] | Response:  # noqa: A002
     plan = _plan_of(owned(s, Job, job_id, team, "job"))
     if format == "json":
         return plan
-    return PlainTextResponse(plan_csv(plan), media_type="text/csv",
-                             headers={"Content-Disposition": f'attachment; filename="{job_id}-plan.csv"'})
+    if format == "csv":
+        return PlainTextResponse(plan_csv(plan), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="{job_id}-plan.csv"'})
+    try:
+        export = export_plan(plan, format, stem=f"{job_id}-plan")
+    except BitplanError as exc:
+        raise ApiError.from_error(exc, 422) from None
+    return Response(export.text, media_type=export.media_type,
+                    headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
+
+
+@router.get("/jobs/{job_id}/exports", summary="The runtime formats the plan exports to: for each, the file's name, "
+                                              "what each layer becomes and the notes, or why it cannot")
+def get_exports(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
+    plan = _plan_of(owned(s, Job, job_id, team, "job"))
+    return {"job": job_id, "formats": export_choices(plan, stem=f"{job_id}-plan")}
 
 
 @router.get("/jobs/{job_id}/frontier", summary="The Pareto frontier around the plan", response_model=None)

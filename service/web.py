@@ -29,6 +29,9 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from starlette.datastructures import FormData, UploadFile
 
+from bitplan.errors import BitplanError
+from bitplan.exports import FORMATS as EXPORT_FORMATS
+from bitplan.exports import export_choices, export_plan
 from bitplan.methods import DEFAULT_SENSITIVITY, METHODS
 from bitplan.schemas import ACT_BITS, BUDGET_KEYS, DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS, WEIGHT_BITS
 from service import plots
@@ -394,6 +397,7 @@ def _job_context(request: Request, team: Team, job_id: str) -> dict[str, Any]:
                "terminal": view["state"] in TERMINAL_STATES}
     if plan is not None:
         context.update(plots.plan_view(plan))
+        context["exports"] = export_choices(plan, stem=f"{job_id}-plan")
     return context
 
 
@@ -449,3 +453,25 @@ def job_download(request: Request, job_id: str, fmt: str) -> Response:
     if fmt == "json":
         return JSONResponse(plan, headers=disposition)
     return PlainTextResponse(plots.plan_csv(plan), media_type="text/csv", headers=disposition)
+
+
+@router.get("/jobs/{job_id}/export/{fmt}")
+def job_export(request: Request, job_id: str, fmt: str) -> Response:
+    """The plan as a runtime's file (bitplan.exports): what the job page's deploy links download."""
+    team = signed_in(request)
+    if fmt not in EXPORT_FORMATS:
+        return PlainTextResponse(f"no export format '{fmt}': {', '.join(EXPORT_FORMATS)}", status_code=404)
+    with request.app.state.db.session() as s:
+        try:
+            job = owned(s, Job, job_id, team, "job")
+        except ApiError as exc:
+            return PlainTextResponse(exc.message, status_code=404)
+        plan = job.plan
+    if plan is None:
+        return PlainTextResponse(f"job {job_id} has no plan ({job.state})", status_code=409)
+    try:
+        export = export_plan(plan, fmt, stem=f"{job_id}-plan")
+    except BitplanError as exc:
+        return PlainTextResponse(exc.one_line(), status_code=422)
+    return Response(export.text, media_type=export.media_type,
+                    headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})

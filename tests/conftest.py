@@ -43,9 +43,45 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 INTEGRATION = Path(__file__).parent / "integration"
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Mark what lives in tests/integration `integration`, so that one run can select every tier but the fast one
     (``make test``: -m "integration or slow")."""
+    if INTEGRATION in Path(str(item.fspath)).parents:
+        item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the order of what runs
+def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
+
+
+#: the longest tests and their seconds on 2 cores, by group (pytest --durations in make test's second run; a group
+#: shares a module fixture, so it stays on one worker)
+LONGEST = {"test_every_method_runs_on_minilm": 300, "test_minilm.py::test_minilm_plan_at_4_bits": 200,
+           "test_guarantee.py::": 200, "test_every_solver_plans_minilm": 150,
+           "test_distill.py::test_a_plan_without_data": 40}
+
+
+def _longest_first(items: list) -> None:
+    """Start the longest tests first, split over the two halves of the run. xdist's worksteal scheduler gives each of
+    2 workers a contiguous half and balances by stealing from the tail of the longer queue, so a long test that
+    starts last is what makes the run long; started first (the largest group first, each group to the half with
+    less long work so far), the short ones fill in around them."""
+    groups: dict[str, list] = {key: [] for key in LONGEST}
     for item in items:
-        if INTEGRATION in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.integration)
+        key = next((k for k in LONGEST if k in item.nodeid), None)
+        if key is not None:
+            groups[key].append(item)
+    picked = {id(it) for group in groups.values() for it in group}
+    if not picked or len(picked) == len(items):
+        return
+    halves: list[list] = [[], []]
+    load = [0, 0]
+    for key in sorted(LONGEST, key=LONGEST.get, reverse=True):
+        if groups[key]:
+            side = load.index(min(load))
+            halves[side] += groups[key]
+            load[side] += LONGEST[key]
+    rest = [it for it in items if id(it) not in picked]
+    cut = max(len(items) // 2 - len(halves[0]), 0)
+    items[:] = halves[0] + rest[:cut] + halves[1] + rest[cut:]

@@ -11,7 +11,6 @@ The text set is generated from fixed templates, 16 tokens long after padding:
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from bitplan.catalog import CatalogEntry
+from bitplan.core import load_transformers
 from bitplan.core.data import Dataset
 from bitplan.errors import ModelFormatError
 
@@ -78,7 +78,7 @@ def sentences() -> list[tuple[str, int]]:
 
 @lru_cache(maxsize=1)
 def _tokenizer():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(_model_dir()))
@@ -106,12 +106,9 @@ class TopicClassifier(nn.Module):
 
 
 def build() -> TopicClassifier:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_transformers()
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     encoder = AutoModel.from_pretrained(str(_model_dir())).eval()
     model = TopicClassifier(encoder, torch.zeros(len(TOPICS), encoder.config.hidden_size)).eval()
     with torch.no_grad():

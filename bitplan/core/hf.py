@@ -16,7 +16,6 @@ targets the next-token ids.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -46,14 +45,9 @@ class CausalLMLogits(nn.Module):
 
 
 def _transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import transformers
-    from transformers.utils import logging as hf_logging
+    from bitplan.core import load_transformers
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    return transformers
+    return load_transformers()
 
 
 def model_class(checked: CheckedCheckpoint) -> tuple[Any, Any]:
@@ -144,7 +138,7 @@ def load_checkpoint(path: str | Path, label: str | None = None):
     model.eval()
     wrapper = CausalLMLogits(model).eval()
     gm, example = _export(wrapper, config, checked.label)
-    info = ModelInfo(sha256=checked.sha256, format="hf", name=checked.label)
+    info = ModelInfo(sha256=checked.sha256, format="hf", name=checked.label, model_type=checked.config["model_type"])
     loaded = _finish(gm, info, positional=False)
     for layer in loaded.layers:  # the names the checkpoint uses (model.layers.0.mlp.up_proj, lm_head), not the wrapper's
         layer.name = layer.name.removeprefix("model.")

@@ -5,6 +5,7 @@ the client CLI."""
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -234,6 +235,20 @@ def test_a_hugging_face_checkpoint_plans_through_the_api(stack, teams, hf_files,
     plan = a.http.get(f"/v1/jobs/{job['id']}/plan").json()
     assert plan["layers"][-1]["name"] == "lm_head" and plan["cost"]["avg_weight_bits"] <= 4 + 1e-9
     assert plan["measured"]["data"].startswith("calib.jsonl")
+    # the plan as each runtime's file: the GGUF type file names llama.cpp's tensors at the planned types
+    exports = {e["format"]: e for e in a.http.get(f"/v1/jobs/{job['id']}/exports").json()["formats"]}
+    assert all(e["available"] for e in exports.values()), exports
+    r = a.http.get(f"/v1/jobs/{job['id']}/plan", params={"format": "gguf"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert f'filename="{job["id"]}-plan.gguf-types.txt"' in r.headers["content-disposition"]
+    ggml = {2: "q2_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
+    assert r.text.split() == [f"^{re.escape(exports['gguf']['layers'][layer['name']].split(' (')[1][:-1])}$="
+                              f"{ggml[layer['w_bits']]}" for layer in plan["layers"]]
+    r = a.http.get(f"/v1/jobs/{job['id']}/plan", params={"format": "compressed-tensors"})
+    targets = {t: g["weights"]["num_bits"] for g in r.json()["config_groups"].values() for t in g["targets"]}
+    assert targets == {layer["name"]: layer["w_bits"] for layer in plan["layers"] if layer["w_bits"] < 16}
+    r = a.http.get(f"/v1/jobs/{job['id']}/plan", params={"format": "onnx"})
+    assert r.status_code == 422 and "torchao" in r.text
 
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(hf_files["zip"]) as src, zipfile.ZipFile(evil, "w") as dst:

@@ -195,6 +195,13 @@ def test_a_hugging_face_checkpoint_through_the_form(server, hf_files, tmp_path):
         names = [r.find_element(By.TAG_NAME, "th").text for r in driver.find_elements(By.CSS_SELECTOR, "#plan-table tbody tr")]
         assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "lm_head" and len(names) == 15
         assert "tiny-llama.zip" in driver.page_source
+        # the deploy links: every runtime's file for a checkpoint; the GGUF one downloads llama.cpp's type file
+        assert {e.get_attribute("id") for e in driver.find_elements(By.CSS_SELECTOR, ".exports a")} == {
+            "export-torchao", "export-compressed-tensors", "export-gguf", "export-modelopt"}
+        driver.find_element(By.ID, "export-gguf").click()
+        path = wait_for(lambda: next(iter((tmp_path / "downloads").glob("*.gguf-types.txt")), None), timeout=30)
+        lines = path.read_text().split()
+        assert len(lines) == 15 and lines[-1].startswith("^output\\.weight$=")
     finally:
         driver.quit()
 

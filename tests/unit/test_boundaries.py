@@ -3,7 +3,7 @@ import sys
 
 
 def test_contract_solver_and_cli_import_without_torch():
-    code = ("import sys, solver, solver.ilp, bitplan.schemas, bitplan.methods, bitplan.costs, bitplan.cli; "
+    code = ("import sys, solver, solver.ilp, bitplan.schemas, bitplan.methods, bitplan.costs, bitplan.cli, bitplan.exports; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -25,14 +25,15 @@ def test_service_storage_and_task_modules_import_without_torch(tmp_path):
 
 def test_cli_help_lists_the_verbs():
     out = subprocess.run([sys.executable, "-m", "bitplan.cli", "--help"], capture_output=True, text=True).stdout
-    for verb in ("plan", "inspect", "solve", "catalog", "serve", "worker", "keys", "submit", "status", "wait", "fetch"):
+    for verb in ("plan", "inspect", "solve", "catalog", "serve", "worker", "keys", "submit", "status", "wait", "fetch",
+                 "export"):
         assert verb in out
 
 
 # --- the layers (docs/architecture.md): a module may import its own layer and the ones below it -------------
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 CONTRACT = {"bitplan", "bitplan.errors", "bitplan.schemas", "bitplan.methods", "bitplan.hutchinson", "bitplan.params",
-            "bitplan.costs",
+            "bitplan.costs", "bitplan.exports",
             "bitplan.settings", "bitplan.files", "bitplan.progress", "bitplan.synthetic", "bitplan.inputs"}
 TOP = {"bitplan.cli", "bitplan.client", "service.commands"}
 
