@@ -436,19 +436,28 @@ async def job_cancel(request: Request, job_id: str) -> Response:
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
-@router.get("/jobs/{job_id}/plan.{fmt}")
-def job_download(request: Request, job_id: str, fmt: str) -> Response:
+def _finished_plan(request: Request, job_id: str) -> dict[str, Any] | Response:
+    """The signed-in team's job's plan, or the plain-text answer a download link gets instead (404, 409)."""
     team = signed_in(request)
-    if fmt not in ("json", "csv"):
-        return PlainTextResponse("download plan.json or plan.csv", status_code=404)
     with request.app.state.db.session() as s:
         try:
             job = owned(s, Job, job_id, team, "job")
         except ApiError as exc:
             return PlainTextResponse(exc.message, status_code=404)
-        plan = job.plan
+        plan: dict[str, Any] | None = job.plan
+        state = job.state
     if plan is None:
-        return PlainTextResponse(f"job {job_id} has no plan ({job.state})", status_code=409)
+        return PlainTextResponse(f"job {job_id} has no plan ({state})", status_code=409)
+    return plan
+
+
+@router.get("/jobs/{job_id}/plan.{fmt}")
+def job_download(request: Request, job_id: str, fmt: str) -> Response:
+    if fmt not in ("json", "csv"):
+        return PlainTextResponse("download plan.json or plan.csv", status_code=404)
+    plan = _finished_plan(request, job_id)
+    if isinstance(plan, Response):
+        return plan
     disposition = {"Content-Disposition": f'attachment; filename="{job_id}-plan.{fmt}"'}
     if fmt == "json":
         return JSONResponse(plan, headers=disposition)
@@ -458,17 +467,11 @@ def job_download(request: Request, job_id: str, fmt: str) -> Response:
 @router.get("/jobs/{job_id}/export/{fmt}")
 def job_export(request: Request, job_id: str, fmt: str) -> Response:
     """The plan as a runtime's file (bitplan.exports): what the job page's deploy links download."""
-    team = signed_in(request)
     if fmt not in EXPORT_FORMATS:
         return PlainTextResponse(f"no export format '{fmt}': {', '.join(EXPORT_FORMATS)}", status_code=404)
-    with request.app.state.db.session() as s:
-        try:
-            job = owned(s, Job, job_id, team, "job")
-        except ApiError as exc:
-            return PlainTextResponse(exc.message, status_code=404)
-        plan = job.plan
-    if plan is None:
-        return PlainTextResponse(f"job {job_id} has no plan ({job.state})", status_code=409)
+    plan = _finished_plan(request, job_id)
+    if isinstance(plan, Response):
+        return plan
     try:
         export = export_plan(plan, fmt, stem=f"{job_id}-plan")
     except BitplanError as exc:

@@ -146,22 +146,16 @@ def _load_module(checked: Any) -> tuple[nn.Module, Path]:
     """The checkpoint as transformers' own module (fp32), and the temporary folder holding the canonical checkpoint
     the checks wrote (``checkpoint/`` inside it; the caller removes it)."""
     from bitplan.archives.hf import write_canonical_checkpoint
-    from bitplan.core.hf import _first_line, _quiet, compare_with_files, model_class
-    from bitplan.errors import ModelFormatError
+    from bitplan.core.hf import compare_with_files, from_canonical, model_class
 
     config, cls = model_class(checked)
     compare_with_files(checked, config, cls)
     tmp = Path(tempfile.mkdtemp(prefix="bitplan-apply-"))
-    canonical = write_canonical_checkpoint(checked, tmp / "checkpoint")
     try:
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            model = cls.from_pretrained(str(canonical), config=config, dtype=torch.float32, local_files_only=True,
-                                        trust_remote_code=False, use_safetensors=True)
-    except Exception as exc:
+        return from_canonical(checked, config, cls, write_canonical_checkpoint(checked, tmp / "checkpoint")), tmp
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelFormatError(f"{checked.label}: transformers could not load the weights ({_first_line(exc)})") from None
-    return model.eval(), tmp
+        raise
 
 
 def _untie(model: nn.Module, plan: PlanFile) -> list[str]:

@@ -122,20 +122,9 @@ def load_checkpoint(path: str | Path, label: str | None = None):
     tokenizer = None
     with tempfile.TemporaryDirectory(prefix="bitplan-hf-") as tmp:
         canonical = write_canonical_checkpoint(checked, Path(tmp) / "checkpoint")
-        try:
-            with warnings.catch_warnings(), _quiet():
-                warnings.simplefilter("ignore")
-                # Safe: the directory holds only what check_checkpoint accepted (config.json re-serialised, the
-                # safetensors shards, their index, tokenizer.json); trust_remote_code is off, files are local, and
-                # compare_with_files matched every weight's name and shape to the config beforehand.
-                model = cls.from_pretrained(str(canonical), config=config, dtype=torch.float32, local_files_only=True,
-                                            trust_remote_code=False, use_safetensors=True)
-        except Exception as exc:
-            raise ModelFormatError(f"{checked.label}: transformers could not load the weights ({_first_line(exc)})",
-                                   HF_HINT) from None
+        model = from_canonical(checked, config, cls, canonical)
         if checked.tokenizer:
             tokenizer = load_tokenizer(canonical / TOKENIZER, checked.label)
-    model.eval()
     wrapper = CausalLMLogits(model).eval()
     gm, example = _export(wrapper, config, checked.label)
     info = ModelInfo(sha256=checked.sha256, format="hf", name=checked.label, model_type=checked.config["model_type"])
@@ -147,6 +136,24 @@ def load_checkpoint(path: str | Path, label: str | None = None):
     loaded.vocab_size = int(getattr(config, "vocab_size", 0) or 0) or None
     loaded.notes = notes
     return loaded
+
+
+def from_canonical(checked: CheckedCheckpoint, config: Any, cls: Any, canonical: Path) -> nn.Module:
+    """transformers' own module (float32, eval mode) for a checked checkpoint, read from the canonical folder that
+    :func:`write_canonical_checkpoint` wrote."""
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            # Safe: the directory holds only what check_checkpoint accepted (config.json re-serialised, the
+            # safetensors shards, their index, tokenizer.json); trust_remote_code is off, files are local, and
+            # compare_with_files matched every weight's name and shape to the config beforehand.
+            model = cls.from_pretrained(str(canonical), config=config, dtype=torch.float32, local_files_only=True,
+                                        trust_remote_code=False, use_safetensors=True)
+    except Exception as exc:
+        raise ModelFormatError(f"{checked.label}: transformers could not load the weights ({_first_line(exc)})",
+                               HF_HINT) from None
+    model.eval()
+    return model
 
 
 def _export(wrapper: nn.Module, config: Any, label: str) -> tuple[torch.fx.GraphModule, Batch]:
