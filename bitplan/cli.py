@@ -203,6 +203,35 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from bitplan.core.pipeline import prepare
+    from bitplan.core.profile import profile_layers
+    from bitplan.progress import StderrProgress
+
+    widths = _parse_bits(args.wbits)
+    prep = prepare(args.model, args.data, seq_len=args.seq_len, device=args.device, dtype=args.dtype)
+    progress = StderrProgress(enabled=None if not args.progress else True)
+    try:
+        table, notes = profile_layers(prep, widths, batch=args.batch, runs=args.runs,
+                                      progress=lambda done, total: progress("profile", done / total,
+                                                                            f"{done}/{total} layers"))
+    finally:
+        progress.close()
+    cols = sorted(next(iter(table.values())))
+    width = max(len(name) for name in table)
+    print(f"{'layer':<{width}}  " + "  ".join(f"{f'{b}-bit ms':>10}" for b in cols))
+    for name, row in table.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{row[b]:>10.4f}" for b in cols))
+    print("total" + " " * (width - 3) + "  ".join(f"{sum(r[b] for r in table.values()):>10.4f}" for b in cols))
+    for note in notes:
+        print(f"note: {note}")
+    write_atomic(Path(args.out), json.dumps({k: {str(b): ms for b, ms in v.items()} for k, v in table.items()},
+                                            indent=2) + "\n")
+    print(f"latency table written to {args.out} (use: bitplan plan ... --latency-table {args.out} "
+          f"--budget latency_ms=...)")
+    return 0
+
+
 def _summary(plan) -> str:
     lines = [f"model {plan.model.name} ({plan.model.format}), budget "
              + ", ".join(f"{k}<={v:g}" for k, v in plan.budget.items())]
@@ -656,6 +685,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a forward pass on this CPU, full precision and with the plan applied by torchao")
     p.add_argument("--report", help="write the figures as JSON to this file")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("profile", help="time each layer at each weight width on this machine: the latency table "
+                                       "that latency_ms budgets read")
+    p.add_argument("model", help="a .pt2 / TorchScript file, a Hugging Face checkpoint, or catalog:NAME")
+    p.add_argument("--data", help="calibration data (the inputs the layers are timed on; a catalog model's own by "
+                                  "default)")
+    p.add_argument("--out", required=True, help="the latency table JSON to write")
+    p.add_argument("--wbits", default=_bits_text(DEFAULT_W_BITS), help="the weight widths to time (16 is always timed)")
+    p.add_argument("--batch", type=int, default=1, help="samples per timed call")
+    p.add_argument("--runs", type=int, default=20, help="timed calls per layer and width (the median is kept)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample for text data")
+    p.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
+    _device_options(p)
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("catalog", help="list the reference models or export one with its data")
     csub = p.add_subparsers(dest="action", required=True)

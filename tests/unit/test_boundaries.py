@@ -26,7 +26,7 @@ def test_service_storage_and_task_modules_import_without_torch(tmp_path):
 def test_cli_help_lists_the_verbs():
     out = subprocess.run([sys.executable, "-m", "bitplan.cli", "--help"], capture_output=True, text=True).stdout
     for verb in ("plan", "inspect", "solve", "catalog", "serve", "worker", "keys", "submit", "status", "wait", "fetch",
-                 "export"):
+                 "export", "apply", "profile"):
         assert verb in out
 
 
