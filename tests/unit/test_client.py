@@ -36,6 +36,7 @@ PLAN = {
     "timings": {"load": 0.1, "sensitivity": 0.5},
 }
 CSV = "name,kind,params,w_bits,a_bits\nconv1,conv2d,144,8,16\nfc,linear,640,2,16\n"
+GGUF_TYPES = "^blk\\.0\\.attn_q\\.weight$=q4_K\n"
 
 
 def _error(status: int, code: str, message: str, hint: str | None = None, **extra) -> httpx.Response:
@@ -79,7 +80,11 @@ class FakeServer:
         if route == ("GET", "/v1/jobs/j_1/plan"):
             if request.url.params.get("format") == "csv":
                 return httpx.Response(200, text=CSV, headers={"content-type": "text/csv"})
+            if request.url.params.get("format") == "gguf":
+                return httpx.Response(200, text=GGUF_TYPES, headers={"content-type": "text/plain"})
             return httpx.Response(200, json=PLAN)
+        if route == ("GET", "/v1/jobs/j_1/exports"):
+            return httpx.Response(200, json={"job": "j_1", "formats": [{"format": "gguf", "available": True}]})
         if route == ("DELETE", "/v1/jobs/j_1"):
             return httpx.Response(200, json=self.job(state="cancelled"))
         if route == ("GET", "/v1/methods"):
@@ -172,6 +177,9 @@ def test_plan_json_csv_frontier_and_cancel(server):
     assert server.requests[-1].method == "DELETE"
     with pytest.raises(ClientError, match="unknown plan format"):
         client.plan("j_1", format="xml")
+    assert client.plan("j_1", format="gguf") == GGUF_TYPES  # a runtime's file, as text
+    assert server.requests[-1].url.params["format"] == "gguf"
+    assert client.exports("j_1")["formats"][0]["format"] == "gguf"
 
 
 # -- error mapping ----------------------------------------------------------------------------------
@@ -423,6 +431,8 @@ def test_cli_fetch_json_csv_and_file(use_server, tmp_path, capsys):
     assert cli.main(["fetch", "j_1", "--format", "csv", "--out", str(out)]) == 0
     assert out.read_text() == CSV and capsys.readouterr().out == ""
     assert [p.name for p in Path(tmp_path).iterdir()] == ["plan.csv"]  # no temporary file left behind
+    assert cli.main(["fetch", "j_1", "--format", "gguf"]) == 0
+    assert capsys.readouterr().out == GGUF_TYPES
 
 
 def test_cli_cancel(use_server, capsys):
