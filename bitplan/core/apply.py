@@ -121,7 +121,9 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
         container = _quantize_in_place(model, plan, config_text, clip)
         replaced = {f"{layer.name}.{p}" for layer in plan.layers if layer.w_bits < FULL_PRECISION
                     for p in ("weight", "weight_scale", "weight_zero_point")}
-        container += sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if name not in replaced)
+        stored = {t.data_ptr(): t.numel() * t.element_size() for name, t in model.state_dict().items()
+                  if name not in replaced}  # a tensor tied under two names is stored once
+        container += sum(stored.values())
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
