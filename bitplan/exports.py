@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bitplan.errors import ExportError
@@ -71,6 +71,7 @@ def export_plan(plan: PlanFile | dict[str, Any], to: str, stem: str = "plan") ->
     writer = {"torchao": _torchao, "compressed-tensors": _compressed_tensors, "gguf": _gguf,
               "modelopt": _modelopt}[to]
     export = writer(plan, group, notes, stem)
+    export = replace(export, layers={la.name: export.layers[la.name] for la in plan.layers if la.name in export.layers})
     quantized = [layer for layer in plan.layers if layer.w_bits < FULL_PRECISION]
     if quantized:
         notes.append("bitplan measured the plan with its own weight ranges (clipped to the lowest error by default); "
@@ -113,6 +114,22 @@ def _act_note(layer: PlanLayer) -> str:
 
 # ---------------------------------------------------------------------------------------------- torchao
 
+def _quantized_linear(plan: PlanFile, layers: dict[str, str], skipped: Counter[str], full: str,
+                      why_not: str) -> list[PlanLayer]:
+    """The plan's quantized Linear layers; describes the others in ``layers`` (16-bit: ``full``; other kinds:
+    skipped, ``why_not``) and counts the skipped kinds."""
+    out = []
+    for layer in plan.layers:
+        if layer.w_bits >= FULL_PRECISION:
+            layers[layer.name] = full
+        elif layer.kind != "linear":
+            layers[layer.name] = f"skipped: {why_not}, not {layer.kind}"
+            skipped[layer.kind] += 1
+        else:
+            out.append(layer)
+    return out
+
+
 def _ao(type_: str, **data: Any) -> dict[str, Any]:
     return {"_type": type_, "_version": TORCHAO_VERSIONS[type_], "_data": data}
 
@@ -128,14 +145,8 @@ def _torchao(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> 
     layers: dict[str, str] = {}
     skipped_kinds: Counter[str] = Counter()
     dropped_acts: Counter[int] = Counter()
-    for layer in plan.layers:
-        if layer.w_bits >= FULL_PRECISION:
-            layers[layer.name] = "full precision (not listed)"
-            continue
-        if layer.kind != "linear":
-            layers[layer.name] = f"skipped: torchao's integer configs quantize nn.Linear, not {layer.kind}"
-            skipped_kinds[layer.kind] += 1
-            continue
+    for layer in _quantized_linear(plan, layers, skipped_kinds, "full precision (not listed)",
+                                   "torchao's integer configs quantize nn.Linear"):
         dtype = {"_type": "torch.dtype", "_data": f"int{layer.w_bits}"}
         gran = _ao_granularity(group)
         if layer.a_bits == 8:
@@ -174,17 +185,9 @@ def _ct_weights(bits: int, group: int | None) -> dict[str, Any]:
 def _compressed_tensors(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> Export:
     by_widths: dict[tuple[int, int], list[str]] = {}
     layers: dict[str, str] = {}
-    ignore: list[str] = []
     skipped: Counter[str] = Counter()
-    for layer in plan.layers:
-        if layer.w_bits >= FULL_PRECISION:
-            ignore.append(layer.name)
-            layers[layer.name] = "full precision (ignore)"
-            continue
-        if layer.kind != "linear":
-            layers[layer.name] = f"skipped: compressed-tensors schemes are for Linear layers, not {layer.kind}"
-            skipped[layer.kind] += 1
-            continue
+    for layer in _quantized_linear(plan, layers, skipped, "full precision (ignore)",
+                                   "compressed-tensors schemes are for Linear layers"):
         by_widths.setdefault((layer.w_bits, layer.a_bits), []).append(layer.name)
     groups: dict[str, Any] = {}
     for i, ((w, a), names) in enumerate(sorted(by_widths.items())):
@@ -199,6 +202,7 @@ def _compressed_tensors(plan: PlanFile, group: int | None, notes: list[str], ste
     if skipped:
         notes.append("compressed-tensors (and vLLM) quantize Linear layers; these stay in float: "
                      + ", ".join(f"{n} {k}" for k, n in skipped.items()))
+    ignore = [layer.name for layer in plan.layers if layer.w_bits >= FULL_PRECISION]
     doc = {"quant_method": "compressed-tensors", "config_groups": groups, "ignore": ignore}
     return Export("compressed-tensors", f"{stem}.compressed-tensors.json", "application/json",
                   json.dumps(doc, indent=2) + "\n", layers, notes,
