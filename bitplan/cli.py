@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from bitplan.errors import BitplanError, gpu_out_of_memory
 from bitplan.exports import FORMATS as EXPORT_FORMATS
 from bitplan.files import write_atomic
+from bitplan.formats import FORMATS, TARGETS, check_formats
 from bitplan.methods import DEFAULT_SENSITIVITY
 from bitplan.params import message_of
 from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_SOLVER, DEFAULT_W_BITS, DTYPES
@@ -30,11 +31,17 @@ EXIT_USER_ERROR = 2
 #: an error's request field -> the option that sets it (errors name fields; the CLI names its options)
 OPTIONS = {"data": "--data", "eval_data": "--eval-data", "dataset_id": "--data", "eval_dataset_id": "--eval-data",
            "pins": "--pin", "budgets": "--budget", "w_bits": "--wbits", "a_bits": "--abits",
+           "formats": "--formats", "target": "--target",
            "latency_table": "--latency-table", "sensitivity": "--sensitivity / --param",
            "solver": "--solver / --solver-param", "callback_url": "--callback-url", "table": "--table",
            "device": "--device", "dtype": "--dtype", "batch_size": "--param batch_size / max_samples"}
 
 
+FORMATS_HELP = ("number formats a layer may take besides INT, comma-separated: " + ", ".join(FORMATS)
+                + " (FP8, OCP MX, NVFP4, NF4; per layer, with granularity layer)")
+TARGET_HELP = ("the runtime the plan is for: its INT widths and formats become the choices (" + "; ".join(
+    f"{name}: INT {','.join(map(str, widths))}" + (f" + {','.join(fmts)}" if fmts else "")
+    for name, (widths, fmts) in TARGETS.items()) + "); --wbits/--formats narrow them")
 SEQ_LEN_HELP = "tokens per sample when the data is text, tokenised with the checkpoint's tokenizer.json (default: 128)"
 GRANULARITY_HELP = ("layer (default): one weight width per layer; channel: per output channel; group:N: per block of N "
                     "input columns (e.g. group:128). Linear layers get units after the layer plan, keeping its bit "
@@ -87,10 +94,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from bitplan.schemas import Budget, PlanRequest
 
     budget = Budget.parse_items(args.budget)
+    widths = args.wbits or _bits_text(DEFAULT_W_BITS)
+    choices = {} if args.wbits is None and args.target else {"w_bits": tuple(_parse_bits(widths))}
     try:
         request = PlanRequest(
-            model=args.model, data=args.data, eval_data=args.eval_data, budget=budget,
-            w_bits=tuple(_parse_bits(args.wbits)), a_bits=tuple(_parse_bits(args.abits)), pins=_parse_pins(args.pin),
+            model=args.model, data=args.data, eval_data=args.eval_data, budget=budget, **choices,
+            formats=args.formats or (), target=args.target,
+            a_bits=tuple(_parse_bits(args.abits)), pins=_parse_pins(args.pin),
             sensitivity=args.sensitivity, sensitivity_params=_parse_params(args.param), solver=args.solver,
             solver_params=_parse_params(args.solver_param),
             clip=args.clip, seed=args.seed,
@@ -236,10 +246,11 @@ def _summary(plan) -> str:
     lines = [f"model {plan.model.name} ({plan.model.format}), budget "
              + ", ".join(f"{k}<={v:g}" for k, v in plan.budget.items())]
     width = max(len(layer.name) for layer in plan.layers)
-    lines.append(f"  {'layer':<{width}}  kind     params   w  a      omega")
+    fmt = any(layer.w_format != "int" for layer in plan.layers) or plan.formats
+    lines.append(f"  {'layer':<{width}}  kind     params   w  a      omega" + ("  format" if fmt else ""))
     for layer in plan.layers:
         lines.append(f"  {layer.name:<{width}}  {layer.kind:<7} {layer.params:>7}  {layer.w_bits:>2} {layer.a_bits:>2}  "
-                     f"{layer.sensitivity:>9.3g}")
+                     f"{layer.sensitivity:>9.3g}" + (f"  {layer.w_format}" if fmt else ""))
     c = plan.cost
     lines.append(f"cost: avg_weight_bits {c.avg_weight_bits:.3f}, size {c.size_bytes / 1e3:.1f} kB, "
                  f"bops {c.bops:.4g}" + (f", latency {c.latency_ms:.3g} ms" if c.latency_ms is not None else ""))
@@ -254,7 +265,8 @@ def _summary(plan) -> str:
         lines.append(f"measured on {m.data} ({m.samples} samples; loss = {m.loss_kind}):")
         rows = [("full precision", m.fp), ("plan", m.plan)]
         if m.uniform is not None:
-            rows.append((f"uniform {m.uniform_w_bits}-bit", m.uniform))
+            rows.append((f"uniform {m.uniform_format}" if m.uniform_format != "int" else f"uniform {m.uniform_w_bits}-bit",
+                         m.uniform))
         for label, x in rows:
             acc = f"  accuracy {x.accuracy:.4f}" if x.accuracy is not None else ""
             lines.append(f"  {label:<15} loss {x.loss:.5f}  kl {x.kl:.5f}  top1 agreement {x.top1_agreement:.4f}{acc}")
@@ -319,11 +331,15 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     bad = [b for b in bits if b not in WEIGHT_BITS]
     if bad:
         raise BitplanError(f"weight bits {bad} not supported", f"choose from {list(WEIGHT_BITS)}")
+    try:
+        formats = check_formats(args.formats or ())
+    except ValueError as exc:
+        raise BitplanError(str(exc), field="formats") from None
     prep = prepare(args.model, args.data, clip=args.clip, device=args.device, dtype=args.dtype, seq_len=args.seq_len)
     progress = StderrProgress(enabled=None if not args.progress else True)
     try:
         result = run_sensitivity(args.method, params, SensitivityContext(prep.model, prep.data, bits, prep.bank,
-                                                                          args.seed, progress))
+                                                                          args.seed, progress, formats=formats))
     finally:
         progress.close()
     result = result.model_copy(update={"model_sha256": prep.model.info.sha256, "data_sha256": prep.data.sha256})
@@ -608,7 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "kept aside from the search)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="avg_weight_bits, size_bytes, bops or latency_ms; repeatable")
-    p.add_argument("--wbits", default=_bits_text(DEFAULT_W_BITS), help="allowed weight bit widths (16 = full precision)")
+    p.add_argument("--wbits", help=f"allowed INT weight bit widths, 16 = full precision (default: "
+                                   f"{_bits_text(DEFAULT_W_BITS)}; with --target, the target's)")
+    p.add_argument("--formats", help=FORMATS_HELP)
+    p.add_argument("--target", choices=sorted(TARGETS), help=TARGET_HELP)
     p.add_argument("--abits", default=_bits_text(DEFAULT_A_BITS),
                    help="activation bits: one value for every layer (4, 8 or 16 = full precision), or a list to choose "
                         "from (needs --param activations=true)")
@@ -648,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto, hessian_trace, hessian_eigen, fisher, taylor, lrp, perturbation (default: auto)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     p.add_argument("--wbits", default=_bits_text(DEFAULT_W_BITS))
+    p.add_argument("--formats", help=FORMATS_HELP)
     p.add_argument("--clip", default="mse", choices=["mse", "minmax"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")

@@ -14,8 +14,22 @@ modelopt            a ModelOpt quantization config, YAML (``mtq.quantize(model, 
 ==================  ==========================================================================================
 
 Each export carries the widths the plan measured: symmetric integer weights per output channel (or per group of
-input columns when the plan was solved at ``group:N``), activations per tensor. What a runtime cannot express is
-said in the export's notes and in its per-layer descriptions, never rounded silently.
+input columns when the plan was solved at ``group:N``), activations per tensor, and the number formats a layer was
+given (bitplan.formats) where the runtime has them:
+
+==============  =========================  ===============================  ==================  ======================
+format          torchao                    compressed-tensors               gguf                modelopt
+==============  =========================  ===============================  ==================  ======================
+fp8_e4m3        Float8WeightOnlyConfig     float 8 per channel              q8_0 (nearest)      (4, 3) per channel
+fp8_e5m2        --                         --                               q8_0 (nearest)      --
+mxfp8           --                         MXFP8A16's weights               q8_0 (nearest)      (4, 3), E8M0 per 32
+mxfp4           --                         MXFP4A16's weights               mxfp4               (2, 1), E8M0 per 32
+nvfp4           --                         NVFP4A16's weights               nvfp4               (2, 1), E4M3 per 16
+nf4             --                         --                               q4_K (nearest)      --
+==============  =========================  ===============================  ==================  ======================
+
+"--" leaves the layer in float, and says so. What a runtime cannot express is said in the export's notes and in
+its per-layer descriptions, never rounded silently.
 """
 
 from __future__ import annotations
@@ -38,11 +52,35 @@ FORMATS: dict[str, str] = {
 }
 EXPORT_HINT = "bitplan export PLAN --to " + "|".join(FORMATS)
 #: torchao's config versions this writes (torchao 0.18); config_from_dict warns if its own differ.
-TORCHAO_VERSIONS = {"FqnToConfig": 1, "IntxWeightOnlyConfig": 2, "Int8DynamicActivationIntxWeightConfig": 2}
+TORCHAO_VERSIONS = {"FqnToConfig": 1, "IntxWeightOnlyConfig": 2, "Int8DynamicActivationIntxWeightConfig": 2,
+                    "Float8WeightOnlyConfig": 2}
 #: llama.cpp types by weight bits (the K-quants; 7 bits has no type and takes q8_0), and their bits per weight
 #: with the block scales (ggml's block sizes: 32 for q8_0, 256 for the K-quants).
 GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 7: "q8_0", 8: "q8_0", FULL_PRECISION: "f16"}
-GGML_BPW = {"q2_K": 2.625, "q3_K": 3.4375, "q4_K": 4.5, "q5_K": 5.5, "q6_K": 6.5625, "q8_0": 8.5, "f16": 16.0}
+GGML_BPW = {"q2_K": 2.625, "q3_K": 3.4375, "q4_K": 4.5, "q5_K": 5.5, "q6_K": 6.5625, "q8_0": 8.5, "f16": 16.0,
+            "mxfp4": 4.25, "nvfp4": 4.5}
+#: number formats in GGUF: the same type where ggml has it, else the nearest (said in the notes)
+GGML_FORMATS = {"mxfp4": "mxfp4", "nvfp4": "nvfp4", "fp8_e4m3": "q8_0", "fp8_e5m2": "q8_0", "mxfp8": "q8_0",
+                "nf4": "q4_K"}
+#: compressed-tensors weight arguments per number format (its presets FP8's type, MXFP4A16, MXFP8A16, NVFP4A16)
+CT_FORMATS: dict[str, dict[str, Any]] = {
+    "fp8_e4m3": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "channel"},
+    "mxfp8": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "group",
+              "group_size": 32, "scale_dtype": "torch.uint8"},
+    "mxfp4": {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False, "strategy": "group",
+              "group_size": 32, "scale_dtype": "torch.uint8"},
+    "nvfp4": {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor_group",
+              "group_size": 16, "scale_dtype": "torch.float8_e4m3fn"},
+}
+#: ModelOpt weight quantizer configs per number format ((exponent, mantissa) bits; block_sizes as its presets
+#: FP8_PER_CHANNEL_PER_TOKEN_CFG, MXFP8/MXFP4/NVFP4_DEFAULT_CFG write them; ModelOpt 0.47 refuses static E5M2:
+#: "Only blockwise dynamic quantization is supported with quantization formats E5M2")
+MODELOPT_FORMATS: dict[str, dict[str, Any]] = {
+    "fp8_e4m3": {"num_bits": [4, 3], "axis": 0},
+    "mxfp8": {"num_bits": [4, 3], "block_sizes": {"-1": 32, "type": "dynamic", "scale_bits": [8, 0]}},
+    "mxfp4": {"num_bits": [2, 1], "block_sizes": {"-1": 32, "type": "dynamic", "scale_bits": [8, 0]}},
+    "nvfp4": {"num_bits": [2, 1], "block_sizes": {"-1": 16, "type": "dynamic", "scale_bits": [4, 3]}},
+}
 #: Hugging Face model_type -> llama.cpp architecture, where the two names differ.
 GGUF_ARCH_ALIASES = {"mistral": "llama", "mixtral": "llama"}
 
@@ -77,7 +115,7 @@ def export_plan(plan: PlanFile | dict[str, Any], to: str, stem: str = "plan") ->
         notes.append("bitplan measured the plan with its own weight ranges (clipped to the lowest error by default); "
                      "the runtime picks its own (absmax unless told otherwise), so its accuracy can differ slightly "
                      "from the plan's measured figures")
-    if any(layer.w_bits == 2 for layer in quantized):
+    if any(layer.w_bits == 2 and layer.w_format == "int" for layer in quantized):
         notes.append("bitplan measured 2-bit weights as ternary (-1, 0, +1 times the scale); 2-bit runtime types "
                      "use four levels")
     if not any(not d.startswith(("full precision", "skipped")) for d in export.layers.values()):
@@ -87,7 +125,8 @@ def export_plan(plan: PlanFile | dict[str, Any], to: str, stem: str = "plan") ->
 
 
 def _kinds(plan: PlanFile) -> str:
-    counts = Counter(f"{layer.kind} at {layer.w_bits} bits" for layer in plan.layers)
+    counts = Counter(f"{layer.kind} in {layer.w_format}" if layer.w_format != "int" else
+                     f"{layer.kind} at {layer.w_bits} bits" for layer in plan.layers)
     return ", ".join(f"{n} {k}" for k, n in counts.most_common())
 
 
@@ -145,8 +184,18 @@ def _torchao(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> 
     layers: dict[str, str] = {}
     skipped_kinds: Counter[str] = Counter()
     dropped_acts: Counter[int] = Counter()
+    no_format: Counter[str] = Counter()
     for layer in _quantized_linear(plan, layers, skipped_kinds, "full precision (not listed)",
                                    "torchao's integer configs quantize nn.Linear"):
+        if layer.w_format == "fp8_e4m3":
+            configs[layer.name] = _ao("Float8WeightOnlyConfig",
+                                      weight_dtype={"_type": "torch.dtype", "_data": "float8_e4m3fn"})
+            layers[layer.name] = "fp8_e4m3 per row, weight only"
+            continue
+        if layer.w_format != "int":
+            layers[layer.name] = f"skipped: torchao has no CPU-loadable config for {layer.w_format}"
+            no_format[layer.w_format] += 1
+            continue
         dtype = {"_type": "torch.dtype", "_data": f"int{layer.w_bits}"}
         gran = _ao_granularity(group)
         if layer.a_bits == 8:
@@ -158,6 +207,10 @@ def _torchao(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> 
             layers[layer.name] = f"int{layer.w_bits} {_granularity(group)}, weight only"
             if layer.a_bits < FULL_PRECISION:
                 dropped_acts[layer.a_bits] += 1
+    if no_format:
+        notes.append("torchao's stable configs have no " + ", ".join(sorted(no_format)) + " (its MX/NVFP4 configs are "
+                     "prototypes for CUDA); these layers stay in float: "
+                     + ", ".join(f"{n} in {f}" for f, n in sorted(no_format.items())))
     if skipped_kinds:
         notes.append("torchao's integer configs quantize nn.Linear only; these stay in float: "
                      + ", ".join(f"{n} {k}" for k, n in skipped_kinds.items()))
@@ -183,26 +236,36 @@ def _ct_weights(bits: int, group: int | None) -> dict[str, Any]:
 
 
 def _compressed_tensors(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> Export:
-    by_widths: dict[tuple[int, int], list[str]] = {}
+    by_widths: dict[tuple[int, str, int], list[str]] = {}
     layers: dict[str, str] = {}
     skipped: Counter[str] = Counter()
+    no_format: list[str] = []
     for layer in _quantized_linear(plan, layers, skipped, "full precision (ignore)",
                                    "compressed-tensors schemes are for Linear layers"):
-        by_widths.setdefault((layer.w_bits, layer.a_bits), []).append(layer.name)
+        if layer.w_format != "int" and layer.w_format not in CT_FORMATS:
+            layers[layer.name] = f"full precision (ignore): compressed-tensors has no {layer.w_format}"
+            no_format.append(layer.name)
+            continue
+        by_widths.setdefault((layer.w_bits, layer.w_format, layer.a_bits), []).append(layer.name)
     groups: dict[str, Any] = {}
-    for i, ((w, a), names) in enumerate(sorted(by_widths.items())):
-        scheme: dict[str, Any] = {"targets": names, "weights": _ct_weights(w, group)}
+    for i, ((w, fmt, a), names) in enumerate(sorted(by_widths.items())):
+        weights = dict(CT_FORMATS[fmt]) if fmt != "int" else _ct_weights(w, group)
+        scheme: dict[str, Any] = {"targets": names, "weights": weights}
         if a < FULL_PRECISION:
             # the plan's activations: asymmetric, per tensor, ranges calibrated on data (static)
             scheme["input_activations"] = {"num_bits": a, "type": "int", "symmetric": False, "strategy": "tensor",
                                            "dynamic": False}
         groups[f"group_{i}"] = scheme
+        what = f"int{w} {_granularity(group)}" if fmt == "int" else fmt
         for name in names:
-            layers[name] = f"{f'group_{i}'}: int{w} {_granularity(group)}{_act_note_bits(a)}"
+            layers[name] = f"group_{i}: {what}{_act_note_bits(a)}"
+    if no_format:
+        notes.append(f"compressed-tensors has no format for {len(no_format)} layer(s), left in float (ignore): "
+                     + ", ".join(no_format[:5]) + ("..." if len(no_format) > 5 else ""))
     if skipped:
         notes.append("compressed-tensors (and vLLM) quantize Linear layers; these stay in float: "
                      + ", ".join(f"{n} {k}" for k, n in skipped.items()))
-    ignore = [layer.name for layer in plan.layers if layer.w_bits >= FULL_PRECISION]
+    ignore = [layer.name for layer in plan.layers if layer.w_bits >= FULL_PRECISION or layer.name in no_format]
     doc = {"quant_method": "compressed-tensors", "config_groups": groups, "ignore": ignore}
     return Export("compressed-tensors", f"{stem}.compressed-tensors.json", "application/json",
                   json.dumps(doc, indent=2) + "\n", layers, notes,
@@ -242,6 +305,7 @@ def _gguf(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> Exp
     lines: list[str] = []
     layers: dict[str, str] = {}
     unmapped: list[str] = []
+    nearest: dict[str, str] = {}
     gguf_bytes = plan_bytes = 0.0
     for layer in plan.layers:
         tensor = names.get_name(layer.name + ".weight", try_suffixes=(".weight",))
@@ -249,7 +313,9 @@ def _gguf(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> Exp
             layers[layer.name] = "skipped: not in llama.cpp's tensor map for this architecture"
             unmapped.append(layer.name)
             continue
-        kind = GGML_TYPES.get(layer.w_bits, "q8_0")
+        kind = GGML_FORMATS[layer.w_format] if layer.w_format != "int" else GGML_TYPES.get(layer.w_bits, "q8_0")
+        if layer.w_format != "int" and kind != layer.w_format:
+            nearest[layer.w_format] = kind
         lines.append(f"^{re.escape(tensor)}$={kind}")
         layers[layer.name] = f"{kind} ({tensor})"
         gguf_bytes += layer.params * GGML_BPW[kind] / 8
@@ -257,6 +323,9 @@ def _gguf(plan: PlanFile, group: int | None, notes: list[str], stem: str) -> Exp
     if unmapped:
         notes.append(f"{len(unmapped)} layer(s) have no llama.cpp tensor name and keep the base type: "
                      + ", ".join(unmapped[:5]) + ("..." if len(unmapped) > 5 else ""))
+    if nearest:
+        notes.append("ggml has no " + ", ".join(sorted(nearest)) + ": written as the nearest type ("
+                     + ", ".join(f"{f} -> {t}" for f, t in sorted(nearest.items())) + ")")
     if any(layer.w_bits == 7 for layer in plan.layers):
         notes.append("llama.cpp has no 7-bit type: 7-bit layers are written q8_0")
     if group:
@@ -278,12 +347,19 @@ def _modelopt(plan: PlanFile, group: int | None, notes: list[str], stem: str) ->
     # ModelOpt's list form of quant_cfg: entries apply in order, so every quantizer off first, then each planned one
     cfg: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     layers: dict[str, str] = {}
+    no_format: list[str] = []
     for layer in plan.layers:
         if layer.w_bits >= FULL_PRECISION:
             layers[layer.name] = "full precision (quantizers off)"
             continue
+        if layer.w_format != "int" and layer.w_format not in MODELOPT_FORMATS:
+            layers[layer.name] = f"full precision (quantizers off): ModelOpt has no {layer.w_format}"
+            no_format.append(layer.name)
+            continue
         weight: dict[str, Any] = {"num_bits": layer.w_bits}
-        if group:
+        if layer.w_format != "int":
+            weight = json.loads(json.dumps(MODELOPT_FORMATS[layer.w_format]))
+        elif group:
             weight["block_sizes"] = {"-1": group}
         else:
             weight["axis"] = 0
@@ -291,7 +367,10 @@ def _modelopt(plan: PlanFile, group: int | None, notes: list[str], stem: str) ->
         if layer.a_bits < FULL_PRECISION:
             cfg.append({"quantizer_name": f"{layer.name}.input_quantizer",
                         "cfg": {"num_bits": layer.a_bits, "axis": None}})
-        layers[layer.name] = f"int{layer.w_bits} {_granularity(group)}{_act_note(layer)}"
+        what = f"int{layer.w_bits} {_granularity(group)}" if layer.w_format == "int" else layer.w_format
+        layers[layer.name] = f"{what}{_act_note(layer)}"
+    if no_format:
+        notes.append(f"ModelOpt has no format for {len(no_format)} layer(s), left in float: " + ", ".join(no_format[:5]))
     if any(layer.a_bits < FULL_PRECISION for layer in plan.layers):
         notes.append("ModelOpt's integer activation quantizers are symmetric per tensor; the plan measured "
                      "asymmetric per-tensor activations")

@@ -97,7 +97,7 @@ class ProbeShard(BaseModel):
     end: int = Field(ge=1)
     layers: list[str] = Field(description="every layer, in model order")
     numel: list[int] = Field(description="weights per layer")
-    w_bits: list[int]
+    w_bits: list[int | str] = Field(description="the weight choices scored: INT widths, then format names")
     error_sq: list[list[float]] = Field(description="per layer, per bit width: ||Q_b(W) - W||^2 (omega=trace; else [])")
     estimates: list[list[float]] = Field(description="per probe, per layer: v . (H v)")
     weighted: list[list[list[float]]] = Field(
@@ -122,7 +122,7 @@ class ProbeShard(BaseModel):
             raise BitplanError(f"the probe shard [{self.start}, {self.end}) has rows of the wrong shape")
 
 
-def summarise(shard: ProbeShard, n_probes: int) -> tuple[dict[str, float], dict[str, dict[int, float]],
+def summarise(shard: ProbeShard, n_probes: int) -> tuple[dict[str, float], dict[str, dict[int | str, float]],
                                                           dict[str, dict[str, float]], list[str]]:
     """(stat, omega, detail, notes) per layer from the first ``n_probes`` rows of a run's probes (``shard`` from 0)."""
     if shard.start != 0 or n_probes > shard.end:

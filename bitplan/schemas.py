@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bitplan.errors import BudgetError
+from bitplan.formats import apply_target, check_formats, table_key
 
 PLAN_SCHEMA = "bitplan.plan/v1"
 SENSITIVITY_SCHEMA = "bitplan.sensitivity/v1"
@@ -147,6 +148,8 @@ class SensitivityLayer(_Frozen):
     stat: float = Field(description="the method's per-layer statistic (e.g. Hessian trace)")
     omega: dict[int, float] = Field(description="predicted loss increase per weight bit width")
     omega_act: dict[int, float] = Field(default_factory=dict, description="the same per activation bit width, if measured")
+    omega_format: dict[str, float] = Field(default_factory=dict,
+                                           description="the same per number format (bitplan.formats), if asked for")
     detail: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("omega", "omega_act", mode="before")
@@ -200,6 +203,7 @@ class Measured(_Frozen):
     uniform: Metrics | None
     uniform_w_bits: int | None
     uniform_a_bits: int | None = None
+    uniform_format: str = Field("int", description="the uniform plan's number format (int: INT-uniform_w_bits)")
     uniform_cost: Cost | None
 
 
@@ -216,7 +220,8 @@ class UniformCheck(_Frozen):
     uniform: str | None = Field(None, description="the best uniform plan that fits, e.g. 'uniform 4-bit'")
     search_data: str = Field(description="the data the comparison and refinement were measured on")
     search: dict[str, Metrics] = Field(default_factory=dict, description="measured on the search data, by label")
-    solver_plan: dict[str, int] | None = Field(None, description="the solver's weight bits per layer, when replaced")
+    solver_plan: dict[str, int | str] | None = Field(
+        None, description="the solver's weight choice per layer (bits, or a format's name), when replaced")
     refine: dict[str, float | int | str] | None = Field(None, description="rounds, evaluations, seconds, stopped")
 
 
@@ -227,7 +232,14 @@ class PlanLayer(_Frozen):
     macs: int | None
     w_bits: int
     a_bits: int
+    w_format: str = Field("int", description="int: INT-w_bits per output channel (16: full precision); else the "
+                                             "number format (bitplan.formats: fp8_e4m3, mxfp4, nvfp4, nf4, ...)")
     sensitivity: float = Field(description="Omega of the chosen option (predicted loss increase)")
+
+    @property
+    def choice(self) -> int | str:
+        """The weight choice: the INT width, or the format's name."""
+        return self.w_bits if self.w_format == "int" else self.w_format
 
 
 class UnitLayer(_Frozen):
@@ -283,6 +295,8 @@ class PlanFile(BaseModel):
     budget: dict[str, float]
     w_bits_options: list[int]
     a_bits_options: list[int]
+    formats: list[str] = Field(default_factory=list, description="number formats the search could choose besides INT")
+    target: str | None = Field(None, description="the runtime preset the choices came from (--target)")
     pins: dict[str, int] = Field(default_factory=dict)
     ties: list[list[str]] = Field(default_factory=list, description="groups of layers given one bit width "
                                                                     "(tie_shared_inputs)")
@@ -319,6 +333,12 @@ class PlanRequest(BaseModel):
     budget: Budget
     w_bits: tuple[int, ...] = DEFAULT_W_BITS
     a_bits: tuple[int, ...] = DEFAULT_A_BITS
+    formats: tuple[str, ...] = Field(
+        (), description="number formats a layer may take besides INT-w_bits (bitplan.formats): fp8_e4m3, fp8_e5m2, "
+                        "mxfp8, mxfp4, nvfp4, nf4")
+    target: str | None = Field(
+        None, description="a runtime preset (torchao, vllm, llamacpp, modelopt): w_bits and formats become what that "
+                          "runtime executes, narrowed by any w_bits/formats also given")
     pins: dict[str, int] = Field(default_factory=dict)
     tie_shared_inputs: bool = Field(
         False, description="give layers that read the same value (q, k and v; gate and up) one bit width, as runtimes "
@@ -335,7 +355,9 @@ class PlanRequest(BaseModel):
     distill: bool = Field(False, description="optimise the calibration inputs to match the model's BatchNorm "
                                              "statistics (ZeroQ's distilled data); without data, start from random "
                                              "inputs")
-    latency_table: dict[str, dict[int, float]] | None = None
+    latency_table: dict[str, dict[int | str, float]] | None = Field(
+        None, description="milliseconds per layer, per weight bit width (and per format's name, when formats are "
+                          "offered): {layer: {bits: ms}}")
     seed: int = 0
     seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the data is text (.txt/.jsonl), "
                                                             "tokenised with a Hugging Face checkpoint's tokenizer.json")
@@ -364,6 +386,38 @@ class PlanRequest(BaseModel):
         if bad or not v:
             raise ValueError(f"weight bits {bad or '[]'} not supported; choose from {list(WEIGHT_BITS)}")
         return tuple(sorted(set(v)))
+
+    @field_validator("latency_table", mode="before")
+    @classmethod
+    def _table_keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        try:
+            return {name: {table_key(k): ms for k, ms in row.items()} if isinstance(row, dict) else row
+                    for name, row in v.items()}
+        except (TypeError, ValueError):
+            raise ValueError("latency_table columns must be bit widths or format names") from None
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _check_formats(cls, v: Any) -> tuple[str, ...]:
+        return check_formats(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_target(cls, data: Any) -> Any:
+        """--target NAME: the runtime's widths and formats, narrowed by the ones also given."""
+        if not isinstance(data, dict) or data.get("target") in (None, ""):
+            return data
+        name, widths, formats = apply_target(data["target"], data.get("w_bits"), data.get("formats"))
+        return dict(data, target=name, w_bits=widths, formats=formats)
+
+    @model_validator(mode="after")
+    def _formats_need_layers(self) -> PlanRequest:
+        if self.formats and self.granularity != "layer":
+            raise ValueError(f"formats {list(self.formats)} are chosen per layer; use granularity layer with them "
+                             f"(granularity {self.granularity} splits INT widths only)")
+        return self
 
     @field_validator("device", mode="before")
     @classmethod

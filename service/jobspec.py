@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
+from bitplan.formats import FORMATS, TARGETS, apply_target, check_formats, table_key
 from bitplan.inputs import match_inputs
 from bitplan.methods import DEFAULT_SENSITIVITY, check_shardable, get_method, parse_params
 from bitplan.params import cut
@@ -86,6 +87,10 @@ class JobCreate(BaseModel):
     eval_dataset_id: str | None = Field(None, max_length=64, description="held-out data for the measured figures")
     budgets: Budgets
     w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
+    formats: list[str] = Field(default_factory=list, max_length=8,
+                               description="number formats a layer may take besides INT: " + ", ".join(FORMATS))
+    target: str | None = Field(None, max_length=32, description="runtime preset (" + ", ".join(TARGETS) + "): w_bits "
+                                                                 "and formats become what it runs, narrowed by any given")
     a_bits: list[int] = Field(list(DEFAULT_A_BITS), min_length=1, max_length=3)
     pins: dict[str, int] = Field(default_factory=dict)
     granularity: str = Field("layer", pattern=GRANULARITY_PATTERN,
@@ -97,7 +102,18 @@ class JobCreate(BaseModel):
     sensitivity: MethodChoice = MethodChoice(method=DEFAULT_SENSITIVITY)
     solver: MethodChoice = MethodChoice(method=DEFAULT_SOLVER)
     clip: Literal["mse", "minmax"] = "mse"
-    latency_table: dict[str, dict[int, FiniteMs]] | None = None
+    latency_table: dict[str, dict[int | str, FiniteMs]] | None = None
+
+    @field_validator("latency_table", mode="before")
+    @classmethod
+    def _table_keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        try:
+            return {name: {table_key(k): ms for k, ms in row.items()} if isinstance(row, dict) else row
+                    for name, row in v.items()}
+        except (TypeError, ValueError):
+            raise _invalid("latency_table columns must be bit widths or format names") from None
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str = Field(DEFAULT_DEVICE, max_length=16,
                         description="auto, cpu, cuda or cuda:N: a job asking for cuda (or auto, where the deployment has "
@@ -126,6 +142,31 @@ class JobCreate(BaseModel):
         if problem is not None:
             raise _invalid(problem)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or value.get("target") in (None, ""):
+            return value
+        try:
+            name, widths, formats = apply_target(value["target"], value.get("w_bits"), value.get("formats"))
+        except (ValueError, TypeError) as exc:
+            raise _invalid(str(exc)) from None
+        return dict(value, target=name, w_bits=list(widths), formats=list(formats))
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats(cls, v: Any) -> list[str]:
+        try:
+            return list(check_formats(v))
+        except (ValueError, TypeError) as exc:
+            raise _invalid(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _formats_per_layer(self) -> JobCreate:
+        if self.formats and self.granularity != "layer":
+            raise _invalid(f"formats {self.formats} are chosen per layer; use granularity layer with them")
+        return self
 
     @field_validator("w_bits")
     @classmethod

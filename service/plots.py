@@ -10,7 +10,7 @@ import math
 from html import escape
 from typing import Any
 
-CSV_COLUMNS = ["name", "kind", "params", "macs", "w_bits", "a_bits", "sensitivity"]
+CSV_COLUMNS = ["name", "kind", "params", "macs", "w_bits", "a_bits", "w_format", "sensitivity"]
 UNITS = {"avg_weight_bits": "bits", "size_bytes": "bytes", "bops": "BOPs", "latency_ms": "ms"}
 
 
@@ -45,7 +45,9 @@ def plan_view(plan: dict[str, Any]) -> dict[str, Any]:
         label = "this plan" if check.get("outcome") != "uniform_returned" else f"this plan ({check.get('uniform')})"
         measured.append({"label": label, **m["plan"], "chosen": True})
         if m.get("uniform"):
-            measured.append({"label": f"uniform {m['uniform_w_bits']}-bit", **m["uniform"]})
+            fmt = m.get("uniform_format", "int")
+            measured.append({"label": f"uniform {fmt}" if fmt != "int" else f"uniform {m['uniform_w_bits']}-bit",
+                             **m["uniform"]})
     return {"rows": rows, "costs": costs, "measured": measured, "frontier_svg": frontier_svg(plan),
             "frontier_key": next(iter(plan["budget"]), "avg_weight_bits")}
 

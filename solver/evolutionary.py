@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from bitplan.errors import BitplanError
-from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution
+from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution, frontier_point
 
 if TYPE_CHECKING:
     import optuna
@@ -119,7 +119,7 @@ def solve_evolutionary(
         cost=problem.totals(choices),
         status="time_limit" if stopped else "heuristic",
         seconds=time.perf_counter() - start,
-        frontier=[{"cost": problem.totals(c), "objective": t.values[0], "w_bits": {n: o.w_bits for n, o in c.items()}}
+        frontier=[frontier_point(problem.totals(c), t.values[0], c)
                   for t in front for c in [plan_of(t.params)]],
     )
 

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bitplan.errors import BitplanError
-from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution, objective_of
+from solver.problem import AVG_BITS, Deadline, Option, Problem, Solution, frontier_point, objective_of
 
 METHODS = ("auto", "exact", "hull")
 _TOL = 1e-9
@@ -313,7 +313,7 @@ def _finish(problem: Problem, key: str, frontier: _Frontier, at_budget: Solution
         status="optimal" if at_budget is None else at_budget.status,
         seconds=time.perf_counter() - start,
         gap=0.0 if at_budget is None else at_budget.gap,
-        frontier=[{"cost": problem.totals(p), "objective": objective_of(p), "w_bits": {n: o.w_bits for n, o in p.items()}}
+        frontier=[frontier_point(problem.totals(p), objective_of(p), p)
                   for p in plans],
     )
 

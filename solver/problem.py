@@ -54,6 +54,22 @@ class Option:
     a_bits: int = 16
     objective: float = 0.0
     cost: Mapping[str, float] = field(default_factory=dict)
+    #: the number format: "int" (INT-w_bits), or a format's name (bitplan.formats) whose element width is w_bits;
+    #: pins and ties are by w_bits, so a width offered in several formats keeps them all
+    fmt: str = "int"
+
+    @property
+    def choice(self) -> int | str:
+        """The weight choice this option stands for: the INT width, or the format's name."""
+        return self.w_bits if self.fmt == "int" else self.fmt
+
+
+def frontier_point(cost: dict[str, float], objective: float, choices: Mapping[str, Option]) -> dict[str, Any]:
+    """One frontier entry: totals, objective, each layer's w_bits, and its format where any is not INT."""
+    point: dict[str, Any] = {"cost": cost, "objective": objective, "w_bits": {n: o.w_bits for n, o in choices.items()}}
+    if any(o.fmt != "int" for o in choices.values()):
+        point["formats"] = {n: o.fmt for n, o in choices.items()}
+    return point
 
 
 @dataclass(frozen=True)
@@ -272,6 +288,7 @@ class Problem:
                             a_bits=int(o.get("a_bits", 16)),
                             objective=float(o.get("objective", 0.0)),
                             cost={str(k): float(v) for k, v in o.get("cost", {}).items()},
+                            fmt=str(o.get("format", "int")),
                         )
                         for o in lay["options"]
                     ),
@@ -300,7 +317,8 @@ class Problem:
                     "name": lay.name,
                     "params": lay.params,
                     "options": [
-                        {"w_bits": o.w_bits, "a_bits": o.a_bits, "objective": o.objective, "cost": dict(o.cost)}
+                        {"w_bits": o.w_bits, "a_bits": o.a_bits, "objective": o.objective, "cost": dict(o.cost),
+                         **({"format": o.fmt} if o.fmt != "int" else {})}
                         for o in lay.options
                     ],
                 }
@@ -327,7 +345,7 @@ class Problem:
             options = []
             for o in layer.options:
                 new = Option(w_bits=o.w_bits, a_bits=o.a_bits, objective=self.contribution(self.minimize, layer, o),
-                             cost={**o.cost, "objective": o.objective})
+                             cost={**o.cost, "objective": o.objective}, fmt=o.fmt)
                 back[id(new)] = o
                 options.append(new)
             layers.append(Layer(layer.name, layer.params, tuple(options)))

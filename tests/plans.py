@@ -7,11 +7,14 @@ from typing import Any
 from bitplan.schemas import PlanFile
 
 
-def plan_for(module: Any, bits: dict[str, int] | None = None, a_bits: dict[str, int] | None = None, *,
+def plan_for(module: Any, bits: dict[str, int | str] | None = None, a_bits: dict[str, int] | None = None, *,
              default: int = 4, fmt: str = "hf", model_type: str | None = "llama", granularity: str | None = None,
              kept: str = "uniform") -> PlanFile:
     """A bitplan.plan/v1 file over ``module``'s Linear and Conv layers (names as ``named_modules`` gives them):
-    ``bits[name]`` weight bits (else ``default``), ``a_bits[name]`` activation bits (else 16)."""
+    ``bits[name]`` weight bits or a number format's name (else ``default``), ``a_bits[name]`` activation bits
+    (else 16)."""
+    from bitplan.formats import choice_bits, choice_format
+
     from torch import nn
 
     bits, a_bits = bits or {}, a_bits or {}
@@ -22,7 +25,8 @@ def plan_for(module: Any, bits: dict[str, int] | None = None, a_bits: dict[str, 
         if kind is None:
             continue
         layers.append({"name": name, "kind": kind, "params": int(sub.weight.numel()), "macs": None,
-                       "w_bits": bits.get(name, default), "a_bits": a_bits.get(name, 16), "sensitivity": 0.0})
+                       "w_bits": choice_bits(bits.get(name, default)), "w_format": choice_format(bits.get(name, default)),
+                       "a_bits": a_bits.get(name, 16), "sensitivity": 0.0})
     metrics = {"loss": 1.0, "kl": 0.0, "top1_agreement": 1.0}
     units = None
     if granularity:

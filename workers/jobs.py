@@ -160,7 +160,8 @@ class JobSpec:
         params = parse_params(get_method(self.request.sensitivity), self.request.sensitivity_params)
         spec = {"v": CACHE_VERSION, "model": self.model_sha256, "data": self.data_sha256,
                 "method": self.request.sensitivity, "params": params.model_dump(mode="json"),
-                "w_bits": list(self.request.w_bits), "clip": self.request.clip, "seed": self.request.seed,
+                "w_bits": list(self.request.w_bits), **({"formats": list(self.request.formats)} if self.request.formats
+                                                       else {}), "clip": self.request.clip, "seed": self.request.seed,
                 "distill": self.request.distill, "seq_len": self.request.seq_len}
         if self.request.dtype != "float32":  # half-precision compute scores differently; the device does not matter
             spec["dtype"] = self.request.dtype
@@ -185,6 +186,7 @@ def resolve(rt: Runtime, job: Job) -> JobSpec:
         model=str(blobs.path(model.sha256)), model_name=model.name, data=data_path,
         eval_data=str(blobs.path(eval_data.sha256)) if eval_data else None,
         budget=Budget(**r["budgets"]), w_bits=tuple(r["w_bits"]), a_bits=tuple(r["a_bits"]), pins=r.get("pins", {}),
+        formats=tuple(r.get("formats") or ()), target=r.get("target"),
         sensitivity=r["sensitivity"]["method"], sensitivity_params=r["sensitivity"].get("params", {}),
         solver=r["solver"]["method"], solver_params=r["solver"].get("params", {}), clip=r.get("clip", "mse"),
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), seq_len=r.get("seq_len", 128),

@@ -97,6 +97,12 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
         raise BitplanError(f"the plan was made for another model (sha256 {plan.model.sha256[:12]}..., this checkpoint "
                            f"is {checked.sha256[:12]}...)", "apply the plan to the checkpoint it was made for",
                            field="model")
+    formats = sorted({layer.w_format for layer in plan.layers if layer.w_format != "int"})
+    if formats:
+        raise BitplanError(f"the plan gives layers number formats ({', '.join(formats)}); bitplan apply writes "
+                           "integer pack-quantized checkpoints only",
+                           "write the plan's compressed-tensors config (bitplan export PLAN --to compressed-tensors) "
+                           "and quantize with llm-compressor, or plan without --formats", field="plan")
     notes: list[str] = []
     if plan.units is not None and plan.units.kept == "mixed":
         notes.append(f"the plan's per-unit bits ({plan.units.granularity}) are not applied: compressed-tensors takes "

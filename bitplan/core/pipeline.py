@@ -21,6 +21,7 @@ from bitplan.core.refine import TIE, Scorer, local_search, no_worse, uniform_pla
 from bitplan.core.sensitivity import SensitivityContext, run_sensitivity
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError, DataError, ModelFormatError
+from bitplan.formats import WeightChoice, choice_bits, choice_format, ladder, weight_choice
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import (
     LayerInfo,
@@ -178,8 +179,20 @@ def build_problem(prep: Prepared, table: SensitivityTable, request: PlanRequest)
                            "set the sensitivity parameter activations=true (auto and hessian_trace score "
                            "activations), or allow one activation bit width", field="a_bits")
     omega_act = {layer.name: layer.omega_act for layer in table.layers}
+    missing = sorted(set(request.formats) - set.intersection(*(set(layer.omega_format) for layer in table.layers))) \
+        if request.formats and table.layers else []
+    if missing:
+        raise BitplanError(f"the sensitivity table scores no format {missing} for some layers",
+                           "compute it with the same formats as the plan (--formats)", field="formats")
+    for layer in table.layers:
+        omega[layer.name].update(layer.omega_format)
     return _problem(prep, request, lambda name, b, a: omega[name][b] + (omega_act[name][a] if choose_a else 0.0))
 
+
+
+def weight_choices(request: PlanRequest) -> list[WeightChoice]:
+    """What a layer's weights may take: the INT widths, then the number formats."""
+    return [*request.w_bits, *request.formats]
 
 def _problem(prep: Prepared, request: PlanRequest, objective) -> Problem:
     limits = request.budget.limits()
@@ -190,9 +203,9 @@ def _problem(prep: Prepared, request: PlanRequest, objective) -> Problem:
         Layer(
             name=info.name,
             params=info.params,
-            options=tuple(Option(w_bits=b, a_bits=a, objective=objective(info.name, b, a),
-                                 cost=prep.costs.option_cost(info, b, a))
-                          for b in request.w_bits for a in request.a_bits),
+            options=tuple(Option(w_bits=choice_bits(b), a_bits=a, objective=objective(info.name, b, a),
+                                 cost=prep.costs.option_cost(info, b, a), fmt=choice_format(b))
+                          for b in weight_choices(request) for a in request.a_bits),
         )
         for info in prep.layers
     )
@@ -300,7 +313,8 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
                            f"the model's layers are: {', '.join(info.name for info in prep.layers)[:800]}", field="pins")
     check_budget_fits(prep, request)
     with timer.stage("sensitivity"):
-        ctx = SensitivityContext(prep.model, prep.data, list(request.w_bits), prep.bank, request.seed, progress)
+        ctx = SensitivityContext(prep.model, prep.data, list(request.w_bits), prep.bank, request.seed, progress,
+                                 formats=request.formats)
         table = sensitivity(prep, ctx) if sensitivity else compute_sensitivity(prep, ctx, request)
     with timer.stage("solve"):
         progress("solve", 0.0, request.solver)
@@ -316,7 +330,7 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
             left = None if request.time_limit_s is None else request.time_limit_s - (time.perf_counter() - started)
             frontier = frontier_around(problem, time_limit=None if left is None else max(MIN_SOLVER_SECONDS, left))
         progress("solve", 1.0, solution.status)
-    assignment = {name: (o.w_bits, o.a_bits) for name, o in solution.choices.items()}
+    assignment = {name: (o.choice, o.a_bits) for name, o in solution.choices.items()}
     check = None
     if request.guarantee and request.validate_plan:  # the check measures; --no-validate skips all measuring
         with timer.stage("guarantee"):
@@ -337,12 +351,14 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
 
         with timer.stage("units"):
             units = plan_units(prep, request, assignment, progress)
-    omega_of = {layer.name: {(o.w_bits, o.a_bits): o.objective for o in layer.options} for layer in problem.layers}
+    omega_of = {layer.name: {(o.choice, o.a_bits): o.objective for o in layer.options} for layer in problem.layers}
     return PlanFile(
         model=prep.model.info,
         budget=request.budget.limits(),
         w_bits_options=list(request.w_bits),
         a_bits_options=list(request.a_bits),
+        formats=list(request.formats),
+        target=request.target,
         pins=dict(request.pins),
         ties=[list(group) for group in problem.ties],
         seed=request.seed,
@@ -353,7 +369,8 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
                           objective=solution.objective, gap=solution.gap, time_limit_s=params.time_limit),
         layers=[
             PlanLayer(name=info.name, kind=info.kind, params=info.params, macs=info.macs,
-                      w_bits=assignment[info.name][0], a_bits=assignment[info.name][1],
+                      w_bits=choice_bits(assignment[info.name][0]), a_bits=assignment[info.name][1],
+                      w_format=choice_format(assignment[info.name][0]),
                       sensitivity=omega_of[info.name][assignment[info.name]])
             for info in prep.layers
         ],
@@ -376,9 +393,9 @@ def frontier_around(problem: Problem, cost_key: str | None = None, time_limit: f
         return None
 
 
-def overrides_for(prep: Prepared, assignment: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def overrides_for(prep: Prepared, assignment: dict[str, tuple[WeightChoice, int]]) -> dict[str, torch.Tensor]:
     return {g.weight_key: prep.bank.get(g.weight_key, assignment[g.name][0]) for g in prep.model.layers
-            if assignment[g.name][0] < 16}
+            if assignment[g.name][0] != 16}
 
 
 def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[int, int]],
@@ -402,7 +419,7 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
     plan = run(assignment)
     progress("validate", 0.66, "uniform")
     uniform = uniform_cost = uniform_pair = None
-    for uni in uniform_plans(prep, request.w_bits, request.a_bits, _fits(prep, request), request.pins):
+    for uni in uniform_plans(prep, weight_choices(request), request.a_bits, _fits(prep, request), request.pins):
         m = run(uni)
         if uniform is None or m.kl < uniform.kl:
             free = [pair for name, pair in uni.items() if name not in request.pins] or list(uni.values())
@@ -413,7 +430,8 @@ def validate(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[i
         samples=len(prep.eval_data),
         held_out=prep.held_out,
         loss_kind="cross_entropy" if prep.eval_data.targets is not None else "kl",
-        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=uniform_pair[0] if uniform_pair else None,
+        fp=fp, plan=plan, uniform=uniform, uniform_w_bits=choice_bits(uniform_pair[0]) if uniform_pair else None,
+        uniform_format=choice_format(uniform_pair[0]) if uniform_pair else "int",
         uniform_a_bits=uniform_pair[1] if uniform_pair else None, uniform_cost=uniform_cost,
     )
 
@@ -444,7 +462,7 @@ def _label(assign: dict[str, tuple[int, int]]) -> str:
     widths = [w for w, _ in assign.values()]
     w = max(set(widths), key=widths.count)
     a = next(iter(assign.values()))[1]
-    return f"uniform {w}-bit" + (f" (activations {a}-bit)" if a < 16 else "")
+    return (f"uniform {w}" if isinstance(w, str) else f"uniform {w}-bit") + (f" (activations {a}-bit)" if a < 16 else "")
 
 
 #: Calibration samples the guarantee's measurements use at most.
@@ -458,7 +476,7 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
     them for up to ``cap_seconds``. Returns the best plan found if it is no worse than the best uniform plan,
     else that uniform plan; the UniformCheck says which and why."""
     fits = _fits(prep, request)
-    uniforms = uniform_plans(prep, request.w_bits, request.a_bits, fits, request.pins)
+    uniforms = uniform_plans(prep, weight_choices(request), request.a_bits, fits, request.pins)
     data = prep.data if len(prep.data) <= GUARANTEE_SAMPLES else _head(prep.data, GUARANTEE_SAMPLES)
     search_label = f"{prep.data.source}, {len(data)} samples"
     if not uniforms:
@@ -484,7 +502,7 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
                                    f"{cap_seconds:.0f} s")
         movable = [group if len(group) > 1 else group[0] for group in tie_groups(prep, request)
                    if not set(group) & set(request.pins)]
-        result = local_search(scorer, [assignment, *uniforms], sorted(request.w_bits), movable, fits,
+        result = local_search(scorer, [assignment, *uniforms], ladder(weight_choices(request)), movable, fits,
                               _scalar_cost(prep, request), time.perf_counter() + cap_seconds, target=uni_m,
                               has_targets=has_targets, progress=progress)
         search["refined plan"] = result.metrics
@@ -524,7 +542,7 @@ def held_out_check(prep: Prepared, request: PlanRequest, assignment: dict[str, t
     has_targets = prep.eval_data.targets is not None
     if no_worse(measured.plan, measured.uniform, has_targets):
         return assignment, measured, check
-    pair = (measured.uniform_w_bits, measured.uniform_a_bits)
+    pair = (weight_choice(measured.uniform_w_bits, measured.uniform_format), measured.uniform_a_bits)
     uni_label = _label({"": pair})
     where = "the held-out data" if measured.held_out != "none" else "the calibration data (no held-out data)"
     worse = f"KL {measured.plan.kl:.4g} vs {measured.uniform.kl:.4g}"
@@ -549,7 +567,7 @@ def measured_evaluator(prep: Prepared, request: PlanRequest, limit: int = 256):
     scorer = Scorer(prep, data, request.batch_size)  # the uniform check's scorer: each plan measured once
 
     def evaluate(choices) -> float:
-        return scorer({name: (o.w_bits, o.a_bits) for name, o in choices.items()}).loss
+        return scorer({name: (o.choice, o.a_bits) for name, o in choices.items()}).loss
 
     return evaluate
 

@@ -6,11 +6,15 @@ max |w| ("minmax") or the one minimising the squared error over a grid of
 clip ratios ("mse"). 16 bits means full precision (the tensor is returned as is).
 Activations: per tensor, asymmetric, b-bit unsigned codes over a range
 calibrated on data.
+Number formats (FP8, MXFP4/8, NVFP4, NF4; bitplan.formats): ``quantize_format``, each with its own scale rule
+(``clip`` applies to INT-b only).
 """
 
 from __future__ import annotations
 
 import torch
+
+from bitplan.formats import FORMATS, WeightChoice
 
 FULL_PRECISION = 16
 CLIP_METHODS = ("mse", "minmax")
@@ -73,15 +77,91 @@ class WeightBank:
             raise ValueError(f"clip must be one of {CLIP_METHODS}")
         self.weights = {k: w.detach() for k, w in weights.items()}
         self.clip = clip
-        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._cache: dict[tuple[str, WeightChoice], torch.Tensor] = {}
 
-    def get(self, key: str, bits: int) -> torch.Tensor:
-        if bits >= FULL_PRECISION:
+    def get(self, key: str, bits: WeightChoice) -> torch.Tensor:
+        """Q(W) for an INT width (16: W itself) or a number format's name."""
+        if bits == FULL_PRECISION:
             return self.weights[key]
         if (key, bits) not in self._cache:
-            self._cache[key, bits] = quantize_weight(self.weights[key], bits, self.clip)
+            self._cache[key, bits] = (quantize_format(self.weights[key], bits) if isinstance(bits, str)
+                                      else quantize_weight(self.weights[key], bits, self.clip))
         return self._cache[key, bits]
 
-    def error_sq(self, key: str, bits: int) -> float:
+    def error_sq(self, key: str, bits: WeightChoice) -> float:
         """||Q_b(W) - W||^2, the quantization perturbation HAWQ-V3 weights by the trace."""
         return float((self.get(key, bits) - self.weights[key]).double().pow(2).sum())
+
+
+# ---- number formats besides INT-b (bitplan.formats) -------------------------------------------------------------
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0, 8), "e5m2": (torch.float8_e5m2, 57344.0, 15)}  # dtype, max, emax
+
+
+def _nf4_levels() -> torch.Tensor:
+    """QLoRA's NormalFloat-4: 8 positive and 7 negative quantiles of N(0, 1) between probability 0.9677 and
+    one half, with an exact zero, scaled to [-1, 1] (computed from that definition, not copied)."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+NF4_LEVELS = _nf4_levels()
+
+
+def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each element of ``x`` rounded to the nearest of the sorted ``levels`` (ties to the lower one)."""
+    levels = levels.to(x)
+    mids = (levels[1:] + levels[:-1]) / 2
+    return levels[torch.bucketize(x, mids)]
+
+
+def _e2m1(x: torch.Tensor) -> torch.Tensor:
+    grid = torch.tensor(_E2M1, dtype=x.dtype, device=x.device)
+    return torch.sign(x) * _nearest(x.abs().clamp(max=6.0), grid)
+
+
+def _fp8(x: torch.Tensor, kind: str) -> torch.Tensor:
+    dtype, fmax, _ = _FP8[kind]
+    return x.clamp(-fmax, fmax).to(dtype).to(x.dtype)
+
+
+def _rows(weight: torch.Tensor, block: int | None) -> tuple[torch.Tensor, int]:
+    """``weight`` as [rows, blocks, block] (zero-padded at each row's end), and the row length."""
+    w = weight.detach().float().reshape(weight.shape[0], -1)
+    cols = w.shape[1]
+    if block is None:
+        return w.unsqueeze(1), cols
+    pad = -cols % block
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(w.shape[0], -1, block), cols
+
+
+@torch.no_grad()
+def quantize_format(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """Q_f(W): ``weight`` rounded to the number format ``name`` (bitplan.formats.FORMATS) with its scales."""
+    fmt = FORMATS[name]
+    blocks, cols = _rows(weight, fmt.block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    if name in ("fp8_e4m3", "fp8_e5m2"):
+        kind = name.removeprefix("fp8_")
+        scale = amax.clamp_min(1e-12) / _FP8[kind][1]
+        q = _fp8(blocks / scale, kind) * scale
+    elif name in ("mxfp4", "mxfp8"):  # OCP MX: scale 2^(floor(log2 amax) - emax of the element format)
+        emax = 2 if name == "mxfp4" else _FP8["e4m3"][2]
+        scale = torch.exp2(torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - emax)
+        q = (_e2m1(blocks / scale) if name == "mxfp4" else _fp8(blocks / scale, "e4m3")) * scale
+    elif name == "nvfp4":  # fp32 tensor scale, then each block's amax / 6 stored in E4M3 relative to it
+        glob = (amax.amax() / (448.0 * 6.0)).clamp_min(1e-12)
+        scale = _fp8(amax / 6.0 / glob, "e4m3") * glob
+        q = _e2m1(blocks / scale.clamp_min(1e-30)) * scale
+    elif name == "nf4":
+        scale = amax.clamp_min(1e-12)
+        q = _nearest(blocks / scale, NF4_LEVELS) * scale
+    else:
+        raise ValueError(f"no quantizer for format '{name}'")
+    return q.reshape(q.shape[0], -1)[:, :cols].reshape(weight.shape).to(weight.dtype)

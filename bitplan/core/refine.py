@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 from bitplan.core.data import Dataset
 from bitplan.core.evaluate import Reference, measure, set_activation_bits
+from bitplan.formats import WeightChoice
 from bitplan.progress import ProgressFn, no_progress
 from bitplan.schemas import Metrics
 
-Assignment = dict[str, tuple[int, int]]
+Assignment = dict[str, tuple[WeightChoice, int]]  # layer -> (INT width or format name, activation bits)
 
 #: Relative slack when comparing measured damage: a plan within this of uniform counts as level with it.
 TIE = 1e-6
@@ -68,25 +69,31 @@ class Scorer:
             set_activation_bits(model, {name: a for name, (_, a) in assign.items()})
             try:
                 overrides = {g.weight_key: self.prep.bank.get(g.weight_key, assign[g.name][0]) for g in model.layers
-                             if assign[g.name][0] < 16}
+                             if assign[g.name][0] != 16}
                 self.cache[key] = measure(model, self.ref, overrides)
             finally:
                 set_activation_bits(model, {})
         return self.cache[key]
 
 
-def uniform_plans(prep, w_bits: tuple[int, ...], a_bits: tuple[int, ...], fits,
+def uniform_plans(prep, w_bits: Sequence[WeightChoice], a_bits: tuple[int, ...], fits,
                   pins: dict[str, int] | None = None) -> list[Assignment]:
-    """For each activation width, the uniform plan at the highest weight width that fits (the others are
-    dominated). Pinned layers keep their pinned bits: the user asked for them whatever the plan."""
+    """For each activation width, the uniform plan at the highest INT weight width that fits (the lower ones are
+    dominated), and the uniform plan in each number format offered that fits (formats are not ordered by
+    quality, so each is a baseline of its own). Pinned layers keep their pinned bits: the user asked for them
+    whatever the plan."""
     pins = pins or {}
     plans = []
     for a in sorted(a_bits, reverse=True):
-        for w in sorted(w_bits, reverse=True):
+        for w in sorted((b for b in w_bits if not isinstance(b, str)), reverse=True):
             assign = {info.name: (pins.get(info.name, w), a) for info in prep.layers}
             if fits(assign):
                 plans.append(assign)
                 break
+        for f in (b for b in w_bits if isinstance(b, str)):
+            assign = {info.name: (pins.get(info.name, f), a) for info in prep.layers}
+            if fits(assign):
+                plans.append(assign)
     return plans
 
 
@@ -100,7 +107,7 @@ class SearchResult:
     stopped: str  # "converged" (no tried move improved) or "time_cap"
 
 
-def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[int], movable: Sequence[str | tuple[str, ...]],
+def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightChoice], movable: Sequence[str | tuple[str, ...]],
                  fits, cost_of,
                  deadline: float, target: Metrics | None = None, has_targets: bool = False,
                  progress: ProgressFn = no_progress) -> SearchResult:

@@ -33,7 +33,7 @@ def test_cli_help_lists_the_verbs():
 # --- the layers (docs/architecture.md): a module may import its own layer and the ones below it -------------
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 CONTRACT = {"bitplan", "bitplan.errors", "bitplan.schemas", "bitplan.methods", "bitplan.hutchinson", "bitplan.params",
-            "bitplan.costs", "bitplan.exports",
+            "bitplan.costs", "bitplan.exports", "bitplan.formats",
             "bitplan.settings", "bitplan.files", "bitplan.progress", "bitplan.synthetic", "bitplan.inputs"}
 TOP = {"bitplan.cli", "bitplan.client", "service.commands"}
 

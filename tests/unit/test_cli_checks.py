@@ -21,7 +21,7 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default: 2,3,4,5,6,8)" in out and "(default: ilp)" in out and "(default: mse)" in out
+    assert "(default: 2,3,4,5,6,8; with --target, the target's)" in out and "(default: ilp)" in out and "(default: mse)" in out
 
 
 def test_missing_model_file_is_named_before_data(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Sensitivity methods: each turns (model, data, bit options) into a table
-Omega[layer][w_bits] on one scale, lower meaning safer to quantize."""
+Omega[layer][w_bits] on one scale, lower meaning safer to quantize (and Omega[layer][format] for the number
+formats a job offers: each method scores ``ctx.choices``, and ``common.table`` files the two apart)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from bitplan.core.graph import GraphLayer
 from bitplan.core.loading import LoadedModel
 from bitplan.core.quant import WeightBank
 from bitplan.errors import BitplanError
+from bitplan.formats import WeightChoice
 from bitplan.hutchinson import ProbeShard
 from bitplan.methods import check_shardable, get_method, parse_params, shardable_methods
 from bitplan.progress import ProgressFn, no_progress
@@ -25,6 +27,12 @@ class SensitivityContext:
     seed: int = 0
     progress: ProgressFn = no_progress
     only: frozenset[str] | None = None  # layer names to score (one shard of the work); None = every layer
+    formats: tuple[str, ...] = ()  # number formats to score besides the INT widths (bitplan.formats)
+
+    @property
+    def choices(self) -> list[WeightChoice]:
+        """Every weight choice a method scores: the INT widths, then the formats."""
+        return [*self.w_bits, *self.formats]
 
     def scored_layers(self) -> list[GraphLayer]:
         """The layers this run scores, in model order."""

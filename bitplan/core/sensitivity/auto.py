@@ -25,7 +25,7 @@ from bitplan.schemas import SensitivityTable
 
 def auto(ctx: SensitivityContext, params: AutoParams) -> SensitivityTable:
     start = time.perf_counter()
-    options = len(ctx.scored_layers()) * len([b for b in ctx.w_bits if b < 16])
+    options = len(ctx.scored_layers()) * len([b for b in ctx.choices if b != 16])
     macs = sum(measure_macs(ctx.model, ctx.data.slice(0, min(len(ctx.data), 4))).values())
     # the most samples (max_samples, 128, 64 or 32, at most the data's) whose measuring stays within half the budget:
     # small models measure on all their calibration data, large ones on fewer samples before giving up on measuring

@@ -51,11 +51,13 @@ class Clock:
 
 
 def table(method: str, params, ctx: SensitivityContext, clock: Clock, stats: dict[str, float],
-          omega: dict[str, dict[int, float]], notes: list[str], detail: dict[str, dict[str, float]] | None = None,
+          omega: dict[str, dict], notes: list[str], detail: dict[str, dict[str, float]] | None = None,
           omega_act: dict[str, dict[int, float]] | None = None) -> SensitivityTable:
     """The method's table over the layers it scored (every layer, or the shard in ``ctx.only``), in model order."""
     layers = [
-        SensitivityLayer(name=g.name, stat=stats[g.name], omega=omega[g.name],
+        SensitivityLayer(name=g.name, stat=stats[g.name],
+                         omega={b: v for b, v in omega[g.name].items() if not isinstance(b, str)},
+                         omega_format={b: v for b, v in omega[g.name].items() if isinstance(b, str)},
                          omega_act=(omega_act or {}).get(g.name, {}), detail=(detail or {}).get(g.name, {}))
         for g in ctx.scored_layers()
     ]

@@ -58,7 +58,7 @@ def fisher(ctx: SensitivityContext, params: FisherParams) -> SensitivityTable:
         fish = diag[g.weight_key]
         stats[g.name] = float(fish.sum())
         omega[g.name] = {b: float((fish * (ctx.bank.get(g.weight_key, b) - weights[g.weight_key]).pow(2)).sum())
-                         for b in ctx.w_bits}
+                         for b in ctx.choices}
     kind = "empirical Fisher (true labels)" if use_targets else "Fisher with labels sampled from the model"
     notes = [f"{kind}; per-sample gradients on {len(batches)} samples; stat = trace of the diagonal Fisher"]
     return table("fisher", params, ctx, clock, stats, omega, notes)
@@ -82,6 +82,6 @@ def taylor(ctx: SensitivityContext, params: TaylorParams) -> SensitivityTable:
         gl = grad[g.weight_key]
         stats[g.name] = float(gl.norm())
         omega[g.name] = {b: abs(float((gl * (ctx.bank.get(g.weight_key, b) - weights[g.weight_key])).sum()))
-                         for b in ctx.w_bits}
+                         for b in ctx.choices}
     notes = [f"mean cross-entropy gradient on {n} samples; stat = gradient norm"]
     return table("taylor", params, ctx, clock, stats, omega, notes)

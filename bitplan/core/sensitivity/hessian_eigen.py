@@ -75,6 +75,6 @@ def hessian_eigen(ctx: SensitivityContext, params: HessianEigenParams) -> Sensit
     for g in ctx.scored_layers():
         lam = eigen[g.weight_key]
         stats[g.name] = lam
-        omega[g.name] = {b: max(lam, 0.0) * ctx.bank.error_sq(g.weight_key, b) for b in ctx.w_bits}
+        omega[g.name] = {b: max(lam, 0.0) * ctx.bank.error_sq(g.weight_key, b) for b in ctx.choices}
         detail[g.name] = {"iterations": iterations[g.weight_key], "converged": float(done[g.weight_key])}
     return table("hessian_eigen", params, ctx, clock, stats, omega, notes, detail)

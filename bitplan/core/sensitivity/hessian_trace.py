@@ -80,7 +80,7 @@ def probe_rows(ctx: SensitivityContext, params: HessianTraceParams, start: int, 
     batches = calibration_batches(ctx, params.batch_size, params.max_samples, use_kl=params.loss == "kl")
     refs = reference_logp(ctx, batches)
     estimates: list[list[float]] = []  # one row per probe, one column per layer
-    bits = list(ctx.w_bits)
+    bits = ctx.choices
     diagonal = params.omega == "diagonal"
     # diagonal weighting: per probe, sum_i v_i (Hv)_i (Q_b(W) - W)_i^2 for every layer and bit width b
     err2 = {key: {b: (ctx.bank.get(key, b) - weights[key]).double().pow(2) for b in bits} for key in keys} \

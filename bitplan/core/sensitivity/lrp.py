@@ -374,7 +374,7 @@ def lrp(ctx: SensitivityContext, params: LRPParams) -> SensitivityTable:
         w = weights[g.weight_key]
         energy = float(w.double().pow(2).sum()) or 1.0
         stats[g.name] = share
-        omega[g.name] = {b: share * ctx.bank.error_sq(g.weight_key, b) / energy for b in ctx.w_bits}
+        omega[g.name] = {b: share * ctx.bank.error_sq(g.weight_key, b) / energy for b in ctx.choices}
     n = sum(b.size for b in batches)
     notes = [f"{how}; relevance from the {'target' if ctx.data.targets is not None else 'predicted'} class "
              f"logit on {n} samples; stat = the layer's share of input relevance (LRP-QViT contribution score)"]

@@ -27,7 +27,7 @@ def perturbation(ctx: SensitivityContext, params: PerturbationParams) -> Sensiti
     layers = ctx.scored_layers()  # each layer is measured alone, so a shard's scores equal the one-run ones
     bits = [b for b in ctx.w_bits if b < 16]
     stats, omega = {}, {}
-    done, total = 0, len(layers) * max(len(bits), 1)
+    done, total = 0, len(layers) * max(len(bits) + len(ctx.formats), 1)
     estimated = 0
     for g in layers:
         omega[g.name] = {16: 0.0} if 16 in ctx.w_bits else {}
@@ -43,6 +43,15 @@ def perturbation(ctx: SensitivityContext, params: PerturbationParams) -> Sensiti
                 last = (b, omega[g.name][b])
             done += 1
             ctx.progress("sensitivity", done / total, f"{g.name} at {b} bits")
+        for f in ctx.formats:  # measured, unless the layer's damage is already below the screen at some INT width
+            if last is not None and abs(last[1]) < params.screen:
+                ratio = ctx.bank.error_sq(g.weight_key, f) / max(ctx.bank.error_sq(g.weight_key, last[0]), 1e-30)
+                omega[g.name][f] = last[1] * ratio
+                estimated += 1
+            else:
+                omega[g.name][f] = loss({g.weight_key: ctx.bank.get(g.weight_key, f)}) - base
+            done += 1
+            ctx.progress("sensitivity", done / total, f"{g.name} in {f}")
         stats[g.name] = omega[g.name][min(bits)] if bits else 0.0
     notes = [f"measured increase of {loss_name(batches)} ({base:.5g} at full precision) with one layer quantized at a "
              f"time, on {n} samples; stat = increase at {min(bits) if bits else 16} bits"]
