@@ -23,7 +23,7 @@ COPY workers ./workers
 COPY storage ./storage
 # The torch pin is already satisfied, so pip keeps the CPU build. zennit goes in with --no-deps: its torchvision
 # requirement would replace the CPU torch with a CUDA build (see the Makefile).
-RUN pip install ".[minilm]" "torch==${TORCH_VERSION}" \
+RUN pip install ".[minilm,deploy]" "torch==${TORCH_VERSION}" \
     && pip install --no-deps "zennit==0.5.1"
 
 # Uploads, plans and caches live on /data: a named volume shared by the api and worker containers.

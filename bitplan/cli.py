@@ -453,6 +453,15 @@ def _method_field(name: str | None, params: list[str], default: str) -> dict | N
     return {"method": name or default, "params": _parse_params(params)}
 
 
+def _formats(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    try:
+        return list(check_formats(text))
+    except ValueError as exc:
+        raise BitplanError(str(exc), field="formats") from None
+
+
 def _job_fields(args: argparse.Namespace) -> dict:
     """The optional POST /v1/jobs keys from the flags; parsed before any upload so a typo fails fast."""
     from bitplan.costs import load_latency_table
@@ -466,6 +475,8 @@ def _job_fields(args: argparse.Namespace) -> dict:
         "sensitivity": _method_field(args.sensitivity, args.param, DEFAULT_SENSITIVITY),
         "solver": _method_field(args.solver, args.solver_param, DEFAULT_SOLVER),
         "clip": args.clip,
+        "formats": _formats(args.formats),
+        "target": args.target,
         "seed": args.seed,
         "seq_len": args.seq_len,
         "validate": False if args.no_validate else None,
@@ -744,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="avg_weight_bits, size_bytes, bops or latency_ms; repeatable")
     p.add_argument("--wbits", help="allowed weight bit widths, e.g. 2,3,4,8 (default: the server's)")
+    p.add_argument("--formats", help=FORMATS_HELP)
+    p.add_argument("--target", choices=sorted(TARGETS), help=TARGET_HELP)
     p.add_argument("--abits", help="activation bit widths, e.g. 16")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
     p.add_argument("--tie-shared-inputs", action="store_true",

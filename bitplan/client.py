@@ -173,6 +173,17 @@ class Client:
         headers = {"Idempotency-Key": str(idempotency_key)} if idempotency_key else {}
         return self._json("POST", "/v1/jobs", json=body, headers=headers)
 
+    def profile(self, model_id: str, dataset_id: str = "synthetic", **fields: Any) -> dict:
+        """POST /v1/profiles: time each layer at each width on a worker (w_bits, batch, runs, device, ...); wait
+        for the job, then ``latency(job_id)`` is the table a plan job's ``latency_table`` takes."""
+        body = {"model_id": model_id, "dataset_id": dataset_id}
+        body.update({k: v for k, v in fields.items() if v is not None})
+        return self._json("POST", "/v1/profiles", json=body)
+
+    def latency(self, job_id: str) -> dict:
+        """A finished profile job's result: ``{"latency_table": {layer: {bits: ms}}, "notes", "device", ...}``."""
+        return self._json("GET", f"/v1/jobs/{job_id}/latency")
+
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/v1/jobs/{job_id}")
 

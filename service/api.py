@@ -14,7 +14,7 @@ from bitplan.errors import BitplanError
 from bitplan.exports import export_choices, export_plan
 from bitplan.schemas import PlanFile
 from service.errors import ApiError
-from service.jobspec import JobCreate
+from service.jobspec import JobCreate, ProfileCreate
 from service.operations import cancel_job, create_job, owned, store_upload
 from service.plots import plan_csv
 from service.responses import ERRORS, DatasetList, DatasetOut, JobList, JobOut, ModelList, ModelOut
@@ -115,6 +115,14 @@ def submit_job(request: Request, body: JobCreate, team: TeamDep,
     return _accepted(job, replay)
 
 
+@router.post("/profiles", status_code=202, response_model=JobOut,
+             summary="Time each layer at each weight width on a worker: the latency table for latency_ms budgets")
+def submit_profile(request: Request, body: ProfileCreate, team: TeamDep,
+                   idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
+    job, replay = create_job(request.app.state, team, body, idempotency_key)
+    return _accepted(job, replay)
+
+
 def _accepted(job: Job, replay: bool = False) -> JSONResponse:
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if replay:
@@ -148,7 +156,13 @@ def get_job(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return job_dict(owned(s, Job, job_id, team, "job"))
 
 
-def _plan_of(job: Job) -> dict[str, Any]:
+def _plan_of(job: Job, kind: str = "plan") -> dict[str, Any]:
+    """The finished job's result: its plan (``kind`` plan) or its latency table (``kind`` profile)."""
+    is_profile = (job.request or {}).get("kind") == "profile"
+    if is_profile != (kind == "profile"):
+        raise ApiError(409, f"job {job.id} " + ("profiles latency: it has no plan" if is_profile
+                                                  else "is a planning job: it has no latency table"),
+                       f"GET /v1/jobs/{job.id}/" + ("latency" if is_profile else "plan"), code="wrong_job_kind")
     if job.state != JobState.SUCCEEDED or job.plan is None:
         why = f"job {job.id} is {job.state}" + (f": {job.error_message}" if job.error_message else "")
         hint = "poll GET /v1/jobs/{id} until state is succeeded" if job.state in ACTIVE_STATES else (
@@ -178,6 +192,12 @@ def get_plan(job_id: str, team: TeamDep, s: SessionDep,
         raise ApiError.from_error(exc, 422) from None
     return Response(export.text, media_type=export.media_type,
                     headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
+
+
+@router.get("/jobs/{job_id}/latency", summary="A profile job's latency table: {layer: {bits: ms}}, as the "
+                                              "latency_table of a plan job reads it, with the notes and machine")
+def get_latency(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
+    return _plan_of(owned(s, Job, job_id, team, "job"), "profile")
 
 
 @router.get("/jobs/{job_id}/exports", summary="The runtime formats the plan exports to: for each, the file's name, "

@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
-from bitplan.formats import FORMATS, TARGETS, apply_target, check_formats, table_key
+from bitplan.formats import FORMATS, TARGETS, apply_target, check_formats, choice_bits, table_key
 from bitplan.inputs import match_inputs
 from bitplan.methods import DEFAULT_SENSITIVITY, check_shardable, get_method, parse_params
 from bitplan.params import cut
@@ -200,6 +200,49 @@ class JobCreate(BaseModel):
         return v
 
 
+class ProfileCreate(BaseModel):
+    """``POST /v1/profiles``: time each layer of an uploaded model at each weight width on a worker (``bitplan
+    profile`` as a job); the result, ``GET /v1/jobs/{id}/latency``, is the ``latency_table`` a plan job's
+    ``latency_ms`` budget reads. It runs on a worker of the kind ``device`` asks for (cuda: the GPU queue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(max_length=64)
+    dataset_id: str = Field("synthetic", max_length=64,
+                            description="the inputs the layers are timed on: an uploaded dataset, or 'synthetic'")
+    w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8,
+                              description="the weight widths to time (16, float, is always timed)")
+    batch: int = Field(1, ge=1, le=1024, description="samples per timed call")
+    runs: int = Field(20, ge=1, le=200, description="timed calls per layer and width (the median is kept)")
+    device: str = Field(DEFAULT_DEVICE, max_length=16, description="auto, cpu, cuda or cuda:N: where the timing runs")
+    seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the dataset is text")
+    synthetic_samples: int = Field(8, ge=1, le=4096)
+    callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
+
+    @field_validator("w_bits")
+    @classmethod
+    def _w_bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in WEIGHT_BITS]
+        if bad:
+            raise _invalid(f"weight bits {bad} not supported; choose from {list(WEIGHT_BITS)}")
+        return sorted(set(v))
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> str:
+        try:
+            return check_device(v)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise _invalid("callback_url must be an http:// or https:// URL")
+        return v
+
+
 MAX_DEPTH = 32
 
 
@@ -348,20 +391,36 @@ def _check_budget(job: JobCreate, description: dict[str, Any]) -> None:
                            f"{sorted(pinned)}", "pin them alike, or leave tie_shared_inputs off", code="invalid_request",
                            field="pins")
         pins |= dict.fromkeys(group, pinned.pop()) if pinned else {}
-    lowest = {layer.name: (pins.get(layer.name, min(job.w_bits)), min(job.a_bits)) for layer in layers}
+    least = _least_costs(job, layers, costs, pins)
+    over = {key: (limit, least[key]) for key, limit in limits.items()
+            if least.get(key) is not None and least[key] > limit * (1 + 1e-9)}
+    if over:
+        parts = [f"{key}<={limit:g} cannot be met: the smallest achievable is {low:.6g}"
+                 for key, (limit, low) in over.items()]
+        raise ApiError(422, "; ".join(parts) + " (each layer at its cheapest allowed width"
+                       + (", the pinned ones as pinned)" if job.pins else ")"),
+                       "raise the budget, allow lower bit widths, or unpin layers", code="infeasible", field="budgets",
+                       minimums={key: low for key, (_, low) in over.items()})
+
+
+def _least_costs(job: JobCreate, layers: Sequence[LayerInfo], costs: CostModel, pins: dict[str, int]) -> dict[str, float]:
+    """Each budget's smallest achievable total, every layer at its own cheapest option for that budget (a latency
+    table need not fall with the bits). Tied layers share a width, so this is a lower bound: a budget below it
+    cannot be met."""
+    choices: list[int | str] = [*job.w_bits, *job.formats]
+    totals = {key: float(value) for key, value in costs.fixed_cost().items()}
+    bit_params = 0.0
     try:
-        cost = costs.plan_cost(lowest).model_dump()
+        for layer in layers:
+            allowed = [pins[layer.name]] if layer.name in pins else choices
+            options = [costs.option_cost(layer, w, a) for w in allowed for a in job.a_bits]
+            for key in totals:
+                totals[key] += min(o[key] for o in options)
+            bit_params += layer.params * min(choice_bits(w) for w in allowed)
     except BitplanError as exc:
         raise ApiError.from_error(exc) from None
-    over = {key: (limit, cost[key]) for key, limit in limits.items()
-            if cost.get(key) is not None and cost[key] > limit * (1 + 1e-9)}
-    if over:
-        parts = [f"{key}<={limit:g} cannot be met: the smallest achievable is {least:.6g}"
-                 for key, (limit, least) in over.items()]
-        raise ApiError(422, "; ".join(parts) + f" (every layer at {min(job.w_bits)} bits"
-                       + (" except the pinned ones)" if job.pins else ")"),
-                       "raise the budget, allow lower bit widths, or unpin layers", code="infeasible", field="budgets",
-                       minimums={key: least for key, (_, least) in over.items()})
+    totals["avg_weight_bits"] = bit_params / (sum(layer.params for layer in layers) or 1)
+    return totals
 
 
 def check_data_fits(model: dict[str, Any], data: dict[str, Any], role: str = "dataset", field: str = "dataset_id") -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError
-from service.jobspec import JobCreate, check_against_model, check_methods
+from service.jobspec import JobCreate, ProfileCreate, check_against_model, check_data_fits, check_methods
 from service.uploads import describe
 from storage import TooLarge
 from storage.models import ACTIVE_STATES, TERMINAL_STATES, DatasetFile, Job, JobState, ModelFile, Team, move, utcnow
@@ -101,9 +101,14 @@ def store_upload(state: State, team: Team, kind: str, source: BinaryIO, filename
             staged.discard()
 
 
-def create_job(state: State, team: Team, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Check and record a job, then queue it; returns (job, replayed) — replayed for a repeated Idempotency-Key."""
-    normalised = check_methods(body)
+def create_job(state: State, team: Team, body: JobCreate | ProfileCreate,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Check and record a job (planning, or a latency profile), then queue it; returns (job, replayed) — replayed
+    for a repeated Idempotency-Key."""
+    if isinstance(body, ProfileCreate):
+        normalised = {"kind": "profile", **body.model_dump(mode="json")}
+    else:
+        normalised = check_methods(body)
     if body.callback_url is not None:  # before any row is written, and outside the session (it resolves DNS)
         try:
             check_callback_url(body.callback_url, state.settings.callback_allow)
@@ -124,12 +129,18 @@ def create_job(state: State, team: Team, body: JobCreate, idempotency_key: str |
                            "wait for one to finish (or cancel one with DELETE /v1/jobs/{id}), then submit again",
                            code="quota_exceeded", headers={"Retry-After": "10"})
         model = owned(s, ModelFile, body.model_id, team, "model", "model_id")
-        check_against_model(body, model_dict(model),
-                            lambda i: dataset_dict(owned(s, DatasetFile, i, team, "dataset",
-                                                         "dataset_id" if i == body.dataset_id else "eval_dataset_id")))
+        if isinstance(body, ProfileCreate):
+            if body.dataset_id != "synthetic":
+                check_data_fits(model_dict(model), dataset_dict(owned(s, DatasetFile, body.dataset_id, team, "dataset",
+                                                                      "dataset_id")), "dataset", "dataset_id")
+            eval_id = None
+        else:
+            check_against_model(body, model_dict(model),
+                                lambda i: dataset_dict(owned(s, DatasetFile, i, team, "dataset",
+                                                             "dataset_id" if i == body.dataset_id else "eval_dataset_id")))
+            eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
         dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset",
                                                                        "dataset_id").id
-        eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
         job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
                   idempotency_key=idempotency_key, callback_url=body.callback_url, enqueued_at=utcnow())
         s.add(job)

@@ -64,7 +64,8 @@ class JobOut(_Open):
     error: JobError | None = None
     callback_url: str | None = None
     callback_status: str | None = None
-    links: dict[str, str]
+    kind: str = Field("plan", description="plan (POST /v1/jobs) or profile (POST /v1/profiles)")
+    links: dict[str, str] = Field(description="self, and the result: plan and frontier, or latency for a profile")
 
 
 class ModelList(_Open):

@@ -32,6 +32,8 @@ from starlette.datastructures import FormData, UploadFile
 from bitplan.errors import BitplanError
 from bitplan.exports import FORMATS as EXPORT_FORMATS
 from bitplan.exports import export_choices, export_plan
+from bitplan.formats import FORMATS as NUMBER_FORMATS
+from bitplan.formats import TARGETS
 from bitplan.methods import DEFAULT_SENSITIVITY, METHODS
 from bitplan.schemas import ACT_BITS, BUDGET_KEYS, DEFAULT_A_BITS, DEFAULT_SOLVER, DEFAULT_W_BITS, WEIGHT_BITS
 from service import plots
@@ -215,6 +217,8 @@ def _choices(request: Request, team: Team) -> dict[str, Any]:
         "solvers": [{"name": name, "summary": summary} for name, (_, summary) in SOLVERS.items()],
         "budget_keys": BUDGET_KEYS,
         "weight_bits": WEIGHT_BITS,
+        "number_formats": {name: f.description for name, f in NUMBER_FORMATS.items()},
+        "targets": TARGETS,
         "act_bits": ACT_BITS,
         "default_sensitivity": DEFAULT_SENSITIVITY,
         "default_solver": DEFAULT_SOLVER,
@@ -224,17 +228,20 @@ def _choices(request: Request, team: Team) -> dict[str, Any]:
 def _defaults() -> dict[str, Any]:
     return {"model_id": "", "dataset_id": "synthetic", "budget_kind": "avg_weight_bits", "budget_value": "4",
             "w_bits": list(DEFAULT_W_BITS), "a_bits": str(DEFAULT_A_BITS[0]), "pins": "", "sensitivity": DEFAULT_SENSITIVITY,
-            "solver": DEFAULT_SOLVER, "tie_shared_inputs": False, "seq_len": "128"}
+            "solver": DEFAULT_SOLVER, "tie_shared_inputs": False, "seq_len": "128", "formats": [], "target": ""}
 
 
 def _values_from_job(job: Job) -> dict[str, Any]:
     r = job.request
+    if r.get("kind") == "profile":  # the form plans; a profile job gives it its model and data
+        return {**_defaults(), "model_id": job.model_id, "dataset_id": job.dataset_id or "synthetic"}
     kind, value = next(iter(r["budgets"].items()))
     return {"model_id": job.model_id, "dataset_id": job.dataset_id or "synthetic", "budget_kind": kind,
             "budget_value": f"{value:g}", "w_bits": r["w_bits"], "a_bits": str(max(r["a_bits"])),
             "pins": "\n".join(f"{k}={v}" for k, v in r.get("pins", {}).items()),
             "sensitivity": r["sensitivity"]["method"], "solver": r["solver"]["method"],
-            "tie_shared_inputs": bool(r.get("tie_shared_inputs", False)), "seq_len": str(r.get("seq_len", 128))}
+            "tie_shared_inputs": bool(r.get("tie_shared_inputs", False)), "seq_len": str(r.get("seq_len", 128)),
+            "formats": list(r.get("formats") or []), "target": r.get("target") or ""}
 
 
 @router.get("/")
@@ -270,6 +277,7 @@ async def submit(request: Request) -> Response:
         "pins": str(form.get("pins", "")), "sensitivity": str(form.get("sensitivity", DEFAULT_SENSITIVITY)),
         "solver": str(form.get("solver", DEFAULT_SOLVER)), "tie_shared_inputs": form.get("tie_shared_inputs") == "1",
         "seq_len": str(form.get("seq_len", "128")).strip() or "128",
+        "formats": [str(f) for f in form.getlist("formats")], "target": str(form.get("target", "")).strip(),
     }
     errors: dict[str, str] = {}
     state = request.app.state
@@ -321,6 +329,7 @@ async def submit(request: Request) -> Response:
                 budgets={values["budget_kind"]: budget_value}, w_bits=values["w_bits"], a_bits=[int(values["a_bits"])],
                 pins=pins, tie_shared_inputs=values["tie_shared_inputs"], sensitivity={"method": values["sensitivity"]},
                 solver={"method": values["solver"]}, latency_table=latency_table, seq_len=int(values["seq_len"]),
+                formats=values["formats"], target=values["target"] or None,
             )
             job, _ = await _run(create_job, state, team, body)
             return RedirectResponse(f"/jobs/{job.id}", status_code=303)
@@ -358,7 +367,8 @@ def _pins(text: str) -> tuple[dict[str, int], str | None]:
 #: the request's fields (an error's ``field``, a validation error's first ``loc``) -> the form's inputs
 FORM_FIELDS = {"budgets": "budget_value", "w_bits": "w_bits", "pins": "pins", "model_id": "model",
                "dataset_id": "dataset", "eval_dataset_id": "dataset", "latency_table": "latency_table",
-               "sensitivity": "sensitivity", "solver": "solver", "seq_len": "seq_len"}
+               "sensitivity": "sensitivity", "solver": "solver", "seq_len": "seq_len", "formats": "formats",
+               "target": "target"}
 
 
 def _field_of(loc: Iterable[object]) -> str:
@@ -395,7 +405,11 @@ def _job_context(request: Request, team: Team, job_id: str) -> dict[str, Any]:
         plan = job.plan
     context = {"team": team, "job": view, "model_name": model.name if model else "?", "plan": plan,
                "terminal": view["state"] in TERMINAL_STATES}
-    if plan is not None:
+    if plan is not None and view["kind"] == "profile":  # a latency table, not a plan
+        rows = list(plan.get("latency_table", {}).values())
+        widths = sorted(rows[0], key=int) if rows else []
+        context.update(plan=None, latency=plan, latency_widths=widths)
+    elif plan is not None:
         context.update(plots.plan_view(plan))
         context["exports"] = export_choices(plan, stem=f"{job_id}-plan")
     return context

@@ -33,7 +33,9 @@ def job_dict(job: Job) -> dict:
                                                           "hint": job.error_hint},
         "callback_url": job.callback_url,
         "callback_status": job.callback_status,
-        "links": {"self": base, "plan": f"{base}/plan", "frontier": f"{base}/frontier"},
+        "kind": (job.request or {}).get("kind", "plan"),
+        "links": ({"self": base, "latency": f"{base}/latency"} if (job.request or {}).get("kind") == "profile" else
+                  {"self": base, "plan": f"{base}/plan", "frontier": f"{base}/frontier"}),
     }
 
 

@@ -13,9 +13,9 @@ def plan_for(module: Any, bits: dict[str, int | str] | None = None, a_bits: dict
     """A bitplan.plan/v1 file over ``module``'s Linear and Conv layers (names as ``named_modules`` gives them):
     ``bits[name]`` weight bits or a number format's name (else ``default``), ``a_bits[name]`` activation bits
     (else 16)."""
-    from bitplan.formats import choice_bits, choice_format
-
     from torch import nn
+
+    from bitplan.formats import choice_bits, choice_format
 
     bits, a_bits = bits or {}, a_bits or {}
     kinds = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Conv1d: "conv1d"}

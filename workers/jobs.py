@@ -340,6 +340,8 @@ def _work(rt: Runtime, job: Job, attempt: Attempt, dispatch_shards: ShardDispatc
 
     db = rt.db
     reporter = Reporter(db, job.id, attempt)
+    if (job.request or {}).get("kind") == "profile":
+        return _profile(rt, job, attempt, reporter)
     spec = resolve(rt, job)
     key, key_spec = spec.cache_key()
     hit = None if (table is not None or not spec.reuse) else cached_table(db, key)
@@ -368,6 +370,32 @@ def _work(rt: Runtime, job: Job, attempt: Attempt, dispatch_shards: ShardDispatc
         plan = plan.model_copy(update={"measured": plan.measured.model_copy(update={"data": label})})
     attempt.check()
     finish(db, job.id, JobState.SUCCEEDED, lease=attempt.lease, plan=plan.model_dump(mode="json", by_alias=True))
+    return "succeeded"
+
+
+def _profile(rt: Runtime, job: Job, attempt: Attempt, reporter: Reporter) -> str:
+    """A profile job: time each layer at each width in the sandbox, on this worker's device; the latency table is
+    the job's result (GET /v1/jobs/{id}/latency)."""
+    with rt.db.session() as s:
+        model = s.get(ModelFile, job.model_id)
+        data = s.get(DatasetFile, job.dataset_id) if job.dataset_id else None
+        if model is None:
+            raise BitplanError("the job's model was deleted", "upload it again and resubmit")
+    r = job.request
+    if data is not None:
+        data_path = str(rt.blobs.path(data.sha256))
+    else:
+        data_path, _ = synthetic_data(rt.blobs, model, int(r.get("synthetic_samples", 8)), 0)
+    args = {"model": str(rt.blobs.path(model.sha256)), "data": data_path, "w_bits": r["w_bits"], "batch": r["batch"],
+            "runs": r["runs"], "seq_len": r.get("seq_len", 128),
+            "device": job_device(str(r.get("device") or "auto"), rt.settings.worker_device)}
+    result = run_untrusted(rt.settings, "profile", {**args, "request": {"device": args["device"]}}, attempt, reporter)
+    table = result.get("latency_table")
+    if not isinstance(table, dict) or set(table) - set(layer["name"] for layer in model.description.get("layers", [])):
+        raise BitplanError("the profile came back without the model's layers")
+    result["model"] = {**result.get("model", {}), "name": model.name}
+    attempt.check()
+    finish(rt.db, job.id, JobState.SUCCEEDED, lease=attempt.lease, plan=result)
     return "succeeded"
 
 

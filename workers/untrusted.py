@@ -29,6 +29,8 @@ def run(task: str, args: dict, out: TextIO):
         return _plan(args, progress)
     if task == "shard":
         return _shard(args, progress)
+    if task == "profile":
+        return _profile(args, progress)
     if task == "probe":
         return _probe()
     raise BitplanError(f"unknown sandbox task '{task}'")
@@ -114,13 +116,30 @@ def _shard(args: dict, progress) -> dict:
                    r.device, r.dtype)
     if "probes" in args:
         start, end = (int(x) for x in args["probes"])
-        ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress)
+        ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress, formats=r.formats)
         rows = run_probe_shard(r.sensitivity, r.sensitivity_params, ctx, start, end)
         return {"probes": rows.model_dump(mode="json")}
     ctx = SensitivityContext(prep.model, prep.data, list(r.w_bits), prep.bank, r.seed, progress,
-                             only=frozenset(args["layers"]))
+                             only=frozenset(args["layers"]), formats=r.formats)
     table = run_sensitivity(r.sensitivity, r.sensitivity_params, ctx)
     return {"table": table.model_dump(mode="json", by_alias=True)}
+
+
+def _profile(args: dict, progress) -> dict:
+    """``bitplan profile`` for a profile job: the latency table, on the device the job runs on."""
+    from bitplan.core.pipeline import prepare
+    from bitplan.core.profile import profile_layers
+
+    prep = prepare(args["model"], args["data"], seq_len=int(args.get("seq_len", 128)),
+                   device=str(args.get("device") or "auto"))
+    progress("profile", 0.0, f"{len(prep.layers)} layers")
+    table, notes = profile_layers(prep, [int(b) for b in args["w_bits"]], batch=int(args["batch"]),
+                                  runs=int(args["runs"]),
+                                  progress=lambda done, total: progress("profile", done / total, f"{done}/{total} layers"))
+    return {"schema": "bitplan.latency/v1", "model": prep.model.info.model_dump(mode="json"),
+            "latency_table": {name: {str(b): ms for b, ms in row.items()} for name, row in table.items()},
+            "notes": [*prep.notes, *notes], "device": str(prep.model.device),
+            "batch": int(args["batch"]), "runs": int(args["runs"])}
 
 
 def _probe() -> dict:

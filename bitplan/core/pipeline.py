@@ -338,7 +338,8 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
             cap = request.refine_seconds if left is None else max(0.0, min(request.refine_seconds, left - 5.0))
             if request.solver == "uniform":  # the baseline was asked for: check it, never search away from it
                 cap = 0.0
-            assignment, check = check_against_uniform(prep, request, assignment, cap, progress)
+            int_only = int_only_plan(problem, params) if request.formats and request.solver != "uniform" else None
+            assignment, check = check_against_uniform(prep, request, assignment, cap, progress, int_only)
     measured = None
     if request.validate_plan:
         with timer.stage("validate"):
@@ -381,6 +382,23 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
         timings=timer.seconds,
         units=units,
     )
+
+
+def int_only_plan(problem: Problem, params: SolverParams) -> dict[str, tuple[WeightChoice, int]] | None:
+    """The optimal plan with INT widths only (the ILP on the same scores), or None if there is none: with formats
+    offered, the guarantee measures it beside the solver's plan, so formats never cost what INT alone would have
+    had (the per-layer scores of different formats add up less faithfully than those of INT widths)."""
+    layers = tuple(Layer(layer.name, layer.params, tuple(o for o in layer.options if o.fmt == "int"))
+                   for layer in problem.layers)
+    if not all(layer.options for layer in layers):
+        return None
+    try:
+        restricted = Problem(layers=layers, budgets=problem.budgets, fixed_cost=problem.fixed_cost, pins=problem.pins,
+                             ties=problem.ties)
+        solution = get_solver("ilp")(restricted, time_limit=params.time_limit)
+    except BitplanError:
+        return None
+    return {name: (o.choice, o.a_bits) for name, o in solution.choices.items()}
 
 
 def frontier_around(problem: Problem, cost_key: str | None = None, time_limit: float | None = None) -> list[dict] | None:
@@ -469,8 +487,9 @@ def _label(assign: dict[str, tuple[int, int]]) -> str:
 GUARANTEE_SAMPLES = 256
 
 
-def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[int, int]],
-                          cap_seconds: float, progress: ProgressFn = no_progress) -> tuple[dict, UniformCheck]:
+def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[WeightChoice, int]],
+                          cap_seconds: float, progress: ProgressFn = no_progress,
+                          int_only: dict[str, tuple[WeightChoice, int]] | None = None) -> tuple[dict, UniformCheck]:
     """Measure the solver's plan against every uniform plan that fits, on the search (calibration) data, then
     run the measured local search (re-scoring each layer in the context of the others' bits) from the better of
     them for up to ``cap_seconds``. Returns the best plan found if it is no worse than the best uniform plan,
@@ -492,8 +511,14 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
     best_uni = min(uniforms, key=lambda u: scorer(u).kl)
     uni_m, uni_label = scorer(best_uni), _label(best_uni)
     search = {"solver plan": plan_m} | {_label(u): scorer(u) for u in uniforms}
-    first_ok = no_worse(plan_m, uni_m, has_targets)
     solver_plan = {name: w for name, (w, _) in assignment.items()}
+    int_note = ""
+    if int_only is not None and int_only != assignment:
+        int_m = search["solver plan, INT only"] = scorer(int_only)
+        if int_m.kl < plan_m.kl * (1 - TIE) and (not has_targets or int_m.loss <= plan_m.loss):
+            assignment, plan_m = int_only, int_m
+            int_note = " (the solver's plan with INT widths only, which measured better than its plan with formats)"
+    first_ok = no_worse(plan_m, uni_m, has_targets)
     versus = f"(KL {plan_m.kl:.4g} vs {uni_m.kl:.4g})"
     result = None
     if cap_seconds > 0:
@@ -502,7 +527,8 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
                                    f"{cap_seconds:.0f} s")
         movable = [group if len(group) > 1 else group[0] for group in tie_groups(prep, request)
                    if not set(group) & set(request.pins)]
-        result = local_search(scorer, [assignment, *uniforms], ladder(weight_choices(request)), movable, fits,
+        seeds = [assignment, *uniforms, *([int_only] if int_only is not None and int_only != assignment else [])]
+        result = local_search(scorer, seeds, ladder(weight_choices(request)), movable, fits,
                               _scalar_cost(prep, request), time.perf_counter() + cap_seconds, target=uni_m,
                               has_targets=has_targets, progress=progress)
         search["refined plan"] = result.metrics
@@ -519,8 +545,8 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
             f"; re-scoring its layers in the context of the others' bits improved it to KL {final_m.kl:.4g}")
         return final, UniformCheck(
             outcome=outcome, uniform=uni_label, search_data=search_label, search=search, refine=refine,
-            solver_plan=None if final is assignment else solver_plan,
-            message=f"The solver's plan measured {word} {uni_label} on the search data {versus}{polished}.")
+            solver_plan=None if final is assignment and not int_note else solver_plan,
+            message=f"The solver's plan{int_note} measured {word} {uni_label} on the search data {versus}{polished}.")
     if found:
         return result.assignment, UniformCheck(
             outcome="refined", uniform=uni_label, search_data=search_label, search=search, solver_plan=solver_plan,

@@ -23,6 +23,7 @@ from torch import nn
 
 from bitplan.core.graph import module_for
 from bitplan.core.pipeline import Prepared
+from bitplan.errors import BitplanError
 
 FULL_PRECISION = 16
 WARMUP = 2
@@ -59,6 +60,12 @@ def profile_layers(prep: Prepared, w_bits: list[int], batch: int = 1, runs: int 
                    progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, dict[int, float]], list[str]]:
     """({layer: {bits: ms}}, notes) for every quantizable layer of ``prep.model`` at each of ``w_bits`` and 16."""
     model = prep.model
+    if any(b < FULL_PRECISION for b in w_bits):
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            raise BitplanError("timing quantized layers needs torchao, which is not installed",
+                               "pip install 'bitplan[deploy]' (torchao), or time full precision only (--wbits 16)") from None
     calls: dict[str, list[tuple[object, tuple, dict]]] = {layer.name: [] for layer in model.layers}
     hooks = []
     for layer in model.layers:

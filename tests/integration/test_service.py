@@ -98,6 +98,17 @@ def test_cache_reuse_skips_the_sensitivity_work(teams):
     assert p2["sensitivity"] == p1["sensitivity"]  # the very same table: same seconds, same notes
     assert p2["timings"]["sensitivity"] < 0.2 * p1["timings"]["sensitivity"] + 0.05
     assert p2["cost"]["avg_weight_bits"] <= 3 + 1e-9
+    # a runtime preset: the job keeps what vLLM runs, with its formats scored (so the INT-only table is not reused)
+    r = a.submit(**body, budgets={"avg_weight_bits": 5}, target="vllm")
+    assert r.status_code == 202 and r.json()["request"]["w_bits"] == [4, 8], r.text
+    third = a.wait(r.json()["id"])
+    assert third["state"] == "succeeded" and third["cache_hit"] is False, third
+    p3 = a.http.get(f"/v1/jobs/{third['id']}/plan").json()
+    assert (p3["target"], p3["w_bits_options"], p3["formats"]) == ("vllm", [4, 8], ["fp8_e4m3", "nvfp4"])
+    assert {(la["w_bits"], la["w_format"]) for la in p3["layers"]} <= {(4, "int"), (8, "int"), (8, "fp8_e4m3"),
+                                                                       (4, "nvfp4")}
+    r = a.submit(**body, budgets={"avg_weight_bits": 5}, target="llamacpp", formats=["nvfp4"])
+    assert r.status_code == 422 and "llamacpp does not run format(s) ['nvfp4']" in r.text, r.text
 
 
 @pytest.mark.parametrize("sensitivity", [  # split by layer blocks; split by probe ranges (2 passes of 4 probes)
@@ -263,3 +274,38 @@ def test_a_hugging_face_checkpoint_plans_through_the_api(stack, teams, hf_files,
     r = a.upload("models", evil)
     assert r.status_code == 422 and "trust_remote_code" in r.json()["error"]["message"], r.text
     assert a.http.get("/v1/models").json() == before
+
+
+def test_a_profile_job_times_every_layer_and_its_table_budgets_a_plan(stack, teams):
+    """POST /v1/profiles runs `bitplan profile` on a worker; its table, GET /latency, is a plan job's latency_table."""
+    from bitplan.client import Client
+
+    a, _ = teams
+    r = a.http.post("/v1/profiles", json={"model_id": a.model["id"], "w_bits": [9]})
+    assert r.status_code == 422 and "weight bits [9]" in r.text, r.text
+    with Client(stack.url, a.key) as client:
+        job = client.profile(a.model["id"], a.data["id"], w_bits=[4, 8], runs=3)
+        assert job["kind"] == "profile" and set(job["links"]) == {"self", "latency"}
+        job = client.wait(job["id"], timeout=300)
+        assert job["state"] == "succeeded", job
+        result = client.latency(job["id"])
+    table = result["latency_table"]
+    assert list(table) == [layer["name"] for layer in a.model["layers"]]
+    assert all(set(row) == {"4", "8", "16"} and all(ms > 0 for ms in row.values()) for row in table.values())
+    assert any("median of 3 calls" in n for n in result["notes"]) and result["device"] == "cpu"
+    r = a.http.get(f"/v1/jobs/{job['id']}/plan")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "wrong_job_kind"
+    cheapest = sum(min(row["4"], row["8"]) for row in table.values())
+    dearest = sum(max(row["4"], row["8"]) for row in table.values())
+    budget = (cheapest + dearest) / 2
+    r = a.submit(model_id=a.model["id"], dataset_id=a.data["id"], budgets={"latency_ms": budget},
+                 w_bits=[4, 8], latency_table=table, refine_seconds=0,
+                 sensitivity={"method": "fisher", "params": {"max_samples": 64}})
+    assert r.status_code == 202, r.text
+    planned = a.wait(r.json()["id"])
+    assert planned["state"] == "succeeded", planned
+    plan = a.http.get(f"/v1/jobs/{planned['id']}/plan").json()
+    chosen = sum(table[la["name"]][str(la["w_bits"])] for la in plan["layers"])
+    assert plan["cost"]["latency_ms"] == pytest.approx(chosen) and chosen <= budget * (1 + 1e-9)
+    r = a.http.get(f"/v1/jobs/{planned['id']}/latency")
+    assert r.status_code == 409 and "planning job" in r.text
