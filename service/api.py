@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -14,8 +14,8 @@ from bitplan.errors import BitplanError
 from bitplan.exports import export_choices, export_plan
 from bitplan.schemas import PlanFile
 from service.errors import ApiError
-from service.jobspec import JobCreate, ProfileCreate
-from service.operations import cancel_job, create_job, owned, store_upload
+from service.jobspec import ApplyCreate, JobCreate, ProfileCreate
+from service.operations import cancel_job, create_apply_job, create_job, owned, store_upload
 from service.plots import plan_csv
 from service.responses import ERRORS, DatasetList, DatasetOut, JobList, JobOut, ModelList, ModelOut
 from storage import Database
@@ -123,6 +123,15 @@ def submit_profile(request: Request, body: ProfileCreate, team: TeamDep,
     return _accepted(job, replay)
 
 
+@router.post("/jobs/{job_id}/apply", status_code=202, response_model=JobOut,
+             summary="Quantize a Hugging Face checkpoint by the job's plan on a worker: a compressed-tensors checkpoint "
+                     "(GET /v1/jobs/{id}/checkpoint) and its real size beside the plan's (GET /v1/jobs/{id}/report)")
+def submit_apply(request: Request, job_id: str, team: TeamDep, body: ApplyCreate | None = None,
+                 idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
+    job, replay = create_apply_job(request.app.state, team, job_id, body or ApplyCreate(), idempotency_key)
+    return _accepted(job, replay)
+
+
 def _accepted(job: Job, replay: bool = False) -> JSONResponse:
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if replay:
@@ -156,13 +165,17 @@ def get_job(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return job_dict(owned(s, Job, job_id, team, "job"))
 
 
+#: what each kind of job leaves: the endpoint of its result
+RESULTS = {"plan": "plan", "profile": "latency", "apply": "report"}
+
+
 def _plan_of(job: Job, kind: str = "plan") -> dict[str, Any]:
-    """The finished job's result: its plan (``kind`` plan) or its latency table (``kind`` profile)."""
-    is_profile = (job.request or {}).get("kind") == "profile"
-    if is_profile != (kind == "profile"):
-        raise ApiError(409, f"job {job.id} " + ("profiles latency: it has no plan" if is_profile
-                                                  else "is a planning job: it has no latency table"),
-                       f"GET /v1/jobs/{job.id}/" + ("latency" if is_profile else "plan"), code="wrong_job_kind")
+    """The finished job's result: its plan (``kind`` plan), latency table (profile) or apply report (apply)."""
+    has = (job.request or {}).get("kind", "plan")
+    if has != kind:
+        words = {"plan": "a planning job", "profile": "a latency profile", "apply": "a plan applied to a checkpoint"}
+        raise ApiError(409, f"job {job.id} is {words.get(has, has)}: it has no {RESULTS[kind]}",
+                       f"GET /v1/jobs/{job.id}/{RESULTS.get(has, 'plan')}", code="wrong_job_kind")
     if job.state != JobState.SUCCEEDED or job.plan is None:
         why = f"job {job.id} is {job.state}" + (f": {job.error_message}" if job.error_message else "")
         hint = "poll GET /v1/jobs/{id} until state is succeeded" if job.state in ACTIVE_STATES else (
@@ -198,6 +211,24 @@ def get_plan(job_id: str, team: TeamDep, s: SessionDep,
                                               "latency_table of a plan job reads it, with the notes and machine")
 def get_latency(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
     return _plan_of(owned(s, Job, job_id, team, "job"), "profile")
+
+
+@router.get("/jobs/{job_id}/report", summary="An apply job's report: the checkpoint's real size beside the plan's "
+                                             "prediction, the CPU latency if asked, and the notes")
+def get_report(job_id: str, team: TeamDep, s: SessionDep) -> dict[str, Any]:
+    return _plan_of(owned(s, Job, job_id, team, "job"), "apply")
+
+
+@router.get("/jobs/{job_id}/checkpoint", response_class=FileResponse,
+            summary="An apply job's compressed-tensors checkpoint, zipped (config.json, model.safetensors, tokenizer)")
+def get_checkpoint(request: Request, job_id: str, team: TeamDep, s: SessionDep) -> FileResponse:
+    result = _plan_of(owned(s, Job, job_id, team, "job"), "apply")
+    artifact = result["artifact"]
+    path = request.app.state.blobs.path(artifact["sha256"])
+    if not path.exists():
+        raise ApiError(410, f"the checkpoint of job {job_id} is no longer stored", "apply the plan again",
+                       code="gone")
+    return FileResponse(path, media_type="application/zip", filename=artifact["filename"])
 
 
 @router.get("/jobs/{job_id}/exports", summary="The runtime formats the plan exports to: for each, the file's name, "

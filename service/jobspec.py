@@ -243,6 +243,24 @@ class ProfileCreate(BaseModel):
         return v
 
 
+class ApplyCreate(BaseModel):
+    """``POST /v1/jobs/{id}/apply``: quantize the plan job's Hugging Face checkpoint by its plan on a worker
+    (``bitplan apply`` as a job): a compressed-tensors checkpoint (``GET /v1/jobs/{id}/checkpoint``, a zip) and
+    its real size beside the plan's prediction (``GET /v1/jobs/{id}/report``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency: bool = Field(False, description="also time a forward pass in float and with torchao on the worker's CPU")
+    callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise _invalid("callback_url must be an http:// or https:// URL")
+        return v
+
+
 MAX_DEPTH = 32
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError
-from service.jobspec import JobCreate, ProfileCreate, check_against_model, check_data_fits, check_methods
+from service.jobspec import ApplyCreate, JobCreate, ProfileCreate, check_against_model, check_data_fits, check_methods
 from service.uploads import describe
 from storage import TooLarge
 from storage.models import ACTIVE_STATES, TERMINAL_STATES, DatasetFile, Job, JobState, ModelFile, Team, move, utcnow
@@ -101,6 +101,33 @@ def store_upload(state: State, team: Team, kind: str, source: BinaryIO, filename
             staged.discard()
 
 
+def create_apply_job(state: State, team: Team, plan_job_id: str, body: ApplyCreate,
+                     idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Check that job ``plan_job_id`` has a plan ``bitplan apply`` can write (a Hugging Face checkpoint's, INT
+    widths), then record and queue the apply job."""
+    _check_callback(state, body.callback_url)
+    with state.db.session() as s:
+        source = owned(s, Job, plan_job_id, team, "job")
+        model = s.get(ModelFile, source.model_id)
+        kind = (source.request or {}).get("kind", "plan")
+        if kind != "plan" or source.state != JobState.SUCCEEDED or source.plan is None:
+            raise ApiError(409, f"job {plan_job_id} has no plan to apply ({kind} job, {source.state})",
+                           "apply a planning job that succeeded", code="no_plan")
+        if model is None or model.format != "hf":
+            raise ApiError(422, f"apply writes compressed-tensors checkpoints of Hugging Face checkpoints; job "
+                           f"{plan_job_id} planned a {model.format if model else 'deleted'} model",
+                           "write the plan for your runtime instead: GET /v1/jobs/{id}/plan?format=torchao|modelopt",
+                           code="export_unsupported")
+        formats = sorted({la.get("w_format", "int") for la in source.plan["layers"]} - {"int"})
+        if formats:
+            raise ApiError(422, f"the plan gives layers number formats ({', '.join(formats)}); apply writes integer "
+                           "checkpoints only", "GET /v1/jobs/{id}/plan?format=compressed-tensors and quantize with "
+                           "llm-compressor", code="export_unsupported")
+        model_id = source.model_id
+    request = {"kind": "apply", "plan_job_id": plan_job_id, "device": "cpu", **body.model_dump(mode="json")}
+    return _record(state, team, model_id, None, None, request, idempotency_key, body.callback_url)
+
+
 def create_job(state: State, team: Team, body: JobCreate | ProfileCreate,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Check and record a job (planning, or a latency profile), then queue it; returns (job, replayed) — replayed
@@ -109,25 +136,12 @@ def create_job(state: State, team: Team, body: JobCreate | ProfileCreate,
         normalised = {"kind": "profile", **body.model_dump(mode="json")}
     else:
         normalised = check_methods(body)
-    if body.callback_url is not None:  # before any row is written, and outside the session (it resolves DNS)
-        try:
-            check_callback_url(body.callback_url, state.settings.callback_allow)
-        except CallbackError as exc:
-            exc.field = exc.field or "callback_url"
-            raise ApiError.from_error(exc) from None
+    _check_callback(state, body.callback_url)
     with state.db.session() as s:
         if idempotency_key:
             earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
             if earlier is not None:
                 return earlier, True
-        s.get(Team, team.id, with_for_update=True)  # one submit per team at a time (PostgreSQL): the quota holds
-        active = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team.id,
-                                                                       Job.state.in_(ACTIVE_STATES)))
-        limit = state.settings.max_active_jobs
-        if active >= limit:
-            raise ApiError(429, f"your team has {active} jobs queued or running, the most it may have at once ({limit})",
-                           "wait for one to finish (or cancel one with DELETE /v1/jobs/{id}), then submit again",
-                           code="quota_exceeded", headers={"Retry-After": "10"})
         model = owned(s, ModelFile, body.model_id, team, "model", "model_id")
         if isinstance(body, ProfileCreate):
             if body.dataset_id != "synthetic":
@@ -141,8 +155,21 @@ def create_job(state: State, team: Team, body: JobCreate | ProfileCreate,
             eval_id = owned(s, DatasetFile, body.eval_dataset_id, team, "dataset").id if body.eval_dataset_id else None
         dataset_id = None if body.dataset_id == "synthetic" else owned(s, DatasetFile, body.dataset_id, team, "dataset",
                                                                        "dataset_id").id
-        job = Job(team_id=team.id, model_id=model.id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
-                  idempotency_key=idempotency_key, callback_url=body.callback_url, enqueued_at=utcnow())
+    return _record(state, team, model.id, dataset_id, eval_id, normalised, idempotency_key, body.callback_url)
+
+
+def _record(state: State, team: Team, model_id: str, dataset_id: str | None, eval_id: str | None,
+            normalised: dict[str, Any], idempotency_key: str | None, callback_url: str | None) -> tuple[Job, bool]:
+    """Store the job (once per Idempotency-Key; within the team's quota of active jobs, counted and inserted under
+    one lock on the team's row) and queue it."""
+    with state.db.session() as s:
+        if idempotency_key:
+            earlier = s.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key))
+            if earlier is not None:
+                return earlier, True
+        _check_quota(state, s, team)
+        job = Job(team_id=team.id, model_id=model_id, dataset_id=dataset_id, eval_dataset_id=eval_id, request=normalised,
+                  idempotency_key=idempotency_key, callback_url=callback_url, enqueued_at=utcnow())
         s.add(job)
         try:
             s.flush()
@@ -158,6 +185,27 @@ def create_job(state: State, team: Team, body: JobCreate | ProfileCreate,
             if row is not None and row.state == JobState.QUEUED:
                 row.enqueued_at = None
     return job, False
+
+
+def _check_callback(state: State, url: str | None) -> None:
+    """Before any row is written, and outside a session (it resolves DNS)."""
+    if url is not None:
+        try:
+            check_callback_url(url, state.settings.callback_allow)
+        except CallbackError as exc:
+            exc.field = exc.field or "callback_url"
+            raise ApiError.from_error(exc) from None
+
+
+def _check_quota(state: State, s: Any, team: Team) -> None:
+    s.get(Team, team.id, with_for_update=True)  # one submit per team at a time (PostgreSQL): the quota holds
+    active = s.scalar(select(func.count()).select_from(Job).where(Job.team_id == team.id,
+                                                                   Job.state.in_(ACTIVE_STATES)))
+    limit = state.settings.max_active_jobs
+    if active >= limit:
+        raise ApiError(429, f"your team has {active} jobs queued or running, the most it may have at once ({limit})",
+                       "wait for one to finish (or cancel one with DELETE /v1/jobs/{id}), then submit again",
+                       code="quota_exceeded", headers={"Retry-After": "10"})
 
 
 def cancel_job(state: State, team: Team, job_id: str) -> Job:

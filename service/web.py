@@ -23,7 +23,7 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -405,7 +405,9 @@ def _job_context(request: Request, team: Team, job_id: str) -> dict[str, Any]:
         plan = job.plan
     context = {"team": team, "job": view, "model_name": model.name if model else "?", "plan": plan,
                "terminal": view["state"] in TERMINAL_STATES}
-    if plan is not None and view["kind"] == "profile":  # a latency table, not a plan
+    if plan is not None and view["kind"] == "apply":  # a report and a checkpoint, not a plan
+        context.update(plan=None, applied=plan)
+    elif plan is not None and view["kind"] == "profile":  # a latency table, not a plan
         rows = list(plan.get("latency_table", {}).values())
         widths = sorted(rows[0], key=int) if rows else []
         context.update(plan=None, latency=plan, latency_widths=widths)
@@ -492,3 +494,30 @@ def job_export(request: Request, job_id: str, fmt: str) -> Response:
         return PlainTextResponse(exc.one_line(), status_code=422)
     return Response(export.text, media_type=export.media_type,
                     headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
+
+
+@router.get("/jobs/{job_id}/latency.json")
+def job_latency(request: Request, job_id: str) -> Response:
+    """A profile job's latency table (the job page's link): what a plan job's latency_table takes."""
+    result = _finished_plan(request, job_id)
+    if isinstance(result, Response):
+        return result
+    if "latency_table" not in result:
+        return PlainTextResponse(f"job {job_id} is not a latency profile", status_code=409)
+    return JSONResponse(result["latency_table"],
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}-latency.json"'})
+
+
+@router.get("/jobs/{job_id}/checkpoint.zip")
+def job_checkpoint(request: Request, job_id: str) -> Response:
+    """An apply job's zipped compressed-tensors checkpoint (the job page's link)."""
+    result = _finished_plan(request, job_id)
+    if isinstance(result, Response):
+        return result
+    artifact = result.get("artifact")
+    if not isinstance(artifact, dict):
+        return PlainTextResponse(f"job {job_id} did not apply a plan", status_code=409)
+    path = request.app.state.blobs.path(artifact["sha256"])
+    if not path.exists():
+        return PlainTextResponse(f"the checkpoint of job {job_id} is no longer stored", status_code=410)
+    return FileResponse(path, media_type="application/zip", filename=artifact["filename"])

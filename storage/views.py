@@ -13,6 +13,14 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+#: each kind of job's result endpoints (plan: POST /v1/jobs; profile: POST /v1/profiles; apply: POST .../apply)
+RESULT_LINKS = {
+    "plan": lambda base: {"plan": f"{base}/plan", "frontier": f"{base}/frontier"},
+    "profile": lambda base: {"latency": f"{base}/latency"},
+    "apply": lambda base: {"report": f"{base}/report", "checkpoint": f"{base}/checkpoint"},
+}
+
+
 def job_dict(job: Job) -> dict:
     base = f"/v1/jobs/{job.id}"
     return {
@@ -34,8 +42,7 @@ def job_dict(job: Job) -> dict:
         "callback_url": job.callback_url,
         "callback_status": job.callback_status,
         "kind": (job.request or {}).get("kind", "plan"),
-        "links": ({"self": base, "latency": f"{base}/latency"} if (job.request or {}).get("kind") == "profile" else
-                  {"self": base, "plan": f"{base}/plan", "frontier": f"{base}/frontier"}),
+        "links": {"self": base, **RESULT_LINKS.get((job.request or {}).get("kind", "plan"), RESULT_LINKS["plan"])(base)},
     }
 
 

@@ -342,6 +342,8 @@ def _work(rt: Runtime, job: Job, attempt: Attempt, dispatch_shards: ShardDispatc
     reporter = Reporter(db, job.id, attempt)
     if (job.request or {}).get("kind") == "profile":
         return _profile(rt, job, attempt, reporter)
+    if (job.request or {}).get("kind") == "apply":
+        return _apply(rt, job, attempt, reporter)
     spec = resolve(rt, job)
     key, key_spec = spec.cache_key()
     hit = None if (table is not None or not spec.reuse) else cached_table(db, key)
@@ -394,6 +396,49 @@ def _profile(rt: Runtime, job: Job, attempt: Attempt, reporter: Reporter) -> str
     if not isinstance(table, dict) or set(table) - set(layer["name"] for layer in model.description.get("layers", [])):
         raise BitplanError("the profile came back without the model's layers")
     result["model"] = {**result.get("model", {}), "name": model.name}
+    attempt.check()
+    finish(rt.db, job.id, JobState.SUCCEEDED, lease=attempt.lease, plan=result)
+    return "succeeded"
+
+
+def _apply(rt: Runtime, job: Job, attempt: Attempt, reporter: Reporter) -> str:
+    """An apply job: ``bitplan apply`` in the sandbox writes the checkpoint into a fresh directory; it is zipped into
+    the blob store and the report (with the zip's sha256) is the job's result."""
+    import shutil
+    import zipfile
+
+    r = job.request
+    with rt.db.session() as s:
+        source = s.get(Job, r["plan_job_id"])
+        model = s.get(ModelFile, job.model_id)
+        if source is None or source.plan is None or model is None:
+            raise BitplanError(f"the plan job {r['plan_job_id']} or its model was deleted", "plan again, then apply")
+        plan = source.plan
+    work = rt.blobs.tmp_dir / f"apply-{job.id}-{attempt.lease}"
+    out = work / "checkpoint"
+    try:
+        work.mkdir(parents=True)
+        args = {"plan": plan, "checkpoint": str(rt.blobs.path(model.sha256)), "out": str(out),
+                "latency": bool(r.get("latency")), "request": {"device": "cpu"}}
+        report = run_untrusted(rt.settings, "apply", args, attempt, reporter)
+        reporter("apply", 0.95, "zipping the checkpoint")
+        archive = work / "checkpoint.zip"
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:  # safetensors do not compress
+            for path in sorted(out.iterdir()):
+                if path.is_file() and not path.is_symlink():
+                    z.write(path, path.name)
+        with open(archive, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        sha = digest.hexdigest()
+        size = archive.stat().st_size
+        rt.blobs.put_file(archive, sha)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    stem = model.name.removesuffix(".zip")
+    result = {"schema": "bitplan.apply/v1", "plan_job_id": r["plan_job_id"], "report": report,
+              "artifact": {"sha256": sha, "size_bytes": size, "filename": f"{stem}-{job.id}-compressed-tensors.zip"}}
     attempt.check()
     finish(rt.db, job.id, JobState.SUCCEEDED, lease=attempt.lease, plan=result)
     return "succeeded"

@@ -31,6 +31,8 @@ def run(task: str, args: dict, out: TextIO):
         return _shard(args, progress)
     if task == "profile":
         return _profile(args, progress)
+    if task == "apply":
+        return _apply(args, progress)
     if task == "probe":
         return _probe()
     raise BitplanError(f"unknown sandbox task '{task}'")
@@ -140,6 +142,19 @@ def _profile(args: dict, progress) -> dict:
             "latency_table": {name: {str(b): ms for b, ms in row.items()} for name, row in table.items()},
             "notes": [*prep.notes, *notes], "device": str(prep.model.device),
             "batch": int(args["batch"]), "runs": int(args["runs"])}
+
+
+def _apply(args: dict, progress) -> dict:
+    """``bitplan apply`` for an apply job: the checkpoint goes to ``out`` (a directory the worker made room for)."""
+    from bitplan.core.apply import apply_plan
+    from bitplan.schemas import PlanFile
+
+    progress("apply", 0.0, "quantizing the checkpoint")
+    plan = PlanFile.model_validate(args["plan"])
+    report = apply_plan(plan, args["checkpoint"], args["out"], latency=bool(args.get("latency")), clip=plan.clip)
+    out = report.to_dict()
+    out.pop("out", None)  # a worker's temporary path, nothing the user can open
+    return out
 
 
 def _probe() -> dict:

@@ -260,6 +260,29 @@ def test_a_hugging_face_checkpoint_plans_through_the_api(stack, teams, hf_files,
     assert targets == {layer["name"]: layer["w_bits"] for layer in plan["layers"] if layer["w_bits"] < 16}
     r = a.http.get(f"/v1/jobs/{job['id']}/plan", params={"format": "onnx"})
     assert r.status_code == 422 and "torchao" in r.text
+    # bitplan apply as a job: the compressed-tensors checkpoint, zipped, and its size beside the plan's prediction
+    r = a.http.post(f"/v1/jobs/{job['id']}/apply", json={})
+    assert r.status_code == 202 and r.json()["kind"] == "apply", r.text
+    assert set(r.json()["links"]) == {"self", "report", "checkpoint"}
+    applied = a.wait(r.json()["id"])
+    assert applied["state"] == "succeeded", applied
+    result = a.http.get(f"/v1/jobs/{applied['id']}/report").json()
+    report = result["report"]
+    assert report["layers"] == sum(1 for layer in plan["layers"] if layer["w_bits"] < 16)
+    assert 0 < report["real_bytes"] - report["container_bytes"] < 64 << 10  # every tensor's byte counted: the header
+    r = a.http.get(f"/v1/jobs/{applied['id']}/checkpoint")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert len(r.content) == result["artifact"]["size_bytes"]
+    archive = tmp_path / "applied.zip"
+    archive.write_bytes(r.content)
+    with zipfile.ZipFile(archive) as z:
+        names = set(z.namelist())
+        assert {"config.json", "model.safetensors"} <= names, names
+        config = json.loads(z.read("config.json"))
+        stored = sum(z.getinfo(n).file_size for n in names if n.endswith(".safetensors"))
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors" and stored == report["real_bytes"]
+    r = a.http.post(f"/v1/jobs/{applied['id']}/apply")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "no_plan", r.text
 
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(hf_files["zip"]) as src, zipfile.ZipFile(evil, "w") as dst:
