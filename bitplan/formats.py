@@ -152,6 +152,18 @@ def table_key(key: object) -> WeightChoice:
     raise ValueError(f"'{str(key)[:20]}' is not a bit width or a format name")
 
 
+def table_keys(table: object) -> object:
+    """A latency table ``{layer: {column: ms}}`` with its columns as ``table_key`` reads them (anything else as
+    given, for the schema to refuse); ValueError for a column that is neither a width nor a format."""
+    if not isinstance(table, dict):
+        return table
+    try:
+        return {name: {table_key(k): ms for k, ms in row.items()} if isinstance(row, dict) else row
+                for name, row in table.items()}
+    except (TypeError, ValueError):
+        raise ValueError("latency_table columns must be bit widths or format names") from None
+
+
 def ladder(choices: list[WeightChoice] | tuple[WeightChoice, ...]) -> list[WeightChoice]:
     """Choices from cheapest to dearest per weight (a 4096-wide row's scale share), INT before a format of equal
     cost: the steps the measured local search moves a layer along."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bitplan.errors import BudgetError
-from bitplan.formats import apply_target, check_formats, table_key
+from bitplan.formats import apply_target, check_formats, table_keys
 
 PLAN_SCHEMA = "bitplan.plan/v1"
 SENSITIVITY_SCHEMA = "bitplan.sensitivity/v1"
@@ -390,13 +390,7 @@ class PlanRequest(BaseModel):
     @field_validator("latency_table", mode="before")
     @classmethod
     def _table_keys(cls, v: Any) -> Any:
-        if not isinstance(v, dict):
-            return v
-        try:
-            return {name: {table_key(k): ms for k, ms in row.items()} if isinstance(row, dict) else row
-                    for name, row in v.items()}
-        except (TypeError, ValueError):
-            raise ValueError("latency_table columns must be bit widths or format names") from None
+        return table_keys(v)
 
     @field_validator("formats", mode="before")
     @classmethod

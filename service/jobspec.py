@@ -9,12 +9,21 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from bitplan.costs import CostModel
 from bitplan.errors import BitplanError
-from bitplan.formats import FORMATS, TARGETS, apply_target, check_formats, choice_bits, table_key
+from bitplan.formats import FORMATS, TARGETS, apply_target, check_formats, choice_bits, table_keys
 from bitplan.inputs import match_inputs
 from bitplan.methods import DEFAULT_SENSITIVITY, check_shardable, get_method, parse_params
 from bitplan.params import cut
@@ -42,6 +51,29 @@ def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid", "{message}", {"message": message})
 
 
+def _valid_w_bits(v: list[int]) -> list[int]:
+    bad = [b for b in v if b not in WEIGHT_BITS]
+    if bad:
+        raise _invalid(f"weight bits {bad} not supported; choose from {list(WEIGHT_BITS)}")
+    return sorted(set(v))
+
+
+def _valid_device(v: Any) -> str:
+    try:
+        return check_device(v)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def _valid_callback(v: str | None) -> str | None:
+    if v is not None and not v.startswith(("http://", "https://")):
+        raise _invalid("callback_url must be an http:// or https:// URL")
+    return v
+
+
+WBits = Annotated[list[int], AfterValidator(_valid_w_bits)]
+Device = Annotated[str, BeforeValidator(_valid_device)]
+CallbackUrl = Annotated[str | None, AfterValidator(_valid_callback)]
 FiniteMs = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -86,7 +118,7 @@ class JobCreate(BaseModel):
                             description="an uploaded dataset, or 'synthetic' (random inputs shaped like the model's)")
     eval_dataset_id: str | None = Field(None, max_length=64, description="held-out data for the measured figures")
     budgets: Budgets
-    w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
+    w_bits: WBits = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
     formats: list[str] = Field(default_factory=list, max_length=8,
                                description="number formats a layer may take besides INT: " + ", ".join(FORMATS))
     target: str | None = Field(None, max_length=32, description="runtime preset (" + ", ".join(TARGETS) + "): w_bits "
@@ -107,15 +139,12 @@ class JobCreate(BaseModel):
     @field_validator("latency_table", mode="before")
     @classmethod
     def _table_keys(cls, v: Any) -> Any:
-        if not isinstance(v, dict):
-            return v
         try:
-            return {name: {table_key(k): ms for k, ms in row.items()} if isinstance(row, dict) else row
-                    for name, row in v.items()}
-        except (TypeError, ValueError):
-            raise _invalid("latency_table columns must be bit widths or format names") from None
+            return table_keys(v)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    device: str = Field(DEFAULT_DEVICE, max_length=16,
+    device: Device = Field(DEFAULT_DEVICE, max_length=16,
                         description="auto, cpu, cuda or cuda:N: a job asking for cuda (or auto, where the deployment has "
                                     "GPU workers) runs on a GPU worker")
     dtype: DtypeName = Field(
@@ -133,7 +162,7 @@ class JobCreate(BaseModel):
     distill: bool | None = Field(None, description="optimise the calibration inputs to match the model's BatchNorm "
                                                    "statistics (ZeroQ); default: true for synthetic data, else false")
     reuse_sensitivity: bool = Field(True, description="reuse a cached sensitivity table computed with the same inputs")
-    callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
+    callback_url: CallbackUrl = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
 
     @model_validator(mode="before")
     @classmethod
@@ -168,14 +197,6 @@ class JobCreate(BaseModel):
             raise _invalid(f"formats {self.formats} are chosen per layer; use granularity layer with them")
         return self
 
-    @field_validator("w_bits")
-    @classmethod
-    def _w_bits(cls, v: list[int]) -> list[int]:
-        bad = [b for b in v if b not in WEIGHT_BITS]
-        if bad:
-            raise _invalid(f"weight bits {bad} not supported; choose from {list(WEIGHT_BITS)}")
-        return sorted(set(v))
-
     @field_validator("a_bits")
     @classmethod
     def _a_bits(cls, v: list[int]) -> list[int]:
@@ -184,20 +205,6 @@ class JobCreate(BaseModel):
             raise _invalid(f"activation bits {bad} not supported; choose from {list(ACT_BITS)}")
         return sorted(set(v))
 
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, v: Any) -> str:
-        try:
-            return check_device(v)
-        except ValueError as exc:
-            raise _invalid(str(exc)) from None
-
-    @field_validator("callback_url")
-    @classmethod
-    def _callback(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise _invalid("callback_url must be an http:// or https:// URL")
-        return v
 
 
 class ProfileCreate(BaseModel):
@@ -210,37 +217,15 @@ class ProfileCreate(BaseModel):
     model_id: str = Field(max_length=64)
     dataset_id: str = Field("synthetic", max_length=64,
                             description="the inputs the layers are timed on: an uploaded dataset, or 'synthetic'")
-    w_bits: list[int] = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8,
-                              description="the weight widths to time (16, float, is always timed)")
+    w_bits: WBits = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8,
+                          description="the weight widths to time (16, float, is always timed)")
     batch: int = Field(1, ge=1, le=1024, description="samples per timed call")
     runs: int = Field(20, ge=1, le=200, description="timed calls per layer and width (the median is kept)")
-    device: str = Field(DEFAULT_DEVICE, max_length=16, description="auto, cpu, cuda or cuda:N: where the timing runs")
+    device: Device = Field(DEFAULT_DEVICE, max_length=16, description="auto, cpu, cuda or cuda:N: where the timing runs")
     seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the dataset is text")
     synthetic_samples: int = Field(8, ge=1, le=4096)
-    callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
+    callback_url: CallbackUrl = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
 
-    @field_validator("w_bits")
-    @classmethod
-    def _w_bits(cls, v: list[int]) -> list[int]:
-        bad = [b for b in v if b not in WEIGHT_BITS]
-        if bad:
-            raise _invalid(f"weight bits {bad} not supported; choose from {list(WEIGHT_BITS)}")
-        return sorted(set(v))
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, v: Any) -> str:
-        try:
-            return check_device(v)
-        except ValueError as exc:
-            raise _invalid(str(exc)) from None
-
-    @field_validator("callback_url")
-    @classmethod
-    def _callback(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise _invalid("callback_url must be an http:// or https:// URL")
-        return v
 
 
 class ApplyCreate(BaseModel):
@@ -251,14 +236,8 @@ class ApplyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     latency: bool = Field(False, description="also time a forward pass in float and with torchao on the worker's CPU")
-    callback_url: str | None = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
+    callback_url: CallbackUrl = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
 
-    @field_validator("callback_url")
-    @classmethod
-    def _callback(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise _invalid("callback_url must be an http:// or https:// URL")
-        return v
 
 
 MAX_DEPTH = 32

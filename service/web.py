@@ -499,11 +499,9 @@ def job_export(request: Request, job_id: str, fmt: str) -> Response:
 @router.get("/jobs/{job_id}/latency.json")
 def job_latency(request: Request, job_id: str) -> Response:
     """A profile job's latency table (the job page's link): what a plan job's latency_table takes."""
-    result = _finished_plan(request, job_id)
+    result = _finished_result(request, job_id, "latency_table", "is not a latency profile")
     if isinstance(result, Response):
         return result
-    if "latency_table" not in result:
-        return PlainTextResponse(f"job {job_id} is not a latency profile", status_code=409)
     return JSONResponse(result["latency_table"],
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-latency.json"'})
 
@@ -511,13 +509,19 @@ def job_latency(request: Request, job_id: str) -> Response:
 @router.get("/jobs/{job_id}/checkpoint.zip")
 def job_checkpoint(request: Request, job_id: str) -> Response:
     """An apply job's zipped compressed-tensors checkpoint (the job page's link)."""
-    result = _finished_plan(request, job_id)
+    result = _finished_result(request, job_id, "artifact", "did not apply a plan")
     if isinstance(result, Response):
         return result
-    artifact = result.get("artifact")
-    if not isinstance(artifact, dict):
-        return PlainTextResponse(f"job {job_id} did not apply a plan", status_code=409)
+    artifact = result["artifact"]
     path = request.app.state.blobs.path(artifact["sha256"])
     if not path.exists():
         return PlainTextResponse(f"the checkpoint of job {job_id} is no longer stored", status_code=410)
     return FileResponse(path, media_type="application/zip", filename=artifact["filename"])
+
+
+def _finished_result(request: Request, job_id: str, key: str, otherwise: str) -> dict[str, Any] | Response:
+    """The job's result when it holds ``key``; else the plain-text answer a download link gets."""
+    result = _finished_plan(request, job_id)
+    if not isinstance(result, Response) and key not in result:
+        return PlainTextResponse(f"job {job_id} {otherwise}", status_code=409)
+    return result

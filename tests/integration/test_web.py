@@ -173,8 +173,10 @@ def test_sign_in_submit_watch_and_read_the_plan(server, digits_files, tmp_path):
 
 
 def test_a_hugging_face_checkpoint_through_the_form(server, hf_files, tmp_path):
-    """A zipped checkpoint and its calibration text uploaded through the form plan like any model."""
+    """A zipped checkpoint and its calibration text uploaded through the form plan like any model, for the runtime
+    picked on the form (vLLM: its widths and formats only)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     driver = browser(tmp_path / "downloads")
     try:
@@ -185,6 +187,7 @@ def test_a_hugging_face_checkpoint_through_the_form(server, hf_files, tmp_path):
         seq.clear()
         seq.send_keys("32")
         driver.find_element(By.CSS_SELECTOR, "input[name=sensitivity][value=hessian_trace]").click()
+        Select(driver.find_element(By.ID, "target")).select_by_value("vllm")  # INT 4/8 and fp8_e4m3/nvfp4 only
         driver.find_element(By.ID, "submit").click()
         wait_for(lambda: "/jobs/j_" in driver.current_url, timeout=120)
         try:
@@ -194,6 +197,9 @@ def test_a_hugging_face_checkpoint_through_the_form(server, hf_files, tmp_path):
         assert driver.find_element(By.ID, "job-state").text == "succeeded"
         names = [r.find_element(By.TAG_NAME, "th").text for r in driver.find_elements(By.CSS_SELECTOR, "#plan-table tbody tr")]
         assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "lm_head" and len(names) == 15
+        widths = {e.text for e in driver.find_elements(By.CSS_SELECTOR, "#plan-table .bits")}
+        formats = {e.text for e in driver.find_elements(By.CSS_SELECTOR, "#plan-table .format")}
+        assert widths <= {"4", "8"} and formats <= {"fp8_e4m3", "nvfp4"}, (widths, formats)
         assert "tiny-llama.zip" in driver.page_source
         # the deploy links: every runtime's file for a checkpoint; the GGUF one downloads llama.cpp's type file
         assert {e.get_attribute("id") for e in driver.find_elements(By.CSS_SELECTOR, ".exports a")} == {

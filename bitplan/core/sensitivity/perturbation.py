@@ -32,26 +32,19 @@ def perturbation(ctx: SensitivityContext, params: PerturbationParams) -> Sensiti
     for g in layers:
         omega[g.name] = {16: 0.0} if 16 in ctx.w_bits else {}
         last = None  # the last measured (bits, damage)
-        for b in bits:  # ascending: the damage falls as the bits rise
+        # ascending widths (the damage falls as the bits rise), then the formats: each measured, unless the layer's
+        # damage is already below the screen, the quadratic regime where it scales with ||Q(W) - W||^2
+        for b in [*bits, *ctx.formats]:
             if last is not None and abs(last[1]) < params.screen:
-                # below the screen: the quadratic regime, where damage scales with ||Q_b(W) - W||^2
                 ratio = ctx.bank.error_sq(g.weight_key, b) / max(ctx.bank.error_sq(g.weight_key, last[0]), 1e-30)
                 omega[g.name][b] = last[1] * ratio
                 estimated += 1
             else:
                 omega[g.name][b] = loss({g.weight_key: ctx.bank.get(g.weight_key, b)}) - base
-                last = (b, omega[g.name][b])
+                if not isinstance(b, str):
+                    last = (b, omega[g.name][b])
             done += 1
-            ctx.progress("sensitivity", done / total, f"{g.name} at {b} bits")
-        for f in ctx.formats:  # measured, unless the layer's damage is already below the screen at some INT width
-            if last is not None and abs(last[1]) < params.screen:
-                ratio = ctx.bank.error_sq(g.weight_key, f) / max(ctx.bank.error_sq(g.weight_key, last[0]), 1e-30)
-                omega[g.name][f] = last[1] * ratio
-                estimated += 1
-            else:
-                omega[g.name][f] = loss({g.weight_key: ctx.bank.get(g.weight_key, f)}) - base
-            done += 1
-            ctx.progress("sensitivity", done / total, f"{g.name} in {f}")
+            ctx.progress("sensitivity", done / total, f"{g.name} in {b}" if isinstance(b, str) else f"{g.name} at {b} bits")
         stats[g.name] = omega[g.name][min(bits)] if bits else 0.0
     notes = [f"measured increase of {loss_name(batches)} ({base:.5g} at full precision) with one layer quantized at a "
              f"time, on {n} samples; stat = increase at {min(bits) if bits else 16} bits"]
