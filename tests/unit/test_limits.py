@@ -231,3 +231,39 @@ def test_the_in_process_worker_runs_its_apps_tasks(tmp_path, monkeypatch):
         assert ran == [(app.runtime, "j_embedded")]
     finally:
         worker.stop(in_sighandler=False)
+
+
+def test_profile_apply_and_runtime_targets_are_checked_at_submit(tmp_path, model_file):
+    """POST /v1/profiles and POST /v1/jobs/{id}/apply share the jobs' quota and checks; each kind of job answers
+    only at its own result endpoint; a runtime target is resolved before the job is stored."""
+    from storage.models import JobState
+
+    app, db, keys, sent, _ = make_client(tmp_path, max_active_jobs=2)
+    a = start(app, sent, keys["vision"])
+    model = a.post("/v1/models", files={"file": model_file}).json()["id"]
+    r = a.post("/v1/profiles", json={"model_id": model, "w_bits": [9]})
+    assert r.status_code == 422 and "weight bits [9]" in r.text
+    r = a.post("/v1/profiles", json={"model_id": model, "w_bits": [8, 4], "runs": 3, "device": " CPU "})
+    assert r.status_code == 202 and r.json()["kind"] == "profile" and sent == [r.json()["id"]]
+    profile = r.json()
+    assert profile["request"]["w_bits"] == [4, 8] and profile["request"]["device"] == "cpu"
+    r = a.get(f"/v1/jobs/{profile['id']}/plan")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "wrong_job_kind" and "/latency" in r.text
+    r = a.post("/v1/jobs", json={"model_id": model, "budgets": {"avg_weight_bits": 4}, "target": "llamacpp",
+                                 "formats": ["nvfp4"]})
+    assert r.status_code == 422 and "llamacpp does not run format(s) ['nvfp4']" in r.text
+    r = a.post("/v1/jobs", json={"model_id": model, "budgets": {"size_bytes": 30000}, "target": "vllm"})
+    assert r.status_code == 202, r.text
+    assert (r.json()["request"]["w_bits"], r.json()["request"]["formats"]) == ([4, 8, 16], ["fp8_e4m3", "nvfp4"])
+    planned = r.json()["id"]
+    r = a.post(f"/v1/jobs/{planned}/apply")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "no_plan"  # still queued
+    with db.session() as s:  # as if a worker had finished it: a plan of a .pt2 model
+        job = s.get(Job, planned)
+        job.state, job.plan = JobState.SUCCEEDED, {"layers": [{"name": "fc1", "w_bits": 4, "w_format": "int"}]}
+    r = a.post(f"/v1/jobs/{planned}/apply", json={"latency": True})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "export_unsupported" and "pt2" in r.text
+    assert a.post("/v1/profiles", json={"model_id": model}).status_code == 202  # two active: the quota
+    refused = a.post("/v1/profiles", json={"model_id": model})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+    a.__exit__(None, None, None)
