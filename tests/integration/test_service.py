@@ -82,7 +82,8 @@ def test_two_teams_at_once_and_isolated_both_ways(teams):
         assert r.status_code == 404
     csv = a.http.get(f"/v1/jobs/{jobs['vision']}/plan", params={"format": "csv"})
     assert csv.headers["content-type"].startswith("text/csv")
-    assert csv.text.splitlines()[0] == "name,kind,params,macs,w_bits,a_bits,sensitivity" and len(csv.text.splitlines()) == 6
+    lines = csv.text.splitlines()
+    assert lines[0] == "name,kind,params,macs,w_bits,a_bits,w_format,sensitivity" and len(lines) == 6
 
 
 def test_cache_reuse_skips_the_sensitivity_work(teams):

@@ -40,4 +40,4 @@ def test_readme_walkthrough_against_the_embedded_default(tmp_path):
     assert plan.cost.avg_weight_bits <= 3 + 1e-9 and plan.model.name == "digits_cnn.pt2"
     assert "succeeded done 100 %" in run.stdout
     csv = run.stdout.split("succeeded done 100 %", 1)[1].strip().splitlines()
-    assert csv[0] == "name,kind,params,macs,w_bits,a_bits,sensitivity" and len(csv) == 6
+    assert csv[0] == "name,kind,params,macs,w_bits,a_bits,w_format,sensitivity" and len(csv) == 6
