@@ -89,6 +89,7 @@ def load_as_bitplan(model, folder: Path, ids: torch.Tensor):
         return load_model(str(folder)), "bitplan's checkpoint loader"
     except Exception as exc:  # the loader is new: fall back to a .pt2, and say so
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        traceback.print_exc()  # the whole reason, on stderr: the table has room for its first line only
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:

@@ -206,7 +206,8 @@ class ProgramCheck:
         for named in _list(node.get("inputs", []), self.where, "node inputs"):
             if not isinstance(named, dict) or set(named) - {"name", "arg", "kind"}:
                 raise Refused(self.where, f"a node argument {shown(named, 60)} is malformed")
-            check_identifier(named.get("name"), self.where, "argument name")
+            if named.get("name") != "":  # torch 2.11 writes '' for some positional arguments: no code to run
+                check_identifier(named.get("name"), self.where, "argument name")
             if not isinstance(named.get("kind", 0), (int, type(None))):
                 raise Refused(self.where, "an argument kind is not a number")
             out["inputs"].append({**named, "arg": self.argument(named.get("arg"))})

@@ -148,23 +148,26 @@ def move_graph(gm: torch.fx.GraphModule, device: torch.device) -> None:
     (an unlifted export program keeps them so; ``Module.to`` does not see them), and the devices written into
     its nodes (``arange(..., device=cpu)`` and ``to(..., device=cpu)`` in a causal mask, traced on the CPU).
     Trace-time metadata assertions (``_assert_tensor_metadata``) are dropped: they check the device and dtype
-    the graph was traced with, which a moved graph, or one run under autocast, no longer has."""
+    the graph was traced with, which a moved graph, or one run under autocast, no longer has. Nested graphs (the
+    bodies of higher-order ops such as ``wrap_with_set_grad_enabled``, which a rotary embedding's ``no_grad``
+    becomes) are moved the same way."""
     gm.to(device)
     registered = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr":
-            owner, _, name = node.target.rpartition(".")
-            module = gm.get_submodule(owner) if owner else gm
-            value = getattr(module, name, None)
-            if isinstance(value, torch.Tensor) and id(value) not in registered and value.device != device:
-                setattr(module, name, value.to(device))
-        elif node.op == "call_function":
-            if node.target is aten._assert_tensor_metadata.default and not node.users:
-                gm.graph.erase_node(node)
-                continue
-            node.args = torch.fx.node.map_aggregate(node.args, lambda a: _on(a, device))
-            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: _on(a, device))
-    gm.recompile()
+    for sub in [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]:
+        for node in list(sub.graph.nodes):
+            if node.op == "get_attr":
+                owner, _, name = node.target.rpartition(".")
+                module = sub.get_submodule(owner) if owner else sub
+                value = getattr(module, name, None)
+                if isinstance(value, torch.Tensor) and id(value) not in registered and value.device != device:
+                    setattr(module, name, value.to(device))
+            elif node.op == "call_function":
+                if node.target is aten._assert_tensor_metadata.default and not node.users:
+                    sub.graph.erase_node(node)
+                    continue
+                node.args = torch.fx.node.map_aggregate(node.args, lambda a: _on(a, device))
+                node.kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: _on(a, device))
+        sub.recompile()
 
 
 def _on(value, device: torch.device):

@@ -163,17 +163,37 @@ def _export(wrapper: nn.Module, config: Any, label: str) -> tuple[torch.fx.Graph
     ids = torch.randint(0, vocab, (2, min(16, max_pos)), generator=gen)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     seq = torch.export.Dim("seq", min=2, max=max(max_pos, 3))
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(wrapper, (), {"input_ids": ids},
-                                          dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
-            gm = program.module()
-    except Exception as exc:
-        raise ModelFormatError(f"{label}: torch.export could not trace {type(wrapper.model).__name__} "
-                               f"({_first_line(exc)})", "send the model as a torch.export program (.pt2) instead") from None
+    shapes: Any = {"input_ids": {0: batch, 1: seq}}
+    for attempt in range(2):
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(wrapper, (), {"input_ids": ids}, dynamic_shapes=shapes, strict=False)
+                gm = program.module()
+            break
+        except Exception as exc:
+            # some transformers/torch pairs bound the lengths more narrowly than the config says (seen: torch 2.11,
+            # transformers 5.17, "Constraints violated (seq)"); torch says how in its suggested fixes: take them once
+            refined = _refined(exc, shapes) if attempt == 0 else None
+            if refined is None:
+                raise ModelFormatError(f"{label}: torch.export could not trace {type(wrapper.model).__name__} "
+                                       f"({_first_line(exc)})",
+                                       "send the model as a torch.export program (.pt2) instead") from None
+            shapes = refined
     example = torch.randint(0, vocab, (1, min(EXAMPLE_TOKENS, max_pos)), generator=gen)
     return gm, Batch((), {"input_ids": example}, None, 1)
+
+
+def _refined(exc: Exception, shapes: Any) -> Any:
+    """``shapes`` with torch.export's suggested fixes for ``exc`` applied, or None when it suggests none."""
+    if "Suggested fixes" not in str(exc):
+        return None
+    try:
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+        return refine_dynamic_shapes_from_suggested_fixes(str(exc), shapes)
+    except Exception:
+        return None
 
 
 def load_tokenizer(path: Path, label: str):

@@ -195,3 +195,19 @@ def test_unknown_text_fields_are_refused(digits_files, tmp_path):
                     lambda p: p["graph_module"].__setitem__("future_field", {"x": "anything"}))
     with pytest.raises(UnsafeModelError, match="unknown field 'future_field'"):
         check_pt2(path)
+
+
+def test_an_empty_argument_name_passes_and_a_named_one_is_still_checked(digits_files, tmp_path):
+    """torch 2.11's serializer writes '' as the name of some positional arguments (seen on a Llama export): nothing
+    that could become code, so it passes; any other argument name must still be an identifier."""
+    from tests.hostile import _rewrite
+
+    def rename(name: str):
+        def edit(program: dict) -> None:
+            node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["inputs"])
+            node["inputs"][0]["name"] = name
+        return edit
+
+    check_pt2(_rewrite(digits_files["pt2"], tmp_path / "empty.pt2", rename("")))
+    with pytest.raises(UnsafeModelError, match="argument name"):
+        check_pt2(_rewrite(digits_files["pt2"], tmp_path / "code.pt2", rename("x=__import__('os')")))

@@ -471,3 +471,26 @@ def test_the_cli_says_it_ran_out_of_gpu_memory(monkeypatch, capsys):
     assert main(["plan", "catalog:digits_cnn", "--budget", "avg_weight_bits=4", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bitplan: error: ran out of GPU memory") and "[option --param batch_size" in err
+
+
+def test_moving_a_graph_reaches_the_bodies_of_nested_graphs():
+    """A ``no_grad`` block in forward (a rotary embedding's) exports as wrap_with_set_grad_enabled with its own
+    graph, holding the trace's device; the move must reach it (seen on an H200 with torch 2.11: "Tensor device
+    mismatch! Expected: cpu, Got: cuda:0"). The meta device stands in for a GPU here."""
+    from bitplan.core.graph import move_graph
+
+    class Rotary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.no_grad():
+                pos = torch.arange(x.shape[1], device="cpu", dtype=torch.float32)
+            return self.lin(x) + pos
+
+    x = torch.randn(2, 4)
+    gm = torch.export.export(Rotary(), (x,), strict=False).module()
+    assert sum(isinstance(m, torch.fx.GraphModule) for m in gm.modules()) > 1  # the nested body exists
+    move_graph(gm, torch.device("meta"))
+    assert gm(x.to("meta")).device.type == "meta"
