@@ -375,7 +375,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         "objective": solution.objective,
         "cost": solution.cost,
         "seconds": solution.seconds,
-        "layers": [{"name": n, "w_bits": o.w_bits, "a_bits": o.a_bits, "objective": o.objective}
+        "layers": [{"name": n, "w_bits": o.w_bits, "a_bits": o.a_bits, "objective": o.objective,
+                    **({"format": o.fmt} if o.fmt != "int" else {})}
                    for n, o in solution.choices.items()],
         "gap": solution.gap,
         "frontier": solution.frontier,

@@ -168,3 +168,20 @@ def test_a_plan_chooses_formats_where_they_measure_better_for_their_size(tmp_pat
     assert main(["plan", "catalog:digits_cnn", "--budget", "avg_weight_bits=4", "--table", str(table),
                  "--formats", "nf4", "--no-validate"]) == 2
     assert "scores no format ['nf4']" in capsys.readouterr().err
+
+
+def test_solve_takes_and_gives_back_formats(tmp_path, capsys):
+    """bitplan solve: an option may name its format; the problem JSON keeps it both ways and the answer says it."""
+    from bitplan.cli import main
+    from solver import Problem
+
+    raw = {"layers": [{"name": "a", "params": 100, "options": [
+        {"w_bits": 4, "objective": 1.0, "cost": {"size_bytes": 50}},
+        {"w_bits": 4, "objective": 0.5, "cost": {"size_bytes": 56}, "format": "nvfp4"},
+        {"w_bits": 8, "objective": 0.1, "cost": {"size_bytes": 100}}]}], "budgets": {"size_bytes": 60}}
+    assert [o.get("format") for o in Problem.from_dict(raw).to_dict()["layers"][0]["options"]] == [None, "nvfp4", None]
+    path = tmp_path / "problem.json"
+    path.write_text(json.dumps(raw))
+    assert main(["solve", str(path)]) == 0
+    layer = json.loads(capsys.readouterr().out)["layers"][0]
+    assert (layer["w_bits"], layer["format"], layer["objective"]) == (4, "nvfp4", 0.5)
