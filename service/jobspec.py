@@ -401,23 +401,24 @@ def _check_budget(job: JobCreate, description: dict[str, Any]) -> None:
 
 
 def _least_costs(job: JobCreate, layers: Sequence[LayerInfo], costs: CostModel, pins: dict[str, int]) -> dict[str, float]:
-    """Each budget's smallest achievable total, every layer at its own cheapest option for that budget (a latency
-    table need not fall with the bits). Tied layers share a width, so this is a lower bound: a budget below it
-    cannot be met."""
+    """Each budget's smallest achievable total (``solver.Problem.minimum``: every layer at its own cheapest option for
+    that budget, pins and shared widths honoured; a latency table need not fall with the bits)."""
+    from solver import Layer, Option, Problem
+
     choices: list[int | str] = [*job.w_bits, *job.formats]
-    totals = {key: float(value) for key, value in costs.fixed_cost().items()}
-    bit_params = 0.0
     try:
-        for layer in layers:
-            allowed = [pins[layer.name]] if layer.name in pins else choices
-            options = [costs.option_cost(layer, w, a) for w in allowed for a in job.a_bits]
-            for key in totals:
-                totals[key] += min(o[key] for o in options)
-            bit_params += layer.params * min(choice_bits(w) for w in allowed)
+        problem = Problem(
+            layers=tuple(Layer(layer.name, layer.params, tuple(
+                Option(w_bits=choice_bits(w), a_bits=a, cost=costs.option_cost(layer, w, a),
+                       fmt=w if isinstance(w, str) else "int")
+                for w in ([pins[layer.name]] if layer.name in pins else choices) for a in job.a_bits))
+                for layer in layers),
+            budgets={}, fixed_cost=costs.fixed_cost(),
+            ties=shared_input_groups(layers) if job.tie_shared_inputs else ())
+        # 12 significant digits: the per-layer sum of params x bits / total is 2 - 2e-16 for "every layer at 2 bits"
+        return {key: float(f"{problem.minimum(key):.12g}") for key in job.budgets.limits()}
     except BitplanError as exc:
         raise ApiError.from_error(exc) from None
-    totals["avg_weight_bits"] = bit_params / (sum(layer.params for layer in layers) or 1)
-    return totals
 
 
 def check_data_fits(model: dict[str, Any], data: dict[str, Any], role: str = "dataset", field: str = "dataset_id") -> None:
