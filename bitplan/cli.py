@@ -105,7 +105,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             solver_params=_parse_params(args.solver_param),
             clip=args.clip, seed=args.seed,
             latency_table=load_latency_table(args.latency_table) if args.latency_table else None,
-            validate_plan=not args.no_validate, refine_seconds=args.refine_seconds, distill=args.distill,
+            validate_plan=not args.no_validate, refine_seconds=args.refine_seconds,
+            refine_evaluations=args.refine_evaluations, distill=args.distill,
             tie_shared_inputs=args.tie_shared_inputs, device=args.device, dtype=args.dtype, seq_len=args.seq_len,
             granularity=args.granularity,
         )
@@ -666,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-seconds", type=float, default=120.0,
                    help="time cap of the measured refinement that runs when the plan measures worse than uniform "
                         "precision (default: 120; 0: return the best uniform plan at once)")
+    p.add_argument("--refine-evaluations", type=int, default=None, metavar="N",
+                   help="also stop the refinement after measuring N plans (default: no cap): the same work on a fast "
+                        "and a loaded machine")
     p.add_argument("--progress", action="store_true", help="draw progress bars even when stderr is not a terminal")
     p.add_argument("--out", help="write the plan file (JSON, schema bitplan.plan/v1)")
     _device_options(p)

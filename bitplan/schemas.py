@@ -378,6 +378,10 @@ class PlanRequest(BaseModel):
         120.0, ge=0, le=86_400, allow_inf_nan=False,
         description="time cap of the measured refinement that runs when the plan measures worse than uniform "
                     "(0: return the best uniform plan at once)")
+    refine_evaluations: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="cap on the plans the measured refinement measures (default: none, only refine_seconds): with it "
+                    "the refinement does the same work on a fast and a loaded machine")
 
     @field_validator("w_bits")
     @classmethod

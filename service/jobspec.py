@@ -157,6 +157,9 @@ class JobCreate(BaseModel):
     refine_seconds: float = Field(120.0, ge=0, le=3600, allow_inf_nan=False,
                                   description="time cap of the measured refinement that runs when the plan measures "
                                               "worse than uniform precision (0: return the best uniform plan at once)")
+    refine_evaluations: int | None = Field(None, ge=1, le=1_000_000,
+                                           description="also stop the refinement after measuring this many plans "
+                                                       "(default: no cap): the same work on a fast and a loaded machine")
     shards: int = Field(1, ge=1, le=64, description="split a shardable method's sensitivity work over this many workers")
     synthetic_samples: int = Field(64, ge=1, le=4096)
     distill: bool | None = Field(None, description="optimise the calibration inputs to match the model's BatchNorm "

@@ -3,11 +3,29 @@ every format a user could send, with its calibration and held-out data."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, give each worker its share of the CPUs for torch's threads, inherited by every process
+    it starts (the CLI, API and worker subprocesses). Two workers on 2 cores each running torch with 2 threads
+    oversubscribe the cores: two MiniLM sensitivity runs side by side took 154 s with 2 threads each and 55 s with
+    1 (measured here), and a CI run whose MiniLM plan ran past 900 s failed that way. BITPLAN_TEST_THREADS sets
+    another count."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = os.environ.get("BITPLAN_TEST_THREADS") or str(max(1, cores // int(workers)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = threads
+    if "torch" in sys.modules:  # already started its thread pool: tell it too
+        sys.modules["torch"].set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +75,7 @@ def pytest_collection_modifyitems(config, items):
 
 #: the longest tests and their seconds on 2 cores, by group (pytest --durations in make test's second run; a group
 #: shares a module fixture, so it stays on one worker)
-LONGEST = {"test_minilm.py::test_minilm_plan_at_4_bits": 300, "test_guarantee.py::": 200,
+LONGEST = {"test_minilm.py::test_minilm_plan_at_4_bits": 90, "test_guarantee.py::": 200,
            "test_every_method_runs_on_minilm": 150, "test_every_solver_plans_minilm": 130,
            "test_distill.py::test_a_plan_without_data": 40}
 

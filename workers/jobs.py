@@ -191,7 +191,8 @@ def resolve(rt: Runtime, job: Job) -> JobSpec:
         solver=r["solver"]["method"], solver_params=r["solver"].get("params", {}), clip=r.get("clip", "mse"),
         latency_table=r.get("latency_table"), seed=r.get("seed", 0), seq_len=r.get("seq_len", 128),
         validate_plan=r.get("validate", True),
-        refine_seconds=r.get("refine_seconds", 120.0), tie_shared_inputs=bool(r.get("tie_shared_inputs", False)),
+        refine_seconds=r.get("refine_seconds", 120.0), refine_evaluations=r.get("refine_evaluations"),
+        tie_shared_inputs=bool(r.get("tie_shared_inputs", False)),
         granularity=r.get("granularity", "layer"),
         distill=r["distill"] if r.get("distill") is not None else data is None,  # ZeroQ for synthetic data
         time_limit_s=rt.settings.job_time_limit_s,  # the solver stops in time to hand back its best plan

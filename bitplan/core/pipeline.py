@@ -339,7 +339,8 @@ def make_plan(request: PlanRequest, progress: ProgressFn = no_progress,
             if request.solver == "uniform":  # the baseline was asked for: check it, never search away from it
                 cap = 0.0
             int_only = int_only_plan(problem, params) if request.formats and request.solver != "uniform" else None
-            assignment, check = check_against_uniform(prep, request, assignment, cap, progress, int_only)
+            assignment, check = check_against_uniform(prep, request, assignment, cap, progress, int_only,
+                                                      max_evaluations=request.refine_evaluations)
     measured = None
     if request.validate_plan:
         with timer.stage("validate"):
@@ -490,10 +491,11 @@ GUARANTEE_SAMPLES = 256
 
 def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict[str, tuple[WeightChoice, int]],
                           cap_seconds: float, progress: ProgressFn = no_progress,
-                          int_only: dict[str, tuple[WeightChoice, int]] | None = None) -> tuple[dict, UniformCheck]:
+                          int_only: dict[str, tuple[WeightChoice, int]] | None = None,
+                          max_evaluations: int | None = None) -> tuple[dict, UniformCheck]:
     """Measure the solver's plan against every uniform plan that fits, on the search (calibration) data, then
     run the measured local search (re-scoring each layer in the context of the others' bits) from the better of
-    them for up to ``cap_seconds``. Returns the best plan found if it is no worse than the best uniform plan,
+    them for up to ``cap_seconds`` and ``max_evaluations`` measured plans. Returns the best plan found if it is no worse than the best uniform plan,
     else that uniform plan; the UniformCheck says which and why."""
     fits = _fits(prep, request)
     uniforms = uniform_plans(prep, weight_choices(request), request.a_bits, fits, request.pins)
@@ -531,7 +533,7 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
         seeds = [assignment, *uniforms, *([int_only] if int_only is not None and int_only != assignment else [])]
         result = local_search(scorer, seeds, ladder(weight_choices(request)), movable, fits,
                               _scalar_cost(prep, request), time.perf_counter() + cap_seconds, target=uni_m,
-                              has_targets=has_targets, progress=progress)
+                              has_targets=has_targets, progress=progress, max_evaluations=max_evaluations)
         search["refined plan"] = result.metrics
     refine = None if result is None else {"rounds": result.rounds, "evaluations": result.evaluations,
                                           "seconds": round(result.seconds, 2), "stopped": result.stopped}

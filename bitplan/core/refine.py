@@ -104,18 +104,19 @@ class SearchResult:
     rounds: int
     evaluations: int
     seconds: float
-    stopped: str  # "converged" (no tried move improved) or "time_cap"
+    stopped: str  # "converged" (no tried move improved), "time_cap" or "evaluation_cap"
 
 
 def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightChoice], movable: Sequence[str | tuple[str, ...]],
                  fits, cost_of,
                  deadline: float, target: Metrics | None = None, has_targets: bool = False,
-                 progress: ProgressFn = no_progress) -> SearchResult:
+                 progress: ProgressFn = no_progress, max_evaluations: int | None = None) -> SearchResult:
     """Measured local search from the best of ``seeds`` (see the module's docstring).
 
     ``cost_of(assign)`` is a scalar cost (the budgets, each divided by its limit, summed) used to rank
     repairs; ``fits(assign)`` decides feasibility. Stops when no tried move improves, at ``deadline``
-    (time.perf_counter()). ``movable`` names layers, or groups of tied layers that move together. With
+    (time.perf_counter()) or after ``max_evaluations`` new measurements (the seeds' first scores not counted): the
+    evaluation cap makes the search the same on a fast and a loaded machine. ``movable`` names layers, or groups of tied layers that move together. With
     targets, a move that lowers the KL is kept only if the task loss stays at most the larger of the current
     plan's and ``target``'s.
     """
@@ -123,6 +124,15 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightCho
     state = min(seeds, key=lambda s: scorer(s).kl)
     base = scorer(state)
     rounds, stopped = 0, "converged"
+    first = scorer.evaluations
+
+    def spent() -> str | None:
+        """Why the search must stop now, if it must: the time cap or the evaluation cap."""
+        if time.perf_counter() >= deadline:
+            return "time_cap"
+        if max_evaluations is not None and scorer.evaluations - first >= max_evaluations:
+            return "evaluation_cap"
+        return None
 
     def moved(assign: Assignment, unit: str | tuple[str, ...], step: int) -> Assignment | None:
         names = (unit,) if isinstance(unit, str) else unit
@@ -135,19 +145,22 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightCho
         return out
 
     while True:
-        if time.perf_counter() >= deadline:
-            stopped = "time_cap"
+        cap = spent()
+        if cap is not None:
+            stopped = cap
             break
         rounds += 1
-        progress("guarantee", min(0.95, (time.perf_counter() - start) / max(deadline - start, 1e-9)),
-                 f"round {rounds}: measured KL {base.kl:.5g}")
+        done = (time.perf_counter() - start) / max(deadline - start, 1e-9)
+        if max_evaluations is not None:
+            done = max(done, (scorer.evaluations - first) / max_evaluations)
+        progress("guarantee", min(0.95, done), f"round {rounds}: measured KL {base.kl:.5g}")
         delta: dict[tuple[str, int], float] = {}
         for name in movable:
             for step in (-1, 1):
                 cand = moved(state, name, step)
                 if cand is not None:
                     delta[name, step] = scorer(cand).kl - base.kl
-            if time.perf_counter() >= deadline:
+            if spent() is not None:
                 break
         moves: list[tuple[float, Assignment]] = []
         for (name, step), d in delta.items():
@@ -178,15 +191,16 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightCho
         moves.sort(key=lambda m: m[0])
         best, best_metrics = None, base
         for _, cand in moves[:TRIES_PER_ROUND]:
-            if time.perf_counter() >= deadline:
+            if spent() is not None:
                 break
             m = scorer(cand)
             loss_ok = not has_targets or target is None or m.loss <= max(base.loss, target.loss)
             if m.kl < best_metrics.kl * (1 - TIE) and loss_ok:
                 best, best_metrics = cand, m
         if best is None:
-            if time.perf_counter() >= deadline:  # the cap cut this round short: not a local optimum
-                stopped = "time_cap"
+            cap = spent()
+            if cap is not None:  # a cap cut this round short: not a local optimum
+                stopped = cap
             break
         state, base = best, best_metrics
     return SearchResult(state, base, rounds, scorer.evaluations, time.perf_counter() - start, stopped)
