@@ -495,8 +495,8 @@ def check_against_uniform(prep: Prepared, request: PlanRequest, assignment: dict
                           max_evaluations: int | None = None) -> tuple[dict, UniformCheck]:
     """Measure the solver's plan against every uniform plan that fits, on the search (calibration) data, then
     run the measured local search (re-scoring each layer in the context of the others' bits) from the better of
-    them for up to ``cap_seconds`` and ``max_evaluations`` measured plans. Returns the best plan found if it is no worse than the best uniform plan,
-    else that uniform plan; the UniformCheck says which and why."""
+    them for up to ``cap_seconds`` and ``max_evaluations`` measured plans. Returns the best plan found if it is no
+    worse than the best uniform plan, else that uniform plan; the UniformCheck says which and why."""
     fits = _fits(prep, request)
     uniforms = uniform_plans(prep, weight_choices(request), request.a_bits, fits, request.pins)
     data = prep.data if len(prep.data) <= GUARANTEE_SAMPLES else _head(prep.data, GUARANTEE_SAMPLES)

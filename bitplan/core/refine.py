@@ -116,9 +116,9 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightCho
     ``cost_of(assign)`` is a scalar cost (the budgets, each divided by its limit, summed) used to rank
     repairs; ``fits(assign)`` decides feasibility. Stops when no tried move improves, at ``deadline``
     (time.perf_counter()) or after ``max_evaluations`` new measurements (the seeds' first scores not counted): the
-    evaluation cap makes the search the same on a fast and a loaded machine. ``movable`` names layers, or groups of tied layers that move together. With
-    targets, a move that lowers the KL is kept only if the task loss stays at most the larger of the current
-    plan's and ``target``'s.
+    evaluation cap makes the search the same on a fast and a loaded machine. ``movable`` names layers, or groups of
+    tied layers that move together. With targets, a move that lowers the KL is kept only if the task loss stays at
+    most the larger of the current plan's and ``target``'s.
     """
     start = time.perf_counter()
     state = min(seeds, key=lambda s: scorer(s).kl)
