@@ -54,20 +54,23 @@ def solve_uniform(problem: Problem, time_limit: float | None = None) -> Solution
     for choices in plans.values():
         if problem.feasible(choices):
             return _solution(problem, choices, start)
-    totals = {k: problem.value(k, plans[min(plans)]) for k in problem.budgets} if plans else {}
+    lowest = min(plans, key=lambda k: (k[0], [problem.value(b, plans[k]) for b in problem.budgets])) if plans else None
+    totals = {k: problem.value(k, plans[lowest]) for k in problem.budgets} if lowest else {}
     over = ", ".join(f"{k} is {fmt(v)} > {fmt(problem.budgets[k])}" for k, v in totals.items()
                      if v > problem.budgets[k] * (1 + _TOL) + _TOL)
+    label = "" if lowest is None else f"{lowest[0]} bits" + ("" if lowest[1] == "int" else f" ({lowest[1]})")
     raise InfeasibleError(
-        f"no single width fits every budget: at the lowest, {min(plans)} bits, {over}" if plans
+        f"no single width fits every budget: at the lowest, {label}, {over}" if plans
         else "no width is offered by every layer, so no uniform plan exists",
         "use a mixed-precision solver (ilp, pareto, greedy) or relax the budget",
         totals,
     )
 
 
-def uniform_plans(problem: Problem) -> dict[int, dict[str, Option]]:
-    """For each width every free layer offers, highest first: the plan with all of them at it.
-    Pinned layers keep their pin, and so do the layers tied to them."""
+def uniform_plans(problem: Problem) -> dict[tuple[int, str], dict[str, Option]]:
+    """For each width and format every free layer offers, highest width first (and within a width, least predicted
+    loss first): the plan with all of them at it, keyed (w_bits, format). Pinned layers keep their pinned width, in
+    the plan's format where they offer it, and so do the layers tied to them."""
     held = {}
     for group in problem.groups():
         pins = {problem.pins[n] for n in group if n in problem.pins}
@@ -75,19 +78,21 @@ def uniform_plans(problem: Problem) -> dict[int, dict[str, Option]]:
             return {}
         if pins:
             held.update(dict.fromkeys(group, pins.pop()))
-    free = [{o.w_bits for o in lay.options} for lay in problem.layers if lay.name not in held]
-    widths = set.intersection(*free) if free else {0}  # all held: the one plan the pins leave
+    free = [{o.tie_key for o in lay.options} for lay in problem.layers if lay.name not in held]
+    keys = set.intersection(*free) if free else {(0, "int")}  # all held: the one plan the pins leave
     plans = {}
-    for w in sorted(widths, reverse=True):
+    for w, form in keys:
         choices = {}
         for layer in problem.layers:
             options = [o for o in problem.allowed(layer) if o.w_bits == held.get(layer.name, w)]
+            same = [o for o in options if o.fmt == form]
             if not options:
                 break
-            choices[layer.name] = min(options, key=functools.partial(_rank, problem, layer))
+            choices[layer.name] = min(same or options, key=functools.partial(_rank, problem, layer))
         else:
-            plans[w] = choices
-    return plans
+            plans[w, form] = choices
+    order = sorted(plans, key=lambda k: (-k[0], sum(o.objective for o in plans[k].values()), k[1]))
+    return {k: plans[k] for k in order}
 
 
 def greedy_choices(problem: Problem, fill: bool = True, deadline: Deadline | None = None) -> dict[str, Option] | None:
@@ -187,28 +192,30 @@ class _Unit:
         self.problem = problem
         self.keys = list(problem.budgets)
         self.options = {n: problem.candidates(problem.layer(n)) for n in names}
-        self.widths = sorted(set.intersection(*({o.w_bits for o in opts} for opts in self.options.values())))
+        #: the (width, format) choices every member offers: tied layers move between them together
+        self.widths = sorted(set.intersection(*({o.tie_key for o in opts} for opts in self.options.values())))
         #: (objective, budgeted contributions...) of every option, by identity
         self.vector = {id(o): (o.objective, *(problem.contribution(k, problem.layer(n), o) for k in self.keys))
                        for n, opts in self.options.items() for o in opts}
 
     def highest(self) -> dict[str, Option]:
-        w = self.widths[-1]
-        return {n: min((o for o in opts if o.w_bits == w), key=lambda o: o.objective) for n, opts in self.options.items()}
+        key = self.widths[-1]
+        return {n: min((o for o in opts if o.tie_key == key), key=lambda o: o.objective) for n, opts in self.options.items()}
 
     def moves(self, choices: Mapping[str, Option], weights: Mapping[str, float]) -> Iterator[Move]:
-        """Every other plan for this unit: single-layer swaps within a width, and whole-unit width changes."""
+        """Every other plan for this unit: single-layer swaps within a width and format, and whole-unit changes of
+        width or format."""
         names = list(self.options)
-        current_w = choices[names[0]].w_bits
+        current = choices[names[0]].tie_key
         for n, opts in self.options.items():
             for o in opts:
-                if o is not choices[n] and (len(names) == 1 or o.w_bits == current_w):
+                if o is not choices[n] and (len(names) == 1 or o.tie_key == current):
                     yield {n: o}
         if len(names) > 1:
             weight = [weights.get(k, 0.0) for k in self.keys]
-            for w in self.widths:
-                if w != current_w:
-                    yield {n: min((o for o in opts if o.w_bits == w),
+            for key in self.widths:
+                if key != current:
+                    yield {n: min((o for o in opts if o.tie_key == key),
                                   key=lambda o: (sum(a * b for a, b in zip(self.vector[id(o)][1:], weight)), o.objective))
                            for n, opts in self.options.items()}
 

@@ -70,8 +70,8 @@ def check_budgets(problem: Problem) -> None:
     """Raise InfeasibleError when tied layers share no width, or some budget alone is below its
     smallest achievable value."""
     for group in problem.groups():
-        if not set.intersection(*({o.w_bits for o in problem.allowed(problem.layer(n))} for n in group)):
-            raise InfeasibleError(f"tied layers {', '.join(group)} share no allowed width",
+        if not set.intersection(*({o.tie_key for o in problem.allowed(problem.layer(n))} for n in group)):
+            raise InfeasibleError(f"tied layers {', '.join(group)} share no allowed width and format",
                                   "untie them, or pin them to a width they all offer")
     for key, limit in problem.budgets.items():
         if problem.minimum(key) > limit * (1 + 1e-9) + 1e-9:
@@ -236,21 +236,21 @@ class _Model:
 
     def _ties(self) -> None:
         for gi, group in enumerate(g for g in self.problem.groups() if len(g) > 1):
-            widths = sorted({o.w_bits for n in group for o in self.options[n]})
+            keys = sorted({o.tie_key for n in group for o in self.options[n]})
             for a, b in zip(group, group[1:]):
-                for w in widths:
-                    sides = [self._width(n, w) for n in (a, b)]
+                for w, form in keys:
+                    sides = [self._width(n, (w, form)) for n in (a, b)]
                     if all(isinstance(s, float) for s in sides):
                         self.infeasible |= sides[0] != sides[1]
                         continue
-                    self.prob.addConstraint(sides[0] == sides[1], _name(f"tie_{gi}_{a}_{b}_{w}"))
+                    self.prob.addConstraint(sides[0] == sides[1], _name(f"tie_{gi}_{a}_{b}_{w}_{form}"))
 
-    def _width(self, name: str, w: int) -> float | pulp.LpAffineExpression:
-        """1 when layer ``name`` takes width ``w`` (an expression, or a constant 0.0/1.0)."""
+    def _width(self, name: str, key: tuple[int, str]) -> float | pulp.LpAffineExpression:
+        """1 when layer ``name`` takes the width and format ``key`` (an expression, or a constant 0.0/1.0)."""
         opts = self.options[name]
         if name not in self.x:
-            return float(opts[0].w_bits == w)
-        return pulp.LpAffineExpression([(v, 1.0) for v, o in zip(self.x[name], opts) if o.w_bits == w])
+            return float(opts[0].tie_key == key)
+        return pulp.LpAffineExpression([(v, 1.0) for v, o in zip(self.x[name], opts) if o.tie_key == key])
 
     def solve(self, backend: str, time_limit: float | None, msg: bool,
               start: Mapping[str, Option] | None) -> tuple[dict[str, Option], bool, float | None] | None:

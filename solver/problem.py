@@ -55,13 +55,19 @@ class Option:
     objective: float = 0.0
     cost: Mapping[str, float] = field(default_factory=dict)
     #: the number format: "int" (INT-w_bits), or a format's name (bitplan.formats) whose element width is w_bits;
-    #: pins and ties are by w_bits, so a width offered in several formats keeps them all
+    #: pins are by w_bits (a pinned width keeps every format of it), ties by ``tie_key`` (one width and one format)
     fmt: str = "int"
 
     @property
     def choice(self) -> int | str:
         """The weight choice this option stands for: the INT width, or the format's name."""
         return self.w_bits if self.fmt == "int" else self.fmt
+
+    @property
+    def tie_key(self) -> tuple[int, str]:
+        """What tied layers share: the weight width and its format (a runtime that fuses them, e.g. vLLM's qkv_proj,
+        needs one scheme for all), sortable by width."""
+        return (self.w_bits, self.fmt)
 
 
 def frontier_point(cost: dict[str, float], objective: float, choices: Mapping[str, Option]) -> dict[str, Any]:
@@ -183,14 +189,14 @@ class Problem:
         options = {lay.name: self.candidates(lay) if pruned else self.allowed(lay) for lay in layers}
         if len(group) == 1:
             return [{group[0]: o} for o in options[group[0]]]
-        widths = sorted(set.intersection(*({o.w_bits for o in opts} for opts in options.values())))
-        return [dict(zip(group, combo)) for w in widths
-                for combo in product(*([o for o in options[n] if o.w_bits == w] for n in group))]
+        shared = sorted(set.intersection(*({o.tie_key for o in opts} for opts in options.values())))
+        return [dict(zip(group, combo)) for key in shared
+                for combo in product(*([o for o in options[n] if o.tie_key == key] for n in group))]
 
     def candidates(self, layer: Layer) -> tuple[Option, ...]:
         """Allowed options that no other allowed option beats: an option goes when another has an
         objective and every budgeted contribution no larger (the first of exact equals stays).
-        A tied layer compares only options of equal w_bits, so the tie still sees every width."""
+        A tied layer compares only options of equal width and format, so the tie still sees every choice."""
         keys = list(self.budgets)
         allowed = self.allowed(layer)
         scored = sorted(
@@ -199,7 +205,7 @@ class Problem:
         tied = layer.name in self.tied
         kept: list[tuple[tuple[float, ...], int, Option]] = []
         for vector, i, option in scored:
-            if not any((not tied or o.w_bits == option.w_bits) and all(a <= b for a, b in zip(v, vector))
+            if not any((not tied or o.tie_key == option.tie_key) and all(a <= b for a, b in zip(v, vector))
                        for v, _, o in kept):
                 kept.append((vector, i, option))
         return tuple(o for _, _, o in sorted(kept, key=lambda item: item[1]))
@@ -227,10 +233,10 @@ class Problem:
         total = 0.0 if key == AVG_BITS else self.fixed_cost.get(key, 0.0)
         for group in problem.groups():
             layers = [problem.layer(n) for n in group]
-            common = set.intersection(*({o.w_bits for o in problem.allowed(lay)} for lay in layers))
+            common = set.intersection(*({o.tie_key for o in problem.allowed(lay)} for lay in layers))
             best = min(
-                sum(min(problem.contribution(key, lay, o) for o in problem.allowed(lay) if o.w_bits == w) for lay in layers)
-                for w in common
+                sum(min(problem.contribution(key, lay, o) for o in problem.allowed(lay) if o.tie_key == tk) for lay in layers)
+                for tk in common
             ) if common else float("inf")
             total += best
         return total
@@ -264,7 +270,7 @@ class Problem:
         best: tuple[float, dict[str, Option]] | None = None
         for combo in product(*(self.allowed(layer) for layer in self.layers)):
             choices = {layer.name: o for layer, o in zip(self.layers, combo)}
-            if any(len({choices[n].w_bits for n in g}) > 1 for g in self.ties):
+            if any(len({choices[n].tie_key for n in g}) > 1 for g in self.ties):
                 continue
             if not self.feasible(choices):
                 continue

@@ -286,6 +286,38 @@ def test_uniform_takes_the_highest_width_that_fits_and_keeps_pins():
                                  for lay in problem.layers})
 
 
+def _formats_problem(**kw) -> Problem:
+    """q and k tied (they read one input): q's scores prefer nvfp4, k's mxfp4, both 4 bits wide (one avg-bits
+    cost); untied, each takes its own format; v is free to mix."""
+    def options(int4: float, nv: float, mx: float) -> tuple[Option, ...]:
+        return (Option(2, objective=50.0, cost={"size_bytes": 30.0}),
+                Option(4, objective=int4, cost={"size_bytes": 50.0}),
+                Option(4, objective=nv, cost={"size_bytes": 56.0}, fmt="nvfp4"),
+                Option(4, objective=mx, cost={"size_bytes": 53.0}, fmt="mxfp4"),
+                Option(8, objective=0.0, cost={"size_bytes": 100.0}))
+    layers = (Layer("q", 100, options(9.0, 1.0, 6.0)), Layer("k", 100, options(9.0, 6.0, 2.0)),
+              Layer("v", 100, options(9.0, 3.0, 1.0)))
+    return Problem(layers, {"avg_weight_bits": 4.0}, **kw)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_tied_layers_share_one_width_and_one_format(name):
+    """A runtime that fuses tied layers (vLLM's qkv_proj) needs one scheme for all: every solver gives them one
+    (width, format); the exact ones the tied optimum (q, k both nvfp4: 1 + 6 < 6 + 2), v mxfp4."""
+    untied = get_solver("ilp")(_formats_problem()).choices
+    assert (untied["q"].fmt, untied["k"].fmt) == ("nvfp4", "mxfp4")  # what ties must prevent
+    problem = _formats_problem(ties=(("q", "k"),))
+    assert problem.brute_force()[0] == pytest.approx(8.0)
+    solution = get_solver(name)(problem)
+    assert solution.choices["q"].tie_key == solution.choices["k"].tie_key
+    assert problem.feasible(solution.choices)
+    if name in ("ilp", "pareto", "lagrange", "greedy"):
+        assert solution.objective == pytest.approx(8.0)
+        assert {n: o.choice for n, o in solution.choices.items()} == {"q": "nvfp4", "k": "nvfp4", "v": "mxfp4"}
+    if name == "uniform":  # one width and one format for every layer
+        assert len({o.tie_key for o in solution.choices.values()}) == 1
+
+
 @pytest.mark.parametrize("name", FAMILY)
 def test_unknown_solver_params_are_refused_with_the_valid_ones(name):
     with pytest.raises(BitplanError) as err:
