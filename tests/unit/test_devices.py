@@ -494,3 +494,34 @@ def test_moving_a_graph_reaches_the_bodies_of_nested_graphs():
     assert sum(isinstance(m, torch.fx.GraphModule) for m in gm.modules()) > 1  # the nested body exists
     move_graph(gm, torch.device("meta"))
     assert gm(x.to("meta")).device.type == "meta"
+
+
+def test_a_double_backward_that_fails_under_bfloat16_is_redone_in_float32(monkeypatch):
+    """On CUDA, exact products under bfloat16 autocast failed with "expected input and grad types to match" (an H200
+    run, stop 22). Here the failure is simulated (the CPU's kernels do not fail): the oracle redoes the products in
+    float32, says so, and the table is the float32 run's."""
+    from bitplan.core.pipeline import prepare
+    from bitplan.core.sensitivity import SensitivityContext, hvp, run_sensitivity
+
+    real = hvp.loss_of
+
+    def failing_under_bf16(ctx, *args, **kwargs):
+        if ctx.model.compute_dtype == torch.bfloat16:
+            raise RuntimeError("expected input and grad types to match, but got input of type c10::BFloat16 and "
+                               "grad of type float\nmore lines")
+        return real(ctx, *args, **kwargs)
+
+    params = {"hvp": "exact", "max_probes": 2, "max_samples": 32}
+    tables = {}
+    for dtype in ("float32", "bfloat16"):
+        prep = prepare("catalog:digits_cnn", None, dtype=dtype)
+        ctx = SensitivityContext(prep.model, prep.data, [2, 4, 8], prep.bank, 0)
+        with monkeypatch.context() as patch:
+            patch.setattr(hvp, "loss_of", failing_under_bf16)
+            tables[dtype] = run_sensitivity("hessian_trace", params, ctx)
+    notes = " ".join(tables["bfloat16"].notes)
+    assert "double backward under bfloat16 compute failed (expected input and grad types to match" in notes
+    assert "computed in float32" in notes and "more lines" not in notes
+    assert not any("float32" in n for n in tables["float32"].notes)
+    low, full = tables["bfloat16"].omega(), tables["float32"].omega()
+    assert low.keys() == full.keys() and all(low[k] == pytest.approx(full[k], rel=1e-6) for k in full)

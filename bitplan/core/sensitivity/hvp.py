@@ -3,9 +3,11 @@ quantizable weights, for every second-order method.
 
 Products are exact (double backward) when the model allows it. Fused
 scaled-dot-product attention has no double backward; it is swapped for its math
-form (the same function) while the oracle is open. Any other op without a second
-derivative falls back to central finite differences of gradients. ``notes``
-says which happened.
+form (the same function) while the oracle is open. A double backward that fails
+under a bfloat16/float16 compute dtype on mismatched gradient types (seen on CUDA:
+"expected input and grad types to match") is redone in float32. Any other op
+without a second derivative falls back to central finite differences of
+gradients. ``notes`` says which happened.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ class NoDoubleBackward(Exception):
     pass
 
 
+class NoLowPrecisionDoubleBackward(Exception):
+    pass
+
+
+def is_dtype_mismatch(exc: RuntimeError) -> bool:
+    """A backward op that met gradients of another dtype than its inputs: what autocast's mixed graph gives some
+    double-backward kernels."""
+    return "types to match" in str(exc)
+
+
 def is_missing_derivative(exc: RuntimeError) -> bool:
     text = str(exc)
     return ("derivative for" in text and "not implemented" in text) or "double backward" in text.lower()
@@ -62,6 +74,7 @@ class HessianOracle(contextlib.AbstractContextManager):
         self.fallbacks: list[str] = []
         self.n_samples = sum(b.size for b in batches)
         self.batched: bool | None = None  # whether vmapped (is_grads_batched) products work on this model
+        self.exact_float32 = False  # exact products computed with autocast off (the compute dtype's failed)
         self._stack = contextlib.ExitStack()
 
     def __exit__(self, *exc) -> None:
@@ -105,6 +118,11 @@ class HessianOracle(contextlib.AbstractContextManager):
                 return compute()
             except NoDoubleBackward as exc:
                 self._fall_back(str(exc))
+            except NoLowPrecisionDoubleBackward as exc:
+                self.exact_float32 = True
+                dtype = str(self.ctx.model.compute_dtype).removeprefix("torch.")
+                self.fallbacks.append(f"double backward under {dtype} compute failed ({exc}); the exact products are "
+                                      "computed in float32 (autocast off)")
 
     def _fall_back(self, reason: str) -> None:
         gm = self.ctx.model.gm
@@ -137,6 +155,17 @@ class HessianOracle(contextlib.AbstractContextManager):
         return total
 
     def _exact(self, batch, ref, probes, block):
+        if self.exact_float32:
+            with float32_compute(self.ctx.model):
+                return self._exact_products(batch, ref, probes, block)
+        try:
+            return self._exact_products(batch, ref, probes, block)
+        except RuntimeError as exc:
+            if is_dtype_mismatch(exc) and self.ctx.model.compute_dtype != torch.float32:
+                raise NoLowPrecisionDoubleBackward(str(exc).splitlines()[0]) from None
+            raise
+
+    def _exact_products(self, batch, ref, probes, block):
         params = {k: w.clone().requires_grad_(True) for k, w in self.weights.items()}
         keys = list(params)
         loss = loss_of(self.ctx, batch, ref, params)
@@ -172,7 +201,7 @@ class HessianOracle(contextlib.AbstractContextManager):
                                      grad_outputs=[torch.stack([v[k] for v in probes]) for k in live],
                                      retain_graph=True, allow_unused=True, is_grads_batched=True)
         except RuntimeError as exc:
-            if is_missing_derivative(exc):
+            if is_missing_derivative(exc) or is_dtype_mismatch(exc):
                 raise
             self.batched = False
             return None
