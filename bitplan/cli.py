@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from bitplan.errors import BitplanError, gpu_out_of_memory
 from bitplan.exports import FORMATS as EXPORT_FORMATS
 from bitplan.files import write_atomic
-from bitplan.formats import FORMATS, TARGETS, check_formats
+from bitplan.formats import FORMATS, TARGETS, WeightChoice, check_formats
 from bitplan.methods import DEFAULT_SENSITIVITY
 from bitplan.params import message_of
 from bitplan.schemas import DEFAULT_A_BITS, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_SOLVER, DEFAULT_W_BITS, DTYPES
@@ -219,7 +219,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from bitplan.core.profile import profile_layers
     from bitplan.progress import StderrProgress
 
-    widths = _parse_bits(args.wbits)
+    widths: list[WeightChoice] = [*_parse_bits(args.wbits), *(_formats(args.formats) or [])]
     prep = prepare(args.model, args.data, seq_len=args.seq_len, device=args.device, dtype=args.dtype)
     progress = StderrProgress(enabled=None if not args.progress else True)
     try:
@@ -228,9 +228,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                                                             f"{done}/{total} layers"))
     finally:
         progress.close()
-    cols = sorted(next(iter(table.values())))
+    cols = list(next(iter(table.values())))
     width = max(len(name) for name in table)
-    print(f"{'layer':<{width}}  " + "  ".join(f"{f'{b}-bit ms':>10}" for b in cols))
+    print(f"{'layer':<{width}}  " + "  ".join(f"{f'{b} ms' if isinstance(b, str) else f'{b}-bit ms':>10}" for b in cols))
     for name, row in table.items():
         print(f"{name:<{width}}  " + "  ".join(f"{row[b]:>10.4f}" for b in cols))
     print("total" + " " * (width - 3) + "  ".join(f"{sum(r[b] for r in table.values()):>10.4f}" for b in cols))
@@ -729,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default)")
     p.add_argument("--out", required=True, help="the latency table JSON to write")
     p.add_argument("--wbits", default=_bits_text(DEFAULT_W_BITS), help="the weight widths to time (16 is always timed)")
+    p.add_argument("--formats", help="number formats to time too (the columns a plan with --formats needs): fp8_e4m3 "
+                                     "runs torchao's float8 kernel; the others, which torchao's stable configs lack, "
+                                     "are timed in float")
     p.add_argument("--batch", type=int, default=1, help="samples per timed call")
     p.add_argument("--runs", type=int, default=20, help="timed calls per layer and width (the median is kept)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample for text data")

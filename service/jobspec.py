@@ -222,12 +222,24 @@ class ProfileCreate(BaseModel):
                             description="the inputs the layers are timed on: an uploaded dataset, or 'synthetic'")
     w_bits: WBits = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8,
                           description="the weight widths to time (16, float, is always timed)")
+    formats: list[str] = Field(default_factory=list, max_length=8,
+                               description="number formats to time too (" + ", ".join(FORMATS) + "): fp8_e4m3 runs "
+                                           "torchao's float8 kernel, the others are timed in float (no stable torchao "
+                                           "config)")
     batch: int = Field(1, ge=1, le=1024, description="samples per timed call")
     runs: int = Field(20, ge=1, le=200, description="timed calls per layer and width (the median is kept)")
     device: Device = Field(DEFAULT_DEVICE, max_length=16, description="auto, cpu, cuda or cuda:N: where the timing runs")
     seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the dataset is text")
     synthetic_samples: int = Field(8, ge=1, le=4096)
     callback_url: CallbackUrl = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats(cls, v: Any) -> list[str]:
+        try:
+            return list(check_formats(v))
+        except (ValueError, TypeError) as exc:
+            raise _invalid(str(exc)) from None
 
 
 

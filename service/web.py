@@ -409,7 +409,7 @@ def _job_context(request: Request, team: Team, job_id: str) -> dict[str, Any]:
         context.update(plan=None, applied=plan)
     elif plan is not None and view["kind"] == "profile":  # a latency table, not a plan
         rows = list(plan.get("latency_table", {}).values())
-        widths = sorted(rows[0], key=int) if rows else []
+        widths = sorted(rows[0], key=lambda b: (0, int(b), "") if b.isdigit() else (1, 0, b)) if rows else []
         context.update(plan=None, latency=plan, latency_widths=widths)
     elif plan is not None:
         context.update(plots.plan_view(plan))

@@ -390,7 +390,7 @@ def _profile(rt: Runtime, job: Job, attempt: Attempt, reporter: Reporter) -> str
     else:
         data_path, _ = synthetic_data(rt.blobs, model, int(r.get("synthetic_samples", 8)), 0)
     args = {"model": str(rt.blobs.path(model.sha256)), "data": data_path, "w_bits": r["w_bits"], "batch": r["batch"],
-            "runs": r["runs"], "seq_len": r.get("seq_len", 128),
+            "runs": r["runs"], "seq_len": r.get("seq_len", 128), "formats": list(r.get("formats") or []),
             "device": job_device(str(r.get("device") or "auto"), rt.settings.worker_device)}
     result = run_untrusted(rt.settings, "profile", {**args, "request": {"device": args["device"]}}, attempt, reporter)
     table = result.get("latency_table")

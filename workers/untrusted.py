@@ -135,7 +135,8 @@ def _profile(args: dict, progress) -> dict:
     prep = prepare(args["model"], args["data"], seq_len=int(args.get("seq_len", 128)),
                    device=str(args.get("device") or "auto"))
     progress("profile", 0.0, f"{len(prep.layers)} layers")
-    table, notes = profile_layers(prep, [int(b) for b in args["w_bits"]], batch=int(args["batch"]),
+    choices = [*(int(b) for b in args["w_bits"]), *(str(f) for f in args.get("formats") or ())]
+    table, notes = profile_layers(prep, choices, batch=int(args["batch"]),
                                   runs=int(args["runs"]),
                                   progress=lambda done, total: progress("profile", done / total, f"{done}/{total} layers"))
     return {"schema": "bitplan.latency/v1", "model": prep.model.info.model_dump(mode="json"),

@@ -307,16 +307,19 @@ def test_a_profile_job_times_every_layer_and_its_table_budgets_a_plan(stack, tea
     a, _ = teams
     r = a.http.post("/v1/profiles", json={"model_id": a.model["id"], "w_bits": [9]})
     assert r.status_code == 422 and "weight bits [9]" in r.text, r.text
+    r = a.http.post("/v1/profiles", json={"model_id": a.model["id"], "formats": ["fp9"]})
+    assert r.status_code == 422 and "fp9" in r.text and "fp8_e4m3" in r.text, r.text
     with Client(stack.url, a.key) as client:
-        job = client.profile(a.model["id"], a.data["id"], w_bits=[4, 8], runs=3)
+        job = client.profile(a.model["id"], a.data["id"], w_bits=[4, 8], formats=["fp8_e4m3"], runs=3)
         assert job["kind"] == "profile" and set(job["links"]) == {"self", "latency"}
         job = client.wait(job["id"], timeout=300)
         assert job["state"] == "succeeded", job
         result = client.latency(job["id"])
     table = result["latency_table"]
     assert list(table) == [layer["name"] for layer in a.model["layers"]]
-    assert all(set(row) == {"4", "8", "16"} and all(ms > 0 for ms in row.values()) for row in table.values())
+    assert all(set(row) == {"4", "8", "16", "fp8_e4m3"} and all(ms > 0 for ms in row.values()) for row in table.values())
     assert any("median of 3 calls" in n for n in result["notes"]) and result["device"] == "cpu"
+    assert not any("timed in float:" in n for n in result["notes"])  # fp8_e4m3 ran torchao's kernel
     r = a.http.get(f"/v1/jobs/{job['id']}/plan")
     assert r.status_code == 409 and r.json()["error"]["code"] == "wrong_job_kind"
     cheapest = sum(min(row["4"], row["8"]) for row in table.values())

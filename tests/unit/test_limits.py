@@ -4,6 +4,7 @@ while the broker is down (stored, sent later by the reconciler)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -243,12 +244,25 @@ def test_profile_apply_and_runtime_targets_are_checked_at_submit(tmp_path, model
     model = a.post("/v1/models", files={"file": model_file}).json()["id"]
     r = a.post("/v1/profiles", json={"model_id": model, "w_bits": [9]})
     assert r.status_code == 422 and "weight bits [9]" in r.text
-    r = a.post("/v1/profiles", json={"model_id": model, "w_bits": [8, 4], "runs": 3, "device": " CPU "})
+    r = a.post("/v1/profiles", json={"model_id": model, "w_bits": [8, 4], "runs": 3, "device": " CPU ",
+                                     "formats": ["nvfp4", "fp8_e4m3"]})
     assert r.status_code == 202 and r.json()["kind"] == "profile" and sent == [r.json()["id"]]
     profile = r.json()
     assert profile["request"]["w_bits"] == [4, 8] and profile["request"]["device"] == "cpu"
+    assert profile["request"]["formats"] == ["fp8_e4m3", "nvfp4"]
     r = a.get(f"/v1/jobs/{profile['id']}/plan")
     assert r.status_code == 409 and r.json()["error"]["code"] == "wrong_job_kind" and "/latency" in r.text
+    with db.session() as s:  # as if a worker had timed it: the job page shows a column per width and format
+        job = s.get(Job, profile["id"])
+        job.state, job.plan = JobState.SUCCEEDED, {"latency_table": {"fc1": {"16": 1.0, "nvfp4": 1.5, "4": 2.0,
+                                                                             "fp8_e4m3": 3.0, "8": 2.5}},
+                                                   "notes": [], "device": "cpu"}
+    browser = TestClient(app, follow_redirects=False)
+    assert browser.post("/login", data={"key": keys["vision"], "next": "/"}).status_code == 303
+    page = browser.get(f"/jobs/{profile['id']}").text
+    assert "INT 4,8, fp8_e4m3, nvfp4 and float" in page
+    assert re.findall(r'<th scope="col">([^<]+)</th>', page)[:6] == ["layer", "int4", "int8", "float", "fp8_e4m3",
+                                                                      "nvfp4"]
     r = a.post("/v1/jobs", json={"model_id": model, "budgets": {"avg_weight_bits": 4}, "target": "llamacpp",
                                  "formats": ["nvfp4"]})
     assert r.status_code == 422 and "llamacpp does not run format(s) ['nvfp4']" in r.text
@@ -263,7 +277,7 @@ def test_profile_apply_and_runtime_targets_are_checked_at_submit(tmp_path, model
         job.state, job.plan = JobState.SUCCEEDED, {"layers": [{"name": "fc1", "w_bits": 4, "w_format": "int"}]}
     r = a.post(f"/v1/jobs/{planned}/apply", json={"latency": True})
     assert r.status_code == 422 and r.json()["error"]["code"] == "export_unsupported" and "pt2" in r.text
-    assert a.post("/v1/profiles", json={"model_id": model}).status_code == 202  # two active: the quota
+    assert [a.post("/v1/profiles", json={"model_id": model}).status_code for _ in range(2)] == [202, 202]  # the quota
     refused = a.post("/v1/profiles", json={"model_id": model})
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
     a.__exit__(None, None, None)
