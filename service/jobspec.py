@@ -65,6 +65,13 @@ def _valid_device(v: Any) -> str:
         raise _invalid(str(exc)) from None
 
 
+def _valid_formats(v: Any) -> list[str]:
+    try:
+        return list(check_formats(v))
+    except (ValueError, TypeError) as exc:
+        raise _invalid(str(exc)) from None
+
+
 def _valid_callback(v: str | None) -> str | None:
     if v is not None and not v.startswith(("http://", "https://")):
         raise _invalid("callback_url must be an http:// or https:// URL")
@@ -73,6 +80,7 @@ def _valid_callback(v: str | None) -> str | None:
 
 WBits = Annotated[list[int], AfterValidator(_valid_w_bits)]
 Device = Annotated[str, BeforeValidator(_valid_device)]
+Formats = Annotated[list[str], BeforeValidator(_valid_formats)]
 CallbackUrl = Annotated[str | None, AfterValidator(_valid_callback)]
 FiniteMs = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
@@ -119,7 +127,7 @@ class JobCreate(BaseModel):
     eval_dataset_id: str | None = Field(None, max_length=64, description="held-out data for the measured figures")
     budgets: Budgets
     w_bits: WBits = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8)
-    formats: list[str] = Field(default_factory=list, max_length=8,
+    formats: Formats = Field(default_factory=list, max_length=8,
                                description="number formats a layer may take besides INT: " + ", ".join(FORMATS))
     target: str | None = Field(None, max_length=32, description="runtime preset (" + ", ".join(TARGETS) + "): w_bits "
                                                                  "and formats become what it runs, narrowed by any given")
@@ -186,14 +194,6 @@ class JobCreate(BaseModel):
             raise _invalid(str(exc)) from None
         return dict(value, target=name, w_bits=list(widths), formats=list(formats))
 
-    @field_validator("formats", mode="before")
-    @classmethod
-    def _formats(cls, v: Any) -> list[str]:
-        try:
-            return list(check_formats(v))
-        except (ValueError, TypeError) as exc:
-            raise _invalid(str(exc)) from None
-
     @model_validator(mode="after")
     def _formats_per_layer(self) -> JobCreate:
         if self.formats and self.granularity != "layer":
@@ -222,7 +222,7 @@ class ProfileCreate(BaseModel):
                             description="the inputs the layers are timed on: an uploaded dataset, or 'synthetic'")
     w_bits: WBits = Field(list(DEFAULT_W_BITS), min_length=1, max_length=8,
                           description="the weight widths to time (16, float, is always timed)")
-    formats: list[str] = Field(default_factory=list, max_length=8,
+    formats: Formats = Field(default_factory=list, max_length=8,
                                description="number formats to time too (" + ", ".join(FORMATS) + "): fp8_e4m3 runs "
                                            "torchao's float8 kernel, the others are timed in float (no stable torchao "
                                            "config)")
@@ -232,14 +232,6 @@ class ProfileCreate(BaseModel):
     seq_len: int = Field(128, ge=2, le=32_768, description="tokens per sample when the dataset is text")
     synthetic_samples: int = Field(8, ge=1, le=4096)
     callback_url: CallbackUrl = Field(None, max_length=2000, description="POSTed the job JSON when the job ends")
-
-    @field_validator("formats", mode="before")
-    @classmethod
-    def _formats(cls, v: Any) -> list[str]:
-        try:
-            return list(check_formats(v))
-        except (ValueError, TypeError) as exc:
-            raise _invalid(str(exc)) from None
 
 
 

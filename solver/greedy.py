@@ -70,7 +70,8 @@ def solve_uniform(problem: Problem, time_limit: float | None = None) -> Solution
 def uniform_plans(problem: Problem) -> dict[tuple[int, str], dict[str, Option]]:
     """For each width and format every free layer offers, highest width first (and within a width, least predicted
     loss first): the plan with all of them at it, keyed (w_bits, format). Pinned layers keep their pinned width, in
-    the plan's format where they offer it, and so do the layers tied to them."""
+    the plan's format where they offer it (else INT, else their format of least loss), and so do the layers tied to
+    them; tied layers always share one format."""
     held = {}
     for group in problem.groups():
         pins = {problem.pins[n] for n in group if n in problem.pins}
@@ -82,15 +83,22 @@ def uniform_plans(problem: Problem) -> dict[tuple[int, str], dict[str, Option]]:
     keys = set.intersection(*free) if free else {(0, "int")}  # all held: the one plan the pins leave
     plans = {}
     for w, form in keys:
-        choices = {}
-        for layer in problem.layers:
-            options = [o for o in problem.allowed(layer) if o.w_bits == held.get(layer.name, w)]
-            same = [o for o in options if o.fmt == form]
-            if not options:
+        choices: dict[str, Option] = {}
+        for group in problem.groups():
+            width = held.get(group[0], w)  # a group is held whole
+            options = {n: [o for o in problem.allowed(problem.layer(n)) if o.w_bits == width] for n in group}
+            shared = set.intersection(*({o.fmt for o in opts} for opts in options.values()))
+            if not shared:
                 break
-            choices[layer.name] = min(same or options, key=functools.partial(_rank, problem, layer))
+            # a held group keeps the plan's format where it offers it, else INT, else its format of least loss; a
+            # tied group takes one format whichever it is
+            pick = form if form in shared else "int" if "int" in shared else min(
+                sorted(shared), key=lambda f: sum(min(o.objective for o in opts if o.fmt == f) for opts in options.values()))
+            for n, opts in options.items():
+                layer = problem.layer(n)
+                choices[n] = min((o for o in opts if o.fmt == pick), key=functools.partial(_rank, problem, layer))
         else:
-            plans[w, form] = choices
+            plans[w, form] = {layer.name: choices[layer.name] for layer in problem.layers}
     order = sorted(plans, key=lambda k: (-k[0], sum(o.objective for o in plans[k].values()), k[1]))
     return {k: plans[k] for k in order}
 
@@ -199,8 +207,15 @@ class _Unit:
                        for n, opts in self.options.items() for o in opts}
 
     def highest(self) -> dict[str, Option]:
-        key = self.widths[-1]
-        return {n: min((o for o in opts if o.tie_key == key), key=lambda o: o.objective) for n, opts in self.options.items()}
+        """The unit at its highest width, in the format (one for a tie group) of least predicted loss."""
+        top = self.widths[-1][0]
+
+        def least(key: tuple[int, str], opts: tuple[Option, ...]) -> Option:
+            return min((o for o in opts if o.tie_key == key), key=lambda o: o.objective)
+
+        best = min((k for k in self.widths if k[0] == top),
+                   key=lambda k: sum(least(k, opts).objective for opts in self.options.values()))
+        return {n: least(best, opts) for n, opts in self.options.items()}
 
     def moves(self, choices: Mapping[str, Option], weights: Mapping[str, float]) -> Iterator[Move]:
         """Every other plan for this unit: single-layer swaps within a width and format, and whole-unit changes of

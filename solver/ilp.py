@@ -4,7 +4,8 @@
     subject to sum_o x[l,o] = 1                            for every layer l
                fixed_k + sum_{l,o} cost_k[l,o] x[l,o] <= B_k   for every budget k
                x[l,o] = 0                                   for options a pin excludes
-               sum_{o: w(o)=w} x[a,o] = sum_{o: w(o)=w} x[b,o]  for tied layers a, b
+               sum_{o: k(o)=k} x[a,o] = sum_{o: k(o)=k} x[b,o]  for tied layers a, b and each
+                                                              k = (width, format): ``Option.tie_key``
 
 Before the model is built, two reductions drop options no optimal plan needs:
   * dominance: an option whose objective and every budgeted cost another option of the layer
@@ -72,7 +73,7 @@ def check_budgets(problem: Problem) -> None:
     for group in problem.groups():
         if not set.intersection(*({o.tie_key for o in problem.allowed(problem.layer(n))} for n in group)):
             raise InfeasibleError(f"tied layers {', '.join(group)} share no allowed width and format",
-                                  "untie them, or pin them to a width they all offer")
+                                  "untie them, or offer them a width and format they all take")
     for key, limit in problem.budgets.items():
         if problem.minimum(key) > limit * (1 + 1e-9) + 1e-9:
             raise explain_infeasible(problem)

@@ -183,7 +183,7 @@ class Problem:
         return frozenset(name for group in self.groups() if len(group) > 1 for name in group)
 
     def unit_options(self, group: list[str], pruned: bool = True) -> list[dict[str, Option]]:
-        """A layer's options, or a tie group's: for each common width, every mix of its layers' options.
+        """A layer's options, or a tie group's: for each common (width, format), every mix of its layers' options.
         ``pruned``: the candidates (dominated options dropped), else every allowed option."""
         layers = [self.layer(n) for n in group]
         options = {lay.name: self.candidates(lay) if pruned else self.allowed(lay) for lay in layers}

@@ -79,7 +79,7 @@ def profile_layers(prep: Prepared, w_bits: list[WeightChoice], batch: int = 1, r
     """({layer: {choice: ms}}, notes) for every quantizable layer of ``prep.model`` at each of ``w_bits`` (INT widths
     and format names) and 16."""
     model = prep.model
-    if any(isinstance(b, str) or b < FULL_PRECISION for b in w_bits):
+    if any(b in TORCHAO_FORMATS if isinstance(b, str) else b < FULL_PRECISION for b in w_bits):
         try:
             import torchao  # noqa: F401
         except ImportError:

@@ -102,7 +102,7 @@ class SearchResult:
     assignment: Assignment
     metrics: Metrics
     rounds: int
-    evaluations: int
+    evaluations: int  # plans the search measured (the seeds' first scores not counted)
     seconds: float
     stopped: str  # "converged" (no tried move improved), "time_cap" or "evaluation_cap"
 
@@ -155,11 +155,10 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightCho
             done = max(done, (scorer.evaluations - first) / max_evaluations)
         progress("guarantee", min(0.95, done), f"round {rounds}: measured KL {base.kl:.5g}")
         delta: dict[tuple[str, int], float] = {}
-        for name in movable:
-            for step in (-1, 1):
-                cand = moved(state, name, step)
-                if cand is not None:
-                    delta[name, step] = scorer(cand).kl - base.kl
+        for name, step in ((name, step) for name in movable for step in (-1, 1)):
+            cand = moved(state, name, step)
+            if cand is not None:
+                delta[name, step] = scorer(cand).kl - base.kl
             if spent() is not None:
                 break
         moves: list[tuple[float, Assignment]] = []
@@ -203,4 +202,4 @@ def local_search(scorer: Scorer, seeds: list[Assignment], levels: list[WeightCho
                 stopped = cap
             break
         state, base = best, best_metrics
-    return SearchResult(state, base, rounds, scorer.evaluations, time.perf_counter() - start, stopped)
+    return SearchResult(state, base, rounds, scorer.evaluations - first, time.perf_counter() - start, stopped)

@@ -501,7 +501,7 @@ def test_a_double_backward_that_fails_under_bfloat16_is_redone_in_float32(monkey
     run, stop 22). Here the failure is simulated (the CPU's kernels do not fail): the oracle redoes the products in
     float32, says so, and the table is the float32 run's."""
     from bitplan.core.pipeline import prepare
-    from bitplan.core.sensitivity import SensitivityContext, hvp, run_sensitivity
+    from bitplan.core.sensitivity import SensitivityContext, hessian_trace, hvp, run_sensitivity
 
     real = hvp.loss_of
 
@@ -511,17 +511,23 @@ def test_a_double_backward_that_fails_under_bfloat16_is_redone_in_float32(monkey
                                "grad of type float\nmore lines")
         return real(ctx, *args, **kwargs)
 
-    params = {"hvp": "exact", "max_probes": 2, "max_samples": 32}
+    params = {"hvp": "exact", "max_probes": 2, "min_probes": 2, "max_samples": 32, "activations": True}
     tables = {}
     for dtype in ("float32", "bfloat16"):
         prep = prepare("catalog:digits_cnn", None, dtype=dtype)
         ctx = SensitivityContext(prep.model, prep.data, [2, 4, 8], prep.bank, 0)
         with monkeypatch.context() as patch:
             patch.setattr(hvp, "loss_of", failing_under_bf16)
+            patch.setattr(hessian_trace, "loss_of", failing_under_bf16)  # the activation traces' products
             tables[dtype] = run_sensitivity("hessian_trace", params, ctx)
     notes = " ".join(tables["bfloat16"].notes)
     assert "double backward under bfloat16 compute failed (expected input and grad types to match" in notes
-    assert "computed in float32" in notes and "more lines" not in notes
+    assert "the exact products are computed in float32" in notes and "more lines" not in notes
+    assert "activation traces: double backward under bfloat16 compute failed" in notes
     assert not any("float32" in n for n in tables["float32"].notes)
     low, full = tables["bfloat16"].omega(), tables["float32"].omega()
     assert low.keys() == full.keys() and all(low[k] == pytest.approx(full[k], rel=1e-6) for k in full)
+    low_a = {la.name: la.omega_act for la in tables["bfloat16"].layers}
+    full_a = {la.name: la.omega_act for la in tables["float32"].layers}
+    # the traces are float32's; the activation ranges they are multiplied by were calibrated under bfloat16
+    assert all(full_a.values()) and all(low_a[k] == pytest.approx(full_a[k], rel=0.05, abs=1e-12) for k in full_a)

@@ -294,7 +294,8 @@ def _formats_problem(**kw) -> Problem:
                 Option(4, objective=int4, cost={"size_bytes": 50.0}),
                 Option(4, objective=nv, cost={"size_bytes": 56.0}, fmt="nvfp4"),
                 Option(4, objective=mx, cost={"size_bytes": 53.0}, fmt="mxfp4"),
-                Option(8, objective=0.0, cost={"size_bytes": 100.0}))
+                Option(8, objective=0.0, cost={"size_bytes": 100.0}),
+                Option(8, objective=0.0, cost={"size_bytes": 106.0}, fmt="fp8_e4m3"))
     layers = (Layer("q", 100, options(9.0, 1.0, 6.0)), Layer("k", 100, options(9.0, 6.0, 2.0)),
               Layer("v", 100, options(9.0, 3.0, 1.0)))
     return Problem(layers, {"avg_weight_bits": 4.0}, **kw)
@@ -316,6 +317,30 @@ def test_tied_layers_share_one_width_and_one_format(name):
         assert {n: o.choice for n, o in solution.choices.items()} == {"q": "nvfp4", "k": "nvfp4", "v": "mxfp4"}
     if name == "uniform":  # one width and one format for every layer
         assert len({o.tie_key for o in solution.choices.values()}) == 1
+
+
+def test_uniform_and_greedy_pick_formats_by_predicted_loss_and_keep_pinned_ties_together():
+    from solver.greedy import _units
+
+    # q and k tied and held at 4 bits by a pin on q; the plans at 2 and 8 bits have no format there (fp8_e4m3 is
+    # 8 bits): both take INT-4 (each alone would take its best 4-bit format: q nvfp4, k mxfp4)
+    problem = _formats_problem(ties=(("q", "k"),), pins={"q": 4})
+    from solver.greedy import uniform_plans
+
+    plans = uniform_plans(problem)
+    assert {(8, "int"), (8, "fp8_e4m3"), (2, "int")} <= set(plans)
+    for key, plan in plans.items():
+        assert plan["q"].tie_key == plan["k"].tie_key and plan["q"].w_bits == 4, key
+        assert plan["q"].fmt == (key[1] if key[0] == 4 else "int")
+    # greedy starts each unit at its highest width in the format of least loss, not the last format by name
+    layer = Layer("x", 100, (Option(8, objective=1.0), Option(8, objective=3.0, fmt="fp8_e4m3"),
+                             Option(8, objective=5.0, fmt="mxfp8"), Option(4, objective=9.0)))
+    other = Layer("y", 100, (Option(8, objective=2.0, fmt="mxfp8"), Option(8, objective=2.5),
+                             Option(8, objective=1.0, fmt="fp8_e4m3"), Option(4, objective=9.0)))
+    alone = _units(Problem((layer, other), {"avg_weight_bits": 8.0}))
+    assert alone["x"].highest()["x"].choice == 8 and alone["y"].highest()["y"].choice == "fp8_e4m3"
+    tied = _units(Problem((layer, other), {"avg_weight_bits": 8.0}, ties=(("x", "y"),)))
+    assert {n: o.choice for n, o in tied["x"].highest().items()} == {"x": 8, "y": 8}  # 1 + 2.5 < 3 + 1 < 5 + 2
 
 
 @pytest.mark.parametrize("name", FAMILY)

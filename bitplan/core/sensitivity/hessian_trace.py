@@ -23,14 +23,23 @@ per sample, so a plan can choose activation bits too.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from bitplan.core.device import float32_compute
 from bitplan.core.evaluate import calibrate_activations
 from bitplan.core.graph import replace_sdpa_with_math, restore_sdpa
 from bitplan.core.quant import fake_quant_activation
 from bitplan.core.sensitivity import SensitivityContext
 from bitplan.core.sensitivity.common import Clock, calibration_batches, loss_name, loss_of, reference_logp, table, weights_of
-from bitplan.core.sensitivity.hvp import HessianOracle, NoDoubleBackward, has_sdpa, is_missing_derivative
+from bitplan.core.sensitivity.hvp import (
+    HessianOracle,
+    NoDoubleBackward,
+    has_sdpa,
+    is_dtype_mismatch,
+    is_missing_derivative,
+)
 from bitplan.errors import BitplanError
 from bitplan.hutchinson import ProbeShard, probe_seed, stops, summarise
 from bitplan.methods import HessianTraceParams
@@ -133,19 +142,28 @@ def activation_omega(ctx, params, batches, refs, gen, detail, notes) -> dict[str
     n_samples = sum(b.size for b in batches)
     n_probes = max(params.min_probes, min(params.max_probes, 16))
     swapped = 0
+    in_float32 = False  # the compute dtype's double backward failed (see hvp.is_dtype_mismatch): autocast off
     try:
         for bi, (batch, ref) in enumerate(zip(batches, refs)):
             while True:
                 for p in probes:
                     p.inputs = []
                 try:
-                    xs, hvs_per_probe = _activation_hvps(ctx, batch, ref, probes, n_probes, gen)
+                    with float32_compute(model) if in_float32 else contextlib.nullcontext():
+                        xs, hvs_per_probe = _activation_hvps(ctx, batch, ref, probes, n_probes, gen)
                     break
                 except NoDoubleBackward as exc:
                     if swapped or not has_sdpa(model.gm):
                         notes.append(f"activation sensitivity needs a second derivative: {exc}")
                         raise
                     swapped = replace_sdpa_with_math(model.gm)
+                except RuntimeError as exc:
+                    if in_float32 or not is_dtype_mismatch(exc) or model.compute_dtype == torch.float32:
+                        raise
+                    in_float32 = True
+                    dtype = str(model.compute_dtype).removeprefix("torch.")
+                    notes.append(f"activation traces: double backward under {dtype} compute failed "
+                                 f"({str(exc).splitlines()[0]}); computed in float32 (autocast off)")
             for i, (name, x) in enumerate(zip(owner, xs)):
                 estimate = sum(float((v[i] * hv[i]).sum()) for v, hv in hvs_per_probe) / n_probes
                 sums[name] += estimate * batch.size / n_samples

@@ -201,7 +201,7 @@ class HessianOracle(contextlib.AbstractContextManager):
                                      grad_outputs=[torch.stack([v[k] for v in probes]) for k in live],
                                      retain_graph=True, allow_unused=True, is_grads_batched=True)
         except RuntimeError as exc:
-            if is_missing_derivative(exc) or is_dtype_mismatch(exc):
+            if is_missing_derivative(exc) or (is_dtype_mismatch(exc) and self.ctx.model.compute_dtype != torch.float32):
                 raise
             self.batched = False
             return None
