@@ -482,6 +482,8 @@ def _job_fields(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "seq_len": args.seq_len,
         "validate": False if args.no_validate else None,
+        "refine_seconds": args.refine_seconds,
+        "refine_evaluations": args.refine_evaluations,
         "shards": args.shards,
         "callback_url": args.callback_url,
         "latency_table": load_latency_table(args.latency_table) if args.latency_table else None,
@@ -778,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-table", help="JSON {layer: {bits: ms}} for a latency_ms budget")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-validate", action="store_true", help="skip measuring the plan")
+    p.add_argument("--refine-seconds", type=float, help="time cap of the measured refinement (default: 120)")
+    p.add_argument("--refine-evaluations", type=int, metavar="N",
+                   help="also stop the refinement after measuring N plans (default: no cap)")
     p.add_argument("--shards", type=int, help="split a shardable sensitivity method over this many workers")
     p.add_argument("--callback-url", help="the server POSTs the job JSON here when the job ends")
     p.add_argument("--idempotency-key", help="a retried submit with the same key returns the first job")

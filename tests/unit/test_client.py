@@ -319,7 +319,7 @@ def test_cli_submit_uploads_then_prints_only_the_job_id(use_server, tmp_path, ca
     rc = cli.main(["submit", str(model), "--data", str(calib), "--budget", "avg_weight_bits=4", "--wbits", "2,3,4,8",
                    "--pin", "conv1=8", "--sensitivity", "fisher", "--param", "batches=4", "--solver-param", "time_limit=5",
                    "--seed", "3", "--shards", "2", "--callback-url", "http://hook", "--idempotency-key", "k1",
-                   "--url", "http://x", "--key", "bp_k"])
+                   "--refine-seconds", "30", "--refine-evaluations", "50", "--url", "http://x", "--key", "bp_k"])
     out = capsys.readouterr()
     assert rc == 0 and out.out == "j_1\n"
     assert seen == [("http://x", "bp_k")]
@@ -332,6 +332,7 @@ def test_cli_submit_uploads_then_prints_only_the_job_id(use_server, tmp_path, ca
         "model_id": "m_1", "dataset_id": "d_1", "budgets": {"avg_weight_bits": 4.0}, "w_bits": [2, 3, 4, 8],
         "pins": {"conv1": 8}, "sensitivity": {"method": "fisher", "params": {"batches": 4}},
         "solver": {"method": "ilp", "params": {"time_limit": 5}}, "seed": 3, "shards": 2, "callback_url": "http://hook",
+        "refine_seconds": 30.0, "refine_evaluations": 50,
     }
 
 
