@@ -67,11 +67,11 @@ def solve_uniform(problem: Problem, time_limit: float | None = None) -> Solution
     )
 
 
-def uniform_plans(problem: Problem) -> dict[tuple[int, str], dict[str, Option]]:
-    """For each width and format every free layer offers, highest width first (and within a width, least predicted
-    loss first): the plan with all of them at it, keyed (w_bits, format). Pinned layers keep their pinned width, in
-    the plan's format where they offer it (else INT, else their format of least loss), and so do the layers tied to
-    them; tied layers always share one format."""
+def uniform_plans(problem: Problem) -> dict[tuple[int, str, int], dict[str, Option]]:
+    """For each width, format and activation width every free layer offers, highest width first (and within a
+    width, least predicted loss first): the plan with all of them at it, keyed ``Option.tie_key``. Pinned layers
+    keep their pinned width, in the plan's format and activation width where they offer them (else INT, else the
+    pair of least loss), and so do the layers tied to them; tied layers always share one pair."""
     held = {}
     for group in problem.groups():
         pins = {problem.pins[n] for n in group if n in problem.pins}
@@ -80,26 +80,28 @@ def uniform_plans(problem: Problem) -> dict[tuple[int, str], dict[str, Option]]:
         if pins:
             held.update(dict.fromkeys(group, pins.pop()))
     free = [{o.tie_key for o in lay.options} for lay in problem.layers if lay.name not in held]
-    keys = set.intersection(*free) if free else {(0, "int")}  # all held: the one plan the pins leave
+    keys = set.intersection(*free) if free else {(0, "int", 16)}  # all held: the one plan the pins leave
     plans = {}
-    for w, form in keys:
+    for w, form, a in keys:
         choices: dict[str, Option] = {}
         for group in problem.groups():
             width = held.get(group[0], w)  # a group is held whole
             options = {n: [o for o in problem.allowed(problem.layer(n)) if o.w_bits == width] for n in group}
-            shared = set.intersection(*({o.fmt for o in opts} for opts in options.values()))
+            shared = set.intersection(*({(o.fmt, o.a_bits) for o in opts} for opts in options.values()))
             if not shared:
                 break
-            # a held group keeps the plan's format where it offers it, else INT, else its format of least loss; a
-            # tied group takes one format whichever it is
-            pick = form if form in shared else "int" if "int" in shared else min(
-                sorted(shared), key=lambda f: sum(min(o.objective for o in opts if o.fmt == f) for opts in options.values()))
+            # a held group keeps the plan's format and activation width where it offers them, else INT at that
+            # activation width, else the pair of least loss; a tied group takes one pair whichever it is
+            pick = (form, a) if (form, a) in shared else ("int", a) if ("int", a) in shared else min(
+                sorted(shared), key=lambda fa: sum(min(o.objective for o in opts if (o.fmt, o.a_bits) == fa)
+                                                   for opts in options.values()))
             for n, opts in options.items():
                 layer = problem.layer(n)
-                choices[n] = min((o for o in opts if o.fmt == pick), key=functools.partial(_rank, problem, layer))
+                choices[n] = min((o for o in opts if (o.fmt, o.a_bits) == pick),
+                                 key=functools.partial(_rank, problem, layer))
         else:
-            plans[w, form] = {layer.name: choices[layer.name] for layer in problem.layers}
-    order = sorted(plans, key=lambda k: (-k[0], sum(o.objective for o in plans[k].values()), k[1]))
+            plans[w, form, a] = {layer.name: choices[layer.name] for layer in problem.layers}
+    order = sorted(plans, key=lambda k: (-k[0], sum(o.objective for o in plans[k].values()), k[1:]))
     return {k: plans[k] for k in order}
 
 
@@ -200,7 +202,7 @@ class _Unit:
         self.problem = problem
         self.keys = list(problem.budgets)
         self.options = {n: problem.candidates(problem.layer(n)) for n in names}
-        #: the (width, format) choices every member offers: tied layers move between them together
+        #: the choices (``Option.tie_key``) every member offers: tied layers move between them together
         self.widths = sorted(set.intersection(*({o.tie_key for o in opts} for opts in self.options.values())))
         #: (objective, budgeted contributions...) of every option, by identity
         self.vector = {id(o): (o.objective, *(problem.contribution(k, problem.layer(n), o) for k in self.keys))
@@ -210,7 +212,7 @@ class _Unit:
         """The unit at its highest width, in the format (one for a tie group) of least predicted loss."""
         top = self.widths[-1][0]
 
-        def least(key: tuple[int, str], opts: tuple[Option, ...]) -> Option:
+        def least(key: tuple[int, str, int], opts: tuple[Option, ...]) -> Option:
             return min((o for o in opts if o.tie_key == key), key=lambda o: o.objective)
 
         best = min((k for k in self.widths if k[0] == top),

@@ -5,7 +5,7 @@
                fixed_k + sum_{l,o} cost_k[l,o] x[l,o] <= B_k   for every budget k
                x[l,o] = 0                                   for options a pin excludes
                sum_{o: k(o)=k} x[a,o] = sum_{o: k(o)=k} x[b,o]  for tied layers a, b and each
-                                                              k = (width, format): ``Option.tie_key``
+                                                  k = (width, format, activation width): ``Option.tie_key``
 
 Before the model is built, two reductions drop options no optimal plan needs:
   * dominance: an option whose objective and every budgeted cost another option of the layer
@@ -72,7 +72,7 @@ def check_budgets(problem: Problem) -> None:
     smallest achievable value."""
     for group in problem.groups():
         if not set.intersection(*({o.tie_key for o in problem.allowed(problem.layer(n))} for n in group)):
-            raise InfeasibleError(f"tied layers {', '.join(group)} share no allowed width and format",
+            raise InfeasibleError(f"tied layers {', '.join(group)} share no allowed width, format and activation width",
                                   "untie them, or offer them a width and format they all take")
     for key, limit in problem.budgets.items():
         if problem.minimum(key) > limit * (1 + 1e-9) + 1e-9:
@@ -239,15 +239,15 @@ class _Model:
         for gi, group in enumerate(g for g in self.problem.groups() if len(g) > 1):
             keys = sorted({o.tie_key for n in group for o in self.options[n]})
             for a, b in zip(group, group[1:]):
-                for w, form in keys:
-                    sides = [self._width(n, (w, form)) for n in (a, b)]
+                for key in keys:
+                    sides = [self._width(n, key) for n in (a, b)]
                     if all(isinstance(s, float) for s in sides):
                         self.infeasible |= sides[0] != sides[1]
                         continue
-                    self.prob.addConstraint(sides[0] == sides[1], _name(f"tie_{gi}_{a}_{b}_{w}_{form}"))
+                    self.prob.addConstraint(sides[0] == sides[1], _name(f"tie_{gi}_{a}_{b}_" + "_".join(map(str, key))))
 
-    def _width(self, name: str, key: tuple[int, str]) -> float | pulp.LpAffineExpression:
-        """1 when layer ``name`` takes the width and format ``key`` (an expression, or a constant 0.0/1.0)."""
+    def _width(self, name: str, key: tuple[int, str, int]) -> float | pulp.LpAffineExpression:
+        """1 when layer ``name`` takes ``key`` (``Option.tie_key``; an expression, or a constant 0.0/1.0)."""
         opts = self.options[name]
         if name not in self.x:
             return float(opts[0].tie_key == key)

@@ -614,7 +614,7 @@ Unit = Sequence[Option] | list[dict[str, Option]]
 
 def _problem_core(problem: Problem) -> tuple[_Core, list[Unit]] | None:
     """The arrays of a ``Problem`` and each unit's options (a lone layer's allowed options, or a tie group's mixes:
-    one option per member), or None when some tie group has no option (they share no allowed width and format)."""
+    one option per member), or None when some tie group has no option (they share no allowed ``Option.tie_key``)."""
     keys = list(problem.budgets)
     groups = problem.groups() if problem.ties else None
     units: list[Unit] = ([problem.allowed(layer) for layer in problem.layers] if groups is None else

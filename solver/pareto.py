@@ -1,6 +1,6 @@
 """Objective vs one cost: the frontier of plans, and the best plan at the budget.
 
-exact  Layers (tie groups as one super-layer whose options are its common (width, format)s) are merged one at
+exact  Layers (tie groups as one super-layer whose options are its common ``Option.tie_key``s) are merged one at
        a time: the Minkowski sum of the plans so far with the next layer's options, keeping only
        non-dominated (cost, other budgets..., objective) points and dropping plans that can no
        longer meet another budget. What is left at the end is the exact frontier; the chosen plan

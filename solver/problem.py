@@ -55,7 +55,8 @@ class Option:
     objective: float = 0.0
     cost: Mapping[str, float] = field(default_factory=dict)
     #: the number format: "int" (INT-w_bits), or a format's name (bitplan.formats) whose element width is w_bits;
-    #: pins are by w_bits (a pinned width keeps every format of it), ties by ``tie_key`` (one width and one format)
+    #: pins are by w_bits (a pinned width keeps every format of it), ties by ``tie_key`` (one width, format and
+    #: activation width)
     fmt: str = "int"
 
     @property
@@ -64,10 +65,10 @@ class Option:
         return self.w_bits if self.fmt == "int" else self.fmt
 
     @property
-    def tie_key(self) -> tuple[int, str]:
-        """What tied layers share: the weight width and its format (a runtime that fuses them, e.g. vLLM's qkv_proj,
-        needs one scheme for all), sortable by width."""
-        return (self.w_bits, self.fmt)
+    def tie_key(self) -> tuple[int, str, int]:
+        """What tied layers share: the weight width, its format and the activation width (they read one input, and a
+        runtime that fuses them, e.g. vLLM's qkv_proj, runs one scheme for all), sortable by weight width."""
+        return (self.w_bits, self.fmt, self.a_bits)
 
 
 def frontier_point(cost: dict[str, float], objective: float, choices: Mapping[str, Option]) -> dict[str, Any]:
@@ -183,7 +184,7 @@ class Problem:
         return frozenset(name for group in self.groups() if len(group) > 1 for name in group)
 
     def unit_options(self, group: list[str], pruned: bool = True) -> list[dict[str, Option]]:
-        """A layer's options, or a tie group's: for each common (width, format), every mix of its layers' options.
+        """A layer's options, or a tie group's: for each common ``tie_key``, every mix of its layers' options.
         ``pruned``: the candidates (dominated options dropped), else every allowed option."""
         layers = [self.layer(n) for n in group]
         options = {lay.name: self.candidates(lay) if pruned else self.allowed(lay) for lay in layers}
@@ -196,7 +197,7 @@ class Problem:
     def candidates(self, layer: Layer) -> tuple[Option, ...]:
         """Allowed options that no other allowed option beats: an option goes when another has an
         objective and every budgeted contribution no larger (the first of exact equals stays).
-        A tied layer compares only options of equal width and format, so the tie still sees every choice."""
+        A tied layer compares only options of equal ``tie_key``, so the tie still sees every choice."""
         keys = list(self.budgets)
         allowed = self.allowed(layer)
         scored = sorted(

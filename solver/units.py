@@ -307,7 +307,7 @@ class UnitProblem:
     def to_problem(self, names: Sequence[str] | None = None) -> Problem:
         """The same problem as ``Layer``/``Option`` objects (one layer per unit, its allowed options in column
         order), for the ILP and the tests. Needs whole params and, with ties, options whose bits tell the columns
-        apart (``Problem`` ties layers by width and format; these options are all INT)."""
+        apart (``Problem`` ties layers by ``Option.tie_key``; these options are all INT at 16-bit activations)."""
         if self.bits is None:
             raise BudgetError("to_problem needs the options' bits")
         if np.any(self.params != np.round(self.params)):

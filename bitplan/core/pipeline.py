@@ -214,7 +214,8 @@ def _problem(prep: Prepared, request: PlanRequest, objective) -> Problem:
 
 
 def tie_groups(prep: Prepared, request: PlanRequest) -> list[tuple[str, ...]]:
-    """Every layer once, in groups that take one bit width and format (singletons unless ``tie_shared_inputs``)."""
+    """Every layer once, in groups that take one bit width, format and activation width (singletons unless
+    ``tie_shared_inputs``)."""
     tied = shared_input_groups(prep.layers) if request.tie_shared_inputs else ()
     grouped = {name for group in tied for name in group}
     return [*tied, *((info.name,) for info in prep.layers if info.name not in grouped)]

@@ -68,7 +68,7 @@ def test_pins_and_ties_are_honoured():
     problem = _problem(3, n=6, avg=4.0, pins={"l2": 8}, ties=(("l0", "l1"),))
     solution = solve_ilp(problem)
     assert solution.choices["l2"].w_bits == 8
-    assert solution.choices["l0"].w_bits == solution.choices["l1"].w_bits
+    assert solution.choices["l0"].tie_key == solution.choices["l1"].tie_key
     assert solution.objective == pytest.approx(problem.brute_force()[0])
 
 

@@ -64,7 +64,7 @@ def respects_everything(problem: Problem, choices) -> bool:
         return False
     if any(choices[n].w_bits != w for n, w in problem.pins.items()):
         return False
-    if any(len({choices[n].w_bits for n in group}) > 1 for group in problem.ties):
+    if any(len({choices[n].tie_key for n in group}) > 1 for group in problem.ties):
         return False
     return all(choices[lay.name] in problem.allowed(lay) for lay in problem.layers)
 
@@ -148,7 +148,7 @@ def test_frontier_on_an_unbudgeted_cost_is_exact_too(seed):
     plans = []  # every plan the other budgets, pins and ties allow: the frontier spans all of key's range
     for combo in product(*(problem.allowed(lay) for lay in problem.layers)):
         choices = {lay.name: o for lay, o in zip(problem.layers, combo)}
-        if others.feasible(choices) and all(len({choices[n].w_bits for n in g}) == 1 for g in problem.ties):
+        if others.feasible(choices) and all(len({choices[n].tie_key for n in g}) == 1 for g in problem.ties):
             plans.append((problem.value(key, choices), sum(o.objective for o in combo)))
     plans.sort()
     staircase = []
@@ -328,7 +328,7 @@ def test_uniform_and_greedy_pick_formats_by_predicted_loss_and_keep_pinned_ties_
     from solver.greedy import uniform_plans
 
     plans = uniform_plans(problem)
-    assert {(8, "int"), (8, "fp8_e4m3"), (2, "int")} <= set(plans)
+    assert {(8, "int", 16), (8, "fp8_e4m3", 16), (2, "int", 16)} <= set(plans)
     for key, plan in plans.items():
         assert plan["q"].tie_key == plan["k"].tie_key and plan["q"].w_bits == 4, key
         assert plan["q"].fmt == (key[1] if key[0] == 4 else "int")
@@ -341,6 +341,25 @@ def test_uniform_and_greedy_pick_formats_by_predicted_loss_and_keep_pinned_ties_
     assert alone["x"].highest()["x"].choice == 8 and alone["y"].highest()["y"].choice == "fp8_e4m3"
     tied = _units(Problem((layer, other), {"avg_weight_bits": 8.0}, ties=(("x", "y"),)))
     assert {n: o.choice for n, o in tied["x"].highest().items()} == {"x": 8, "y": 8}  # 1 + 2.5 < 3 + 1 < 5 + 2
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_tied_layers_share_one_activation_width(name):
+    """Tied layers read one input, so it is quantized once: one activation width for all. Untied, q takes w4/a8 and
+    k w4/a16; tied, the pair of least summed loss."""
+    def options(a8: float, a16: float) -> tuple[Option, ...]:
+        return (Option(4, 8, objective=a8, cost={"bops": 32.0}), Option(4, 16, objective=a16, cost={"bops": 64.0}),
+                Option(8, 16, objective=0.0, cost={"bops": 128.0}))
+    layers = (Layer("q", 10, options(1.0, 3.0)), Layer("k", 10, options(5.0, 2.0)), Layer("v", 10, options(1.0, 2.0)))
+    budgets = {"avg_weight_bits": 4.0}
+    untied = get_solver("ilp")(Problem(layers, budgets)).choices
+    assert (untied["q"].a_bits, untied["k"].a_bits) == (8, 16)
+    problem = Problem(layers, budgets, ties=(("q", "k"),))
+    solution = get_solver(name)(problem)
+    assert solution.choices["q"].tie_key == solution.choices["k"].tie_key and problem.feasible(solution.choices)
+    if name in ("ilp", "pareto", "lagrange", "greedy"):  # q, k at a16 (3 + 2 < 1 + 5), v at a8
+        assert solution.objective == pytest.approx(problem.brute_force()[0]) == pytest.approx(6.0)
+        assert [solution.choices[n].a_bits for n in "qkv"] == [16, 16, 8]
 
 
 @pytest.mark.parametrize("name", FAMILY)
