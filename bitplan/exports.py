@@ -72,6 +72,10 @@ CT_FORMATS: dict[str, dict[str, Any]] = {
     "nvfp4": {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor_group",
               "group_size": 16, "scale_dtype": "torch.float8_e4m3fn"},
 }
+#: the compressed-tensors format ``bitplan apply`` stores each weight choice in (a checkpoint mixing them is
+#: "mixed-precision"); fp8_e5m2 and nf4 have none
+CT_STORAGE = {"int": "pack-quantized", "fp8_e4m3": "float-quantized", "mxfp8": "mxfp8-quantized",
+              "mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
 #: ModelOpt weight quantizer configs per number format ((exponent, mantissa) bits; block_sizes as its presets
 #: FP8_PER_CHANNEL_PER_TOKEN_CFG, MXFP8/MXFP4/NVFP4_DEFAULT_CFG write them; ModelOpt 0.47 refuses static E5M2:
 #: "Only blockwise dynamic quantization is supported with quantization formats E5M2")

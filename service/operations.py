@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from bitplan.exports import CT_STORAGE
 from service.errors import ApiError
 from service.jobspec import ApplyCreate, JobCreate, ProfileCreate, check_against_model, check_data_fits, check_methods
 from service.uploads import describe
@@ -118,11 +119,12 @@ def create_apply_job(state: State, team: Team, plan_job_id: str, body: ApplyCrea
                            f"{plan_job_id} planned a {model.format if model else 'deleted'} model",
                            "write the plan for your runtime instead: GET /v1/jobs/{id}/plan?format=torchao|modelopt",
                            code="export_unsupported")
-        formats = sorted({la.get("w_format", "int") for la in source.plan["layers"]} - {"int"})
+        formats = sorted({la.get("w_format", "int") for la in source.plan["layers"]} - set(CT_STORAGE))
         if formats:
-            raise ApiError(422, f"the plan gives layers number formats ({', '.join(formats)}); apply writes integer "
-                           "checkpoints only", "GET /v1/jobs/{id}/plan?format=compressed-tensors and quantize with "
-                           "llm-compressor", code="export_unsupported")
+            raise ApiError(422, f"the plan gives layers number formats compressed-tensors does not store "
+                           f"({', '.join(formats)}); apply writes INT, " + ", ".join(sorted(set(CT_STORAGE) - {"int"})),
+                           "plan with formats a runtime runs (e.g. target vllm), or without formats",
+                           code="export_unsupported")
         model_id = source.model_id
     request = {"kind": "apply", "plan_job_id": plan_job_id, "device": "cpu", **body.model_dump(mode="json")}
     return _record(state, team, model_id, None, None, request, idempotency_key, body.callback_url)

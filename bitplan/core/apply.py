@@ -7,6 +7,10 @@ the plan was measured with) and its scale by the one Q_b used, so compressed-ten
 Q_b(W) / scale, never re-rounded with another range. Loading the checkpoint back therefore computes what the plan's
 measured figures measured (tests/unit/test_apply.py checks the logits).
 
+Layers in a number format (bitplan.formats) are stored in compressed-tensors' format for it (``CT_STORAGE``:
+float-quantized fp8, mxfp8/mxfp4, nvfp4; the checkpoint is then "mixed-precision"), their elements and scales those
+of ``quantize.format_scales``, whose scale conventions are compressed-tensors' own.
+
 The report puts the real file size beside the plan's prediction, and the same prediction counted the way the file
 stores it: each row's integers packed bit after bit into int32 words (a row ends on a word), an fp32 scale per
 row, and each layer's shape; the rest is the safetensors header. With
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from bitplan.errors import BitplanError, ExportError
-from bitplan.exports import FULL_PRECISION, export_plan
+from bitplan.exports import CT_STORAGE, FULL_PRECISION, export_plan
 from bitplan.schemas import PlanFile
 
 SHAPE_BYTES = 16  # weight_shape: two int64
@@ -97,12 +101,12 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
         raise BitplanError(f"the plan was made for another model (sha256 {plan.model.sha256[:12]}..., this checkpoint "
                            f"is {checked.sha256[:12]}...)", "apply the plan to the checkpoint it was made for",
                            field="model")
-    formats = sorted({layer.w_format for layer in plan.layers if layer.w_format != "int"})
+    formats = sorted({layer.w_format for layer in plan.layers if layer.w_format not in CT_STORAGE})
     if formats:
-        raise BitplanError(f"the plan gives layers number formats ({', '.join(formats)}); bitplan apply writes "
-                           "integer pack-quantized checkpoints only",
-                           "write the plan's compressed-tensors config (bitplan export PLAN --to compressed-tensors) "
-                           "and quantize with llm-compressor, or plan without --formats", field="plan")
+        raise BitplanError(f"the plan gives layers number formats compressed-tensors does not store "
+                           f"({', '.join(formats)}); bitplan apply writes INT, "
+                           + ", ".join(f for f in CT_STORAGE if f != "int"),
+                           "plan with formats a runtime runs (e.g. --target vllm), or without --formats", field="plan")
     notes: list[str] = []
     if plan.units is not None and plan.units.kept == "mixed":
         notes.append(f"the plan's per-unit bits ({plan.units.granularity}) are not applied: compressed-tensors takes "
@@ -126,7 +130,7 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
         config_text = export_plan(weights_only, "compressed-tensors").text
         container = _quantize_in_place(model, plan, config_text, clip)
         replaced = {f"{layer.name}.{p}" for layer in plan.layers if layer.w_bits < FULL_PRECISION
-                    for p in ("weight", "weight_scale", "weight_zero_point")}
+                    for p in ("weight", "weight_scale", "weight_zero_point", "weight_global_scale")}
         stored = {t.data_ptr(): t.numel() * t.element_size() for name, t in model.state_dict().items()
                   if name not in replaced}  # a tensor tied under two names is stored once
         container += sum(stored.values())
@@ -184,9 +188,11 @@ def _untie(model: nn.Module, plan: PlanFile) -> list[str]:
 
 
 def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip: str) -> float:
-    """Attach the compressed-tensors schemes, set each planned weight to Q_b(W) and its scale; return the bytes the
-    planned layers take as stored (their words, scales and shape tensors)."""
+    """Attach the compressed-tensors schemes, set each planned weight to Q_b(W) (or Q_f(W), a number format) and its
+    scales; return the bytes the planned layers take as stored (their elements, scales and shape tensors)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    from bitplan.core.quant import format_scales
 
     apply_quantization_config(model, QuantizationConfig.model_validate_json(config_text))
     stored = 0.0
@@ -195,22 +201,44 @@ def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip:
             if layer.w_bits >= FULL_PRECISION:
                 continue
             module = model.get_submodule(layer.name)
-            q, scale = weight_scale(module.weight, layer.w_bits, clip)
+            rows, cols = module.weight.shape[0], module.weight[0].numel()
+            if layer.w_format == "int":
+                q, scale = weight_scale(module.weight, layer.w_bits, clip)
+                # pack-quantized: each row's integers packed bit after bit into int32 words
+                stored += rows * 4 * -(-cols * layer.w_bits // 32) + rows * module.weight_scale.element_size() + SHAPE_BYTES
+            else:
+                q, scale, tensor_scale = format_scales(module.weight, layer.w_format)
+                if tensor_scale is not None:
+                    module.weight_global_scale.copy_(tensor_scale.to(module.weight_global_scale.dtype))
+                stored += _format_bytes(layer.w_format, rows, cols)
             module.weight.copy_(q.to(module.weight.dtype))
-            module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
+            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.zero_()
+            module.quantization_scheme.format = CT_STORAGE[layer.w_format]
             module.quantization_status = QuantizationStatus.FROZEN
-            rows, cols = module.weight.shape[0], module.weight[0].numel()
-            # pack-quantized: each row's integers packed bit after bit into int32 words
-            stored += rows * 4 * -(-cols * layer.w_bits // 32) + rows * module.weight_scale.element_size() + SHAPE_BYTES
     return stored
+
+
+def _format_bytes(name: str, rows: int, cols: int) -> float:
+    """The bytes compressed-tensors stores for a ``rows`` x ``cols`` weight in number format ``name``: its elements
+    (4-bit ones two to a byte), a scale per block (fp32 per row for fp8_e4m3, E8M0 for MX, E4M3 for nvfp4, with its
+    fp32 tensor scale); unlike pack-quantized INT, these formats store no shape tensor."""
+    from bitplan.formats import FORMATS
+
+    fmt = FORMATS[name]
+    blocks = rows * -(-cols // fmt.block) if fmt.block else rows
+    elements = rows * -(-cols * fmt.bits // 8)
+    if name == "fp8_e4m3":
+        return elements + rows * 4
+    return elements + blocks + (4 if name == "nvfp4" else 0)
 
 
 def _save(model: nn.Module, dest: Path) -> None:
     from compressed_tensors.compressors import ModelCompressor
 
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    # each module's scheme names its format (pack-quantized for INT): one format, or "mixed-precision"
+    compressor = ModelCompressor.from_pretrained_model(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compressor.compress_model(model)

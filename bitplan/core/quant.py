@@ -144,9 +144,19 @@ def _rows(weight: torch.Tensor, block: int | None) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def quantize_format(weight: torch.Tensor, name: str) -> torch.Tensor:
     """Q_f(W): ``weight`` rounded to the number format ``name`` (bitplan.formats.FORMATS) with its scales."""
+    return format_scales(weight, name)[0]
+
+
+@torch.no_grad()
+def format_scales(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(Q_f(W), each block's scale [rows, blocks], the tensor scale or None), the scales as compressed-tensors stores
+    them: an element times its block's scale is the weight, except nvfp4, whose block scales are E4M3 values relative
+    to the tensor's: element * scale / tensor scale (tests/unit/test_apply.py checks compressed-tensors' own
+    quantize/dequantize against these)."""
     fmt = FORMATS[name]
     blocks, cols = _rows(weight, fmt.block)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
+    tensor_scale = None
     if name in ("fp8_e4m3", "fp8_e5m2"):
         kind = name.removeprefix("fp8_")
         scale = amax.clamp_min(1e-12) / _FP8[kind][1]
@@ -157,11 +167,14 @@ def quantize_format(weight: torch.Tensor, name: str) -> torch.Tensor:
         q = (_e2m1(blocks / scale) if name == "mxfp4" else _fp8(blocks / scale, "e4m3")) * scale
     elif name == "nvfp4":  # fp32 tensor scale, then each block's amax / 6 stored in E4M3 relative to it
         glob = (amax.amax() / (448.0 * 6.0)).clamp_min(1e-12)
-        scale = _fp8(amax / 6.0 / glob, "e4m3") * glob
-        q = _e2m1(blocks / scale.clamp_min(1e-30)) * scale
+        relative = _fp8(amax / 6.0 / glob, "e4m3")
+        block_scale = relative * glob
+        q = _e2m1(blocks / block_scale.clamp_min(1e-30)) * block_scale
+        scale, tensor_scale = relative, (1.0 / glob).reshape(1)
     elif name == "nf4":
         scale = amax.clamp_min(1e-12)
         q = _nearest(blocks / scale, NF4_LEVELS) * scale
     else:
         raise ValueError(f"no quantizer for format '{name}'")
-    return q.reshape(q.shape[0], -1)[:, :cols].reshape(weight.shape).to(weight.dtype)
+    out = q.reshape(q.shape[0], -1)[:, :cols].reshape(weight.shape).to(weight.dtype)
+    return out, scale.squeeze(-1), tensor_scale
