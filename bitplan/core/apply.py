@@ -35,6 +35,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError, ExportError
 from bitplan.exports import CT_STORAGE, FULL_PRECISION, export_plan
+from bitplan.formats import FORMATS
 from bitplan.schemas import PlanFile
 
 SHAPE_BYTES = 16  # weight_shape: two int64
@@ -55,7 +56,7 @@ class ApplyReport:
         diff = 100 * (self.real_bytes / self.predicted_bytes - 1) if self.predicted_bytes else 0.0
         out = [f"wrote a compressed-tensors checkpoint ({self.layers} layers quantized) to {self.out}",
                f"size: real {self.real_bytes:,} bytes, plan predicted {self.predicted_bytes:,.0f} ({diff:+.2f} %); "
-               f"counted as stored (int32 words, shape tensors) {self.container_bytes:,.0f} "
+               f"counted as stored (packed elements, scales, shape tensors) {self.container_bytes:,.0f} "
                f"({100 * (self.real_bytes / self.container_bytes - 1):+.2f} %: the safetensors header)"]
         if self.latency_ms:
             fp, q = self.latency_ms["full_precision"], self.latency_ms["torchao"]
@@ -121,6 +122,14 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
         if missing:
             raise BitplanError(f"the plan names layers this checkpoint does not have: {', '.join(missing[:5])}",
                                "apply the plan to the checkpoint it was made for", field="model")
+        partial = [layer for layer in plan.layers if layer.w_format in ("mxfp8", "mxfp4", "nvfp4")
+                   and modules[layer.name].weight[0].numel() % (FORMATS[layer.w_format].block or 1)]
+        if partial:  # compressed-tensors' group quantizer and 4-bit packing take whole blocks only
+            names = ", ".join(f"{la.name} ({la.w_format}, {modules[la.name].weight[0].numel()} columns)"
+                              for la in partial[:5])
+            raise BitplanError(f"compressed-tensors stores MX and nvfp4 layers only when their input width is a whole "
+                               f"number of blocks (32 for MX, 16 for nvfp4); not {names}",
+                               "plan those layers in INT (pin them) or without that format", field="plan")
         untied = _untie(model, plan)
         if untied:
             notes.append(f"{', '.join(untied)} shared its weight with another layer (tied embeddings); the checkpoint "
@@ -128,8 +137,12 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
         weights_only = plan.model_copy(update={"layers": [layer.model_copy(update={"a_bits": FULL_PRECISION})
                                                           for layer in plan.layers], "units": None})
         config_text = export_plan(weights_only, "compressed-tensors").text
-        container = _quantize_in_place(model, plan, config_text, clip)
-        replaced = {f"{layer.name}.{p}" for layer in plan.layers if layer.w_bits < FULL_PRECISION
+        container, done = _quantize_in_place(model, plan, config_text, clip)
+        left = [layer.name for layer in plan.layers if layer.w_bits < FULL_PRECISION and layer.name not in done]
+        if left:
+            notes.append(f"{len(left)} planned layer(s) left in float: the compressed-tensors config quantizes "
+                         f"nn.Linear layers only ({', '.join(left[:5])})")
+        replaced = {f"{name}.{p}" for name in done
                     for p in ("weight", "weight_scale", "weight_zero_point", "weight_global_scale")}
         stored = {t.data_ptr(): t.numel() * t.element_size() for name, t in model.state_dict().items()
                   if name not in replaced}  # a tensor tied under two names is stored once
@@ -147,8 +160,7 @@ def apply_plan(plan: PlanFile, model_path: str | Path, out: str | Path, latency:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     real = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    quantized = sum(1 for layer in plan.layers if layer.w_bits < FULL_PRECISION)
-    report = ApplyReport(out, plan.cost.size_bytes, real, container, quantized, notes=notes)
+    report = ApplyReport(out, plan.cost.size_bytes, real, container, len(done), notes=notes)
     if latency:
         report.latency_ms = measure_latency(checked, plan)
     return report
@@ -187,20 +199,23 @@ def _untie(model: nn.Module, plan: PlanFile) -> list[str]:
     return untied
 
 
-def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip: str) -> float:
+def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip: str) -> tuple[float, list[str]]:
     """Attach the compressed-tensors schemes, set each planned weight to Q_b(W) (or Q_f(W), a number format) and its
-    scales; return the bytes the planned layers take as stored (their elements, scales and shape tensors)."""
+    scales; return the bytes the quantized layers take as stored (their elements, scales and shape tensors) and the
+    layers quantized (those the config has a scheme for)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
     from bitplan.core.quant import format_scales
 
     apply_quantization_config(model, QuantizationConfig.model_validate_json(config_text))
     stored = 0.0
+    done = []
     with torch.no_grad():
         for layer in plan.layers:
-            if layer.w_bits >= FULL_PRECISION:
-                continue
             module = model.get_submodule(layer.name)
+            if layer.w_bits >= FULL_PRECISION or getattr(module, "quantization_scheme", None) is None:
+                continue
+            done.append(layer.name)
             rows, cols = module.weight.shape[0], module.weight[0].numel()
             if layer.w_format == "int":
                 q, scale = weight_scale(module.weight, layer.w_bits, clip)
@@ -217,7 +232,7 @@ def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip:
                 module.weight_zero_point.zero_()
             module.quantization_scheme.format = CT_STORAGE[layer.w_format]
             module.quantization_status = QuantizationStatus.FROZEN
-    return stored
+    return stored, done
 
 
 def _format_bytes(name: str, rows: int, cols: int) -> float:

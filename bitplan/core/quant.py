@@ -163,11 +163,12 @@ def format_scales(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
         q = _fp8(blocks / scale, kind) * scale
     elif name in ("mxfp4", "mxfp8"):  # OCP MX: scale 2^(floor(log2 amax) - emax of the element format)
         emax = 2 if name == "mxfp4" else _FP8["e4m3"][2]
-        scale = torch.exp2(torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - emax)
+        # E8M0 holds 2^-127 .. 2^127: a block of zeros (or below 2^-119) keeps the least scale, not one that wraps
+        scale = torch.exp2((torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - emax).clamp_min(-127.0))
         q = (_e2m1(blocks / scale) if name == "mxfp4" else _fp8(blocks / scale, "e4m3")) * scale
     elif name == "nvfp4":  # fp32 tensor scale, then each block's amax / 6 stored in E4M3 relative to it
         glob = (amax.amax() / (448.0 * 6.0)).clamp_min(1e-12)
-        relative = _fp8(amax / 6.0 / glob, "e4m3")
+        relative = _fp8(amax / 6.0 / glob, "e4m3").clamp_min(2.0**-9)  # E4M3's least: a zero block's scale is not 0
         block_scale = relative * glob
         q = _e2m1(blocks / block_scale.clamp_min(1e-30)) * block_scale
         scale, tensor_scale = relative, (1.0 / glob).reshape(1)

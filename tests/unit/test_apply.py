@@ -90,7 +90,10 @@ def test_format_scales_are_compressed_tensors_own():
     from bitplan.core.quant import format_scales, quantize_format
     from bitplan.exports import CT_FORMATS
 
-    w = torch.randn(8, 80, generator=torch.Generator().manual_seed(0)) * 0.05  # a partial last block of 16 and 32
+    # a partial last block of 16 and 32 (compressed-tensors takes whole blocks: padding with zeros keeps each block's
+    # amax), and a row and a block of zeros (E8M0 and E4M3 keep their least scale: nothing wraps to NaN)
+    w = torch.randn(8, 80, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[1], w[2, :32] = 0.0, 0.0
     for name, args in CT_FORMATS.items():
         q, scale, tensor_scale = format_scales(w, name)
         assert torch.equal(q, quantize_format(w, name))
@@ -153,6 +156,9 @@ def test_apply_refuses_what_it_cannot_do_and_leaves_nothing(ckpt, tmp_path):
                    tmp_path / "b")
     with pytest.raises(BitplanError, match=r"does not store \(nf4\); bitplan apply writes INT, fp8_e4m3"):
         apply_plan(_plan(ckpt, {"lm_head": "nf4"}), ckpt, tmp_path / "d")
+    odd = build_checkpoint(tmp_path.parent / f"{tmp_path.name}-odd" / "llama", hidden=48)  # 48 inputs: 1.5 MX blocks
+    with pytest.raises(BitplanError, match=r"whole number of blocks .*not lm_head \(mxfp4, 48 columns\)"):
+        apply_plan(_plan(odd, {"lm_head": "mxfp4", "model.layers.0.mlp.down_proj": "nvfp4"}), odd, tmp_path / "e")
     (tmp_path / "c").mkdir()
     with pytest.raises(BitplanError, match="already exists"):
         apply_plan(plan, ckpt, tmp_path / "c")
