@@ -36,8 +36,8 @@ from bitplan.core.sensitivity.common import Clock, calibration_batches, loss_nam
 from bitplan.core.sensitivity.hvp import (
     HessianOracle,
     NoDoubleBackward,
+    float32_redo,
     has_sdpa,
-    is_dtype_mismatch,
     is_missing_derivative,
 )
 from bitplan.errors import BitplanError
@@ -142,7 +142,7 @@ def activation_omega(ctx, params, batches, refs, gen, detail, notes) -> dict[str
     n_samples = sum(b.size for b in batches)
     n_probes = max(params.min_probes, min(params.max_probes, 16))
     swapped = 0
-    in_float32 = False  # the compute dtype's double backward failed (see hvp.is_dtype_mismatch): autocast off
+    in_float32 = False  # the compute dtype's double backward failed (hvp.float32_redo): autocast off
     try:
         for bi, (batch, ref) in enumerate(zip(batches, refs)):
             while True:
@@ -158,12 +158,11 @@ def activation_omega(ctx, params, batches, refs, gen, detail, notes) -> dict[str
                         raise
                     swapped = replace_sdpa_with_math(model.gm)
                 except RuntimeError as exc:
-                    if in_float32 or not is_dtype_mismatch(exc) or model.compute_dtype == torch.float32:
+                    reason = None if in_float32 else float32_redo(model, exc)
+                    if reason is None:
                         raise
                     in_float32 = True
-                    dtype = str(model.compute_dtype).removeprefix("torch.")
-                    notes.append(f"activation traces: double backward under {dtype} compute failed "
-                                 f"({str(exc).splitlines()[0]}); computed in float32 (autocast off)")
+                    notes.append(f"activation traces: {reason}; computed in float32 (autocast off)")
             for i, (name, x) in enumerate(zip(owner, xs)):
                 estimate = sum(float((v[i] * hv[i]).sum()) for v, hv in hvs_per_probe) / n_probes
                 sums[name] += estimate * batch.size / n_samples

@@ -43,10 +43,15 @@ class NoLowPrecisionDoubleBackward(Exception):
     pass
 
 
-def is_dtype_mismatch(exc: RuntimeError) -> bool:
-    """A backward op that met gradients of another dtype than its inputs: what autocast's mixed graph gives some
-    double-backward kernels."""
-    return "types to match" in str(exc)
+def float32_redo(model, exc: RuntimeError) -> str | None:
+    """Why a failed double backward is worth redoing in float32 (the start of the note to give), or None when float32
+    cannot help: a backward op that met gradients of another dtype than its inputs, what autocast's mixed graph gives
+    some double-backward kernels (seen on CUDA: "expected input and grad types to match"), under a low compute
+    dtype. The weight products (HessianOracle) and the activation traces (hessian_trace) both redo this way."""
+    if "types to match" not in str(exc) or model.compute_dtype == torch.float32:
+        return None
+    dtype = str(model.compute_dtype).removeprefix("torch.")
+    return f"double backward under {dtype} compute failed ({str(exc).splitlines()[0]})"
 
 
 def is_missing_derivative(exc: RuntimeError) -> bool:
@@ -120,9 +125,7 @@ class HessianOracle(contextlib.AbstractContextManager):
                 self._fall_back(str(exc))
             except NoLowPrecisionDoubleBackward as exc:
                 self.exact_float32 = True
-                dtype = str(self.ctx.model.compute_dtype).removeprefix("torch.")
-                self.fallbacks.append(f"double backward under {dtype} compute failed ({exc}); the exact products are "
-                                      "computed in float32 (autocast off)")
+                self.fallbacks.append(f"{exc}; the exact products are computed in float32 (autocast off)")
 
     def _fall_back(self, reason: str) -> None:
         gm = self.ctx.model.gm
@@ -161,8 +164,9 @@ class HessianOracle(contextlib.AbstractContextManager):
         try:
             return self._exact_products(batch, ref, probes, block)
         except RuntimeError as exc:
-            if is_dtype_mismatch(exc) and self.ctx.model.compute_dtype != torch.float32:
-                raise NoLowPrecisionDoubleBackward(str(exc).splitlines()[0]) from None
+            reason = float32_redo(self.ctx.model, exc)
+            if reason is not None:
+                raise NoLowPrecisionDoubleBackward(reason) from None
             raise
 
     def _exact_products(self, batch, ref, probes, block):
@@ -201,7 +205,7 @@ class HessianOracle(contextlib.AbstractContextManager):
                                      grad_outputs=[torch.stack([v[k] for v in probes]) for k in live],
                                      retain_graph=True, allow_unused=True, is_grads_batched=True)
         except RuntimeError as exc:
-            if is_missing_derivative(exc) or (is_dtype_mismatch(exc) and self.ctx.model.compute_dtype != torch.float32):
+            if is_missing_derivative(exc) or float32_redo(self.ctx.model, exc) is not None:
                 raise
             self.batched = False
             return None
