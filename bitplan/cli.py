@@ -648,8 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from (needs --param activations=true)")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
     p.add_argument("--tie-shared-inputs", action="store_true",
-                   help="give layers that read the same value (q, k and v; gate and up) one bit width and format, as "
-                        "runtimes that fuse them need (vLLM)")
+                   help="give layers that read the same value (q, k and v; gate and up) one bit width, format and "
+                        "activation width, as runtimes that fuse them need (vLLM)")
     p.add_argument("--sensitivity", default=DEFAULT_SENSITIVITY, help=f"sensitivity method (default: {DEFAULT_SENSITIVITY})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
     p.add_argument("--table", metavar="FILE",
@@ -770,8 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abits", help="activation bit widths, e.g. 16")
     p.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's weight bits")
     p.add_argument("--tie-shared-inputs", action="store_true",
-                   help="give layers that read the same value (q, k and v; gate and up) one bit width and format, as "
-                        "runtimes that fuse them need (vLLM)")
+                   help="give layers that read the same value (q, k and v; gate and up) one bit width, format and "
+                        "activation width, as runtimes that fuse them need (vLLM)")
     p.add_argument("--sensitivity", help=f"sensitivity method (default: {DEFAULT_SENSITIVITY})")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="sensitivity method parameter")
     p.add_argument("--solver", help="ilp, pareto, evolutionary, greedy or uniform (default: ilp)")

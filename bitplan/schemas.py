@@ -298,7 +298,8 @@ class PlanFile(BaseModel):
     formats: list[str] = Field(default_factory=list, description="number formats the search could choose besides INT")
     target: str | None = Field(None, description="the runtime preset the choices came from (--target)")
     pins: dict[str, int] = Field(default_factory=dict)
-    ties: list[list[str]] = Field(default_factory=list, description="groups of layers given one bit width and format "
+    ties: list[list[str]] = Field(default_factory=list, description="groups of layers given one bit width, format and "
+                                                                    "activation width "
                                                                     "(tie_shared_inputs)")
     seed: int
     clip: Literal["mse", "minmax"] = Field("mse", description="how the weights' ranges were chosen when the plan was "
@@ -341,8 +342,8 @@ class PlanRequest(BaseModel):
                           "runtime executes, narrowed by any w_bits/formats also given")
     pins: dict[str, int] = Field(default_factory=dict)
     tie_shared_inputs: bool = Field(
-        False, description="give layers that read the same value (q, k and v; gate and up) one bit width and format, as runtimes "
-                           "that fuse them need (vLLM's fused QKV and gate-up projections)")
+        False, description="give layers that read the same value (q, k and v; gate and up) one bit width, format and "
+                           "activation width, as runtimes that fuse them need (vLLM's fused QKV and gate-up projections)")
     sensitivity: str = "auto"  # bitplan.methods.DEFAULT_SENSITIVITY (methods imports this module)
     sensitivity_params: dict[str, Any] = Field(default_factory=dict)
     solver: str = DEFAULT_SOLVER

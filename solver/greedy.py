@@ -110,7 +110,7 @@ def greedy_choices(problem: Problem, fill: bool = True, deadline: Deadline | Non
     before they held; past it, filling stops where it is)."""
     deadline = deadline or Deadline(None)
     units = _units(problem)
-    if any(not unit.widths for unit in units.values()):
+    if any(not unit.tie_keys for unit in units.values()):
         return None  # a tie group without a common width
     scale = _scales(problem)
     choices: dict[str, Option] = {}
@@ -203,19 +203,19 @@ class _Unit:
         self.keys = list(problem.budgets)
         self.options = {n: problem.candidates(problem.layer(n)) for n in names}
         #: the choices (``Option.tie_key``) every member offers: tied layers move between them together
-        self.widths = sorted(set.intersection(*({o.tie_key for o in opts} for opts in self.options.values())))
+        self.tie_keys = sorted(set.intersection(*({o.tie_key for o in opts} for opts in self.options.values())))
         #: (objective, budgeted contributions...) of every option, by identity
         self.vector = {id(o): (o.objective, *(problem.contribution(k, problem.layer(n), o) for k in self.keys))
                        for n, opts in self.options.items() for o in opts}
 
     def highest(self) -> dict[str, Option]:
         """The unit at its highest width, in the format (one for a tie group) of least predicted loss."""
-        top = self.widths[-1][0]
+        top = self.tie_keys[-1][0]
 
         def least(key: tuple[int, str, int], opts: tuple[Option, ...]) -> Option:
             return min((o for o in opts if o.tie_key == key), key=lambda o: o.objective)
 
-        best = min((k for k in self.widths if k[0] == top),
+        best = min((k for k in self.tie_keys if k[0] == top),
                    key=lambda k: sum(least(k, opts).objective for opts in self.options.values()))
         return {n: least(best, opts) for n, opts in self.options.items()}
 
@@ -230,7 +230,7 @@ class _Unit:
                     yield {n: o}
         if len(names) > 1:
             weight = [weights.get(k, 0.0) for k in self.keys]
-            for key in self.widths:
+            for key in self.tie_keys:
                 if key != current:
                     yield {n: min((o for o in opts if o.tie_key == key),
                                   key=lambda o: (sum(a * b for a, b in zip(self.vector[id(o)][1:], weight)), o.objective))

@@ -239,8 +239,6 @@ def _format_bytes(name: str, rows: int, cols: int) -> float:
     """The bytes compressed-tensors stores for a ``rows`` x ``cols`` weight in number format ``name``: its elements
     (4-bit ones two to a byte), a scale per block (fp32 per row for fp8_e4m3, E8M0 for MX, E4M3 for nvfp4, with its
     fp32 tensor scale); unlike pack-quantized INT, these formats store no shape tensor."""
-    from bitplan.formats import FORMATS
-
     fmt = FORMATS[name]
     blocks = rows * -(-cols // fmt.block) if fmt.block else rows
     elements = rows * -(-cols * fmt.bits // 8)
