@@ -35,7 +35,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError, ExportError
 from bitplan.exports import CT_STORAGE, FULL_PRECISION, export_plan
-from bitplan.formats import FORMATS
+from bitplan.formats import FORMATS, size_bytes
 from bitplan.schemas import PlanFile
 
 SHAPE_BYTES = 16  # weight_shape: two int64
@@ -225,7 +225,9 @@ def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip:
                 q, scale, tensor_scale = format_scales(module.weight, layer.w_format)
                 if tensor_scale is not None:
                     module.weight_global_scale.copy_(tensor_scale.to(module.weight_global_scale.dtype))
-                stored += _format_bytes(layer.w_format, rows, cols)
+                # compressed-tensors stores exactly the elements and scales the plan's size counts (whole blocks:
+                # apply_plan refuses others; 4-bit elements two to a byte; no shape tensor)
+                stored += size_bytes(layer.w_format, rows * cols, rows)
             module.weight.copy_(q.to(module.weight.dtype))
             module.weight_scale.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
             if hasattr(module, "weight_zero_point"):
@@ -233,18 +235,6 @@ def _quantize_in_place(model: nn.Module, plan: PlanFile, config_text: str, clip:
             module.quantization_scheme.format = CT_STORAGE[layer.w_format]
             module.quantization_status = QuantizationStatus.FROZEN
     return stored, done
-
-
-def _format_bytes(name: str, rows: int, cols: int) -> float:
-    """The bytes compressed-tensors stores for a ``rows`` x ``cols`` weight in number format ``name``: its elements
-    (4-bit ones two to a byte), a scale per block (fp32 per row for fp8_e4m3, E8M0 for MX, E4M3 for nvfp4, with its
-    fp32 tensor scale); unlike pack-quantized INT, these formats store no shape tensor."""
-    fmt = FORMATS[name]
-    blocks = rows * -(-cols // fmt.block) if fmt.block else rows
-    elements = rows * -(-cols * fmt.bits // 8)
-    if name == "fp8_e4m3":
-        return elements + rows * 4
-    return elements + blocks + (4 if name == "nvfp4" else 0)
 
 
 def _save(model: nn.Module, dest: Path) -> None:
